@@ -1,0 +1,1 @@
+"""The .concept grammar, shipped as package data."""

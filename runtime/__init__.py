@@ -1,0 +1,1 @@
+"""Runtime: trains and renders a compiled plan (arrives in a later issue)."""
