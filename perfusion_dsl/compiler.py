@@ -1,0 +1,67 @@
+"""Compiles the spec files under some paths: discovery, config, passes; the plan on demand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from perfusion_dsl.config import find_root, load_config
+from perfusion_dsl.context import Context
+from perfusion_dsl.diagnostics import Diagnostic
+from perfusion_dsl.fsutil import MatchLimitExceeded, discover_specs
+from perfusion_dsl.passes import run_all
+
+if TYPE_CHECKING:
+    from perfusion_dsl.plan import Plan
+
+
+class UsageError(Exception):
+    """A problem with the command line rather than with a spec (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Compilation:
+    context: Context
+
+    @property
+    def diagnostics(self) -> list[Diagnostic]:
+        return sorted(self.context.diagnostics, key=Diagnostic.sort_key)
+
+    @property
+    def ok(self) -> bool:
+        return not self.context.failed
+
+    def plan(self) -> Plan:
+        """The plan (imports pydantic only now, keeping `check` fast)."""
+        from perfusion_dsl.build_plan import build
+
+        assert self.ok, "no plan for specs with errors"
+        return build(self.context)
+
+
+def compile_paths(paths: list[Path], root: Path | None = None) -> Compilation:
+    """Check every `.concept` file under `paths`; raises UsageError for bad paths."""
+    root = (root or find_root(Path.cwd())).resolve()
+    config, config_diags = load_config(root, lambda p: _display(root, p))
+    try:
+        files, problems = discover_specs(paths, config.limits.max_spec_files)
+    except MatchLimitExceeded as exc:
+        raise UsageError(f"more than {exc.limit:,} spec files under the given paths "
+                         "(raise `max_spec_files` in perfusion.toml)") from exc
+    if problems:
+        raise UsageError("; ".join(problems))
+    if not files:
+        shown = ", ".join(str(p) for p in paths)
+        raise UsageError(f"no `.concept` files found under {shown}")
+    requested = [f.absolute().parent.resolve() / f.name for f in files]
+    ctx = Context(root=root, config=config, requested=requested)
+    ctx.diagnostics.extend(config_diags)
+    return Compilation(run_all(ctx))
+
+
+def _display(root: Path, path: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()

@@ -1,0 +1,104 @@
+"""The state the semantic passes share: loaded files in, checked facts and diagnostics out."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from perfusion_dsl.config import ProjectConfig
+from perfusion_dsl.diagnostics import Diagnostic
+from perfusion_dsl.fsutil import ImageInfo
+from perfusion_dsl.nodes import Generate, Learn, Let, Module, Span
+from perfusion_dsl.source import Source
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """One loaded spec file."""
+
+    path: Path  # absolute
+    file: str  # as shown to the user
+    source: Source
+    module: Module
+    broken: frozenset[str]  # names defined by statements that failed to parse
+    requested: bool  # named on the command line (its generates run)
+    uses: tuple[Path, ...]  # files it `use`s that exist
+
+
+@dataclass(frozen=True, slots=True)
+class ConceptDecl:
+    unit: Unit
+    index: int  # statement index within the module
+    learn: Learn
+
+
+@dataclass(frozen=True, slots=True)
+class RenderDecl:
+    """One image to render, fully expanded."""
+
+    unit: Unit
+    generate: Generate
+    prompt: str
+    concepts: tuple[str, ...]
+    seed: int
+    strength: float
+    options: dict[str, Any]
+    out_dir: Path
+    out: Path | None = None
+
+
+@dataclass
+class Context:
+    """Mutable only in that passes append to it; what they append is frozen."""
+
+    root: Path
+    config: ProjectConfig
+    requested: list[Path]
+    units: dict[Path, Unit] = field(default_factory=dict)
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    models: dict[Path, str] = field(default_factory=dict)
+    lets: dict[Path, dict[str, Let]] = field(default_factory=dict)
+    concepts: dict[str, ConceptDecl] = field(default_factory=dict)
+    visible: dict[Path, dict[str, ConceptDecl]] = field(default_factory=dict)
+    options: dict[tuple[Path, int], dict[str, Any]] = field(default_factory=dict)
+    images: dict[tuple[Path, int], tuple[ImageInfo, ...]] = field(default_factory=dict)
+    masks: dict[tuple[Path, int], tuple[ImageInfo, ...]] = field(default_factory=dict)
+    renders: list[RenderDecl] = field(default_factory=list)
+
+    def display(self, path: Path) -> str:
+        """A path as shown to users and in the plan: relative to the run root when inside."""
+        try:
+            return Path(os.path.relpath(path, self.root)).as_posix() \
+                if path.is_relative_to(self.root) else path.as_posix()
+        except ValueError:
+            return path.as_posix()
+
+    def add(self, diag: Diagnostic) -> None:
+        self.diagnostics.append(diag)
+
+    def sources(self) -> dict[str, str]:
+        return {u.file: u.source.text for u in self.units.values()}
+
+    @property
+    def failed(self) -> bool:
+        return any(d.severity == "error" for d in self.diagnostics)
+
+    def statements(self, kind: type[Any]) -> list[tuple[Unit, int, Any]]:
+        """(unit, index, statement) for every statement of `kind`, files in path order."""
+        return [
+            (unit, i, stmt)
+            for unit in sorted(self.units.values(), key=lambda u: u.file)
+            for i, stmt in enumerate(unit.module.statements)
+            if isinstance(stmt, kind)
+        ]
+
+
+def at(unit: Unit, span: Span | None) -> tuple[str, Span | None]:
+    return unit.file, span
+
+
+def use_target(unit_path: Path, value: str) -> Path:
+    """Where `use "value"` in the file at `unit_path` points (absolute, normalised)."""
+    return Path(os.path.normpath(os.path.join(unit_path.parent, value)))

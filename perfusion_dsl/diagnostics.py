@@ -1,0 +1,110 @@
+"""Diagnostics as data, and the one pure function that renders them for people."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from typing import Literal
+
+from perfusion_dsl.nodes import Span
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """A secondary location, e.g. "first learned here"."""
+
+    file: str
+    span: Span
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    code: str
+    severity: Severity
+    message: str
+    file: str
+    span: Span | None
+    labels: tuple[Label, ...] = ()
+    help: str | None = None
+    extra: tuple[str, ...] = field(default=(), compare=False)
+
+    def sort_key(self) -> tuple[str, int, int, str]:
+        if self.span is None:
+            return (self.file, 0, 0, self.message)
+        return (self.file, self.span.line, self.span.col, self.message)
+
+
+def error(code: str, message: str, file: str, span: Span | None, *,
+          labels: tuple[Label, ...] = (), help: str | None = None,
+          extra: tuple[str, ...] = ()) -> Diagnostic:
+    return Diagnostic(code, "error", message, file, span, labels, help, extra)
+
+
+def warning(code: str, message: str, file: str, span: Span | None, *,
+            labels: tuple[Label, ...] = (), help: str | None = None,
+            extra: tuple[str, ...] = ()) -> Diagnostic:
+    return Diagnostic(code, "warning", message, file, span, labels, help, extra)
+
+
+def did_you_mean(word: str, candidates: Iterable[str], quote: str = "`") -> str:
+    """` (did you mean `x`?)` for a close candidate, else the empty string (D5)."""
+    pool = sorted(set(candidates))
+    matches = get_close_matches(word, pool, n=1, cutoff=0.7)
+    if not matches:
+        lowered = {c.lower(): c for c in pool}
+        if word.lower() in lowered:
+            matches = [lowered[word.lower()]]
+    return f" (did you mean {quote}{matches[0]}{quote}?)" if matches else ""
+
+
+def _line_text(source: str, line: int) -> str:
+    lines = source.split("\n")
+    return lines[line - 1] if 0 < line <= len(lines) else ""
+
+
+def _excerpt(source: str | None, span: Span) -> list[str]:
+    """The source line with a caret underline, tabs expanded so the caret lines up."""
+    if source is None:
+        return []
+    text = _line_text(source, span.line).rstrip("\r")
+    last = span.end_col if span.end_line == span.line else len(text) + 1
+    head = text[: span.col - 1].expandtabs(4)
+    body = text[: max(last, span.col) - 1].expandtabs(4)[len(head):]
+    gutter = str(span.line)
+    pad = " " * len(gutter)
+    return [
+        f" {gutter} | {text.expandtabs(4)}",
+        f" {pad} | {' ' * len(head)}{'^' * max(1, len(body))}",
+    ]
+
+
+def render(diag: Diagnostic, sources: Mapping[str, str]) -> str:
+    """`path:line:col: severity: message`, the source line, a caret, help and notes."""
+    where = diag.file
+    if diag.span is not None:
+        where = f"{diag.file}:{diag.span.line}:{diag.span.col}"
+    out = [f"{where}: {diag.severity}: {diag.message}"]
+    if diag.span is not None:
+        out += _excerpt(sources.get(diag.file), diag.span)
+    for label in diag.labels:
+        out.append(f"  note: {label.file}:{label.span.line}:{label.span.col}: {label.message}")
+        out += _excerpt(sources.get(label.file), label.span)
+    out += [f"  {line}" for line in diag.extra]
+    if diag.help:
+        out.append(f"  help: {diag.help}")
+    return "\n".join(out)
+
+
+def render_all(diags: Iterable[Diagnostic], sources: Mapping[str, str]) -> str:
+    return "\n\n".join(render(d, sources) for d in sorted(diags, key=Diagnostic.sort_key))
+
+
+def summary(diags: Iterable[Diagnostic]) -> tuple[int, int]:
+    """(errors, warnings)."""
+    items = list(diags)
+    errors = sum(1 for d in items if d.severity == "error")
+    return errors, len(items) - errors

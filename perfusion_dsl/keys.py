@@ -1,0 +1,35 @@
+"""Cache keys: sha256 of canonical JSON of exactly what changes a result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+# Bump when the meaning of a key's inputs changes, so old artifacts are rebuilt.
+KEY_FORMAT = 1
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
+
+
+def digest(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()
+
+
+def concept_key(*, token: str, model: str, supercategories: list[str], adjectives: list[str],
+                image_digests: list[str], mask: str | list[str], options: dict[str, Any]) -> str:
+    """Changes exactly when the trained concept would: image bytes (in path order, not
+    paths or mtimes), token, supercategories, adjectives, training options, base model."""
+    return digest({
+        "format": KEY_FORMAT,
+        "token": token,
+        "model": model,
+        "supercategories": supercategories,
+        "adjectives": adjectives,
+        "images": image_digests,
+        "mask": mask,
+        "options": options,
+    })

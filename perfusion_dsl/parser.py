@@ -1,0 +1,227 @@
+"""Parses one source text into a `Module`, recovering at statement boundaries."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lark import Lark, Token, Transformer, Tree, UnexpectedInput
+
+from perfusion_dsl import nodes as n
+from perfusion_dsl.diagnostics import Diagnostic
+from perfusion_dsl.source import Source
+from perfusion_dsl.syntax_errors import translate
+
+MAX_SYNTAX_ERRORS = 20
+KEYWORDS = ("model", "use", "let", "defaults", "learn", "generate")
+_STATEMENT_START = re.compile(r"^(?:" + "|".join(KEYWORDS) + r")\b", re.MULTILINE)
+_STRING_OR_COMMENT = re.compile(r'"(?:[^"\\\n]|\\[^\n])*"?|#[^\n]*')
+_BRACKETS = re.compile(r'"(?:[^"\\\n]|\\[^\n])*"?|#[^\n]*|[\[\]{}\n]')
+_LEARNED = re.compile(r"\bas\s+([A-Za-z_][A-Za-z0-9_-]*\*)")
+_LET = re.compile(r"^\s*let\s+([A-Za-z_][A-Za-z0-9_-]*)")
+
+
+def grammar_text() -> str:
+    return resources.files("perfusion_grammar").joinpath("concept.lark").read_text("utf-8")
+
+
+def _cache_path() -> str | bool:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    folder = os.path.join(base, "perfusion")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError:
+        return False
+    return os.path.join(folder, "grammar.lark.cache")
+
+
+@cache
+def parser(strict: bool = False) -> Lark:
+    """The production parser: LALR, contextual lexer, positions on.
+
+    Lark caches the built tables in the user's own cache folder (not a shared
+    temp folder), keyed by a hash of the grammar and Lark's version."""
+    return Lark(
+        grammar_text(),
+        parser="lalr",
+        lexer="contextual",
+        propagate_positions=True,
+        strict=strict,
+        cache=False if strict else _cache_path(),
+    )
+
+
+def span_of(tok: Token) -> n.Span:
+    assert tok.start_pos is not None and tok.end_pos is not None
+    assert tok.line is not None and tok.column is not None
+    assert tok.end_line is not None and tok.end_column is not None
+    return n.Span(tok.start_pos, tok.end_pos, tok.line, tok.column, tok.end_line, tok.end_column)
+
+
+def _span(first: Any, last: Any) -> n.Span:
+    a = first if isinstance(first, n.Span) else getattr(first, "span", None) or span_of(first)
+    b = last if isinstance(last, n.Span) else getattr(last, "span", None) or span_of(last)
+    return a.to(b)
+
+
+class ToNodes(Transformer[Token, Any]):
+    """Builds `nodes` from the parse tree; raises on any rule it does not know."""
+
+    def __default__(self, data: str, children: list[Any], meta: Any) -> Any:
+        raise NotImplementedError(f"grammar rule {data!r} has no node builder")
+
+    def STRING(self, tok: Token) -> n.Str:
+        return n.Str(tok.value[1:-1], span_of(tok))
+
+    def BARE(self, tok: Token) -> n.Bare:
+        return n.Bare(tok.value, span_of(tok))
+
+    GLOB = BARE
+
+    def start(self, children: list[Any]) -> n.Module:
+        return n.Module(tuple(children))
+
+    def model_stmt(self, c: list[Any]) -> n.Model:
+        return n.Model(c[1], _span(c[0], c[1]))
+
+    def use_stmt(self, c: list[Any]) -> n.Use:
+        return n.Use(c[1], _span(c[0], c[1]))
+
+    def let_stmt(self, c: list[Any]) -> n.Let:
+        return n.Let(str(c[1]), c[3], span_of(c[1]), _span(c[0], c[3]))
+
+    def defaults_stmt(self, c: list[Any]) -> n.Defaults:
+        return n.Defaults(c[1], _span(c[0], c[1]))
+
+    def learn_stmt(self, c: list[Any]) -> n.Learn:
+        rest = c[7:]
+        adjectives = next((x for x in rest if isinstance(x, n.ListV)), None)
+        block = next((x for x in rest if isinstance(x, n.Block)), None)
+        return n.Learn(c[1], str(c[3]), c[5], adjectives, block, span_of(c[3]),
+                       _span(c[0], c[-1]))
+
+    def generate_stmt(self, c: list[Any]) -> n.Generate:
+        count = next((x for x in c[2:] if isinstance(x, n.Bare)), None)
+        block = next((x for x in c[2:] if isinstance(x, n.Block)), None)
+        return n.Generate(c[1], count, block, _span(c[0], c[-1]))
+
+    def adjectives(self, c: list[Any]) -> n.ListV:
+        return c[2]  # type: ignore[no-any-return]
+
+    def count(self, c: list[Any]) -> n.Bare:
+        return c[1]  # type: ignore[no-any-return]
+
+    def supers(self, c: list[Any]) -> tuple[n.Super, ...]:
+        return tuple(x for x in c if isinstance(x, n.Super))
+
+    def super(self, c: list[Any]) -> n.Super:
+        words = c[0] if isinstance(c[0], n.Str) else tuple(c)
+        return n.Super(words, _span(c[0], c[-1]))
+
+    def block(self, c: list[Any]) -> n.Block:
+        return n.Block(tuple(x for x in c if isinstance(x, n.Option)), _span(c[0], c[-1]))
+
+    def option(self, c: list[Any]) -> n.Option:
+        return n.Option(str(c[0]), c[2], span_of(c[0]), _span(c[0], c[2]))
+
+    def list(self, c: list[Any]) -> n.ListV:
+        items = tuple(x for x in c if isinstance(x, n.Str | n.Bare))
+        return n.ListV(items, _span(c[0], c[-1]))
+
+
+_TO_NODES = ToNodes()
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    module: n.Module
+    diagnostics: tuple[Diagnostic, ...]
+    broken_names: frozenset[str]  # tokens and lets defined in statements that failed to parse
+
+
+def comments(text: str) -> tuple[n.Comment, ...]:
+    """Every `#` comment outside strings, with its span."""
+    found = []
+    for m in _STRING_OR_COMMENT.finditer(text):
+        if m.group().startswith("#"):
+            start = m.start()
+            line = text.count("\n", 0, start) + 1
+            col = start - (text.rfind("\n", 0, start) + 1) + 1
+            span = n.Span(start, m.end(), line, col, line, col + len(m.group()))
+            found.append(n.Comment(m.group(), span))
+    return tuple(found)
+
+
+def _chunk_around(text: str, offset: int) -> tuple[int, int]:
+    """The statement-shaped region [start, end) of `text` holding `offset`."""
+    starts = _statement_starts(text)
+    start = max((s for s in starts if s <= offset), default=0)
+    end = min((s for s in starts if s > offset), default=len(text))
+    return start, end
+
+
+def _statement_starts(text: str) -> list[int]:
+    """Line offsets that may begin a statement: bracket depth 0, or a keyword in column 0."""
+    depth_at: dict[int, int] = {}
+    depth = 0
+    for m in _BRACKETS.finditer(text):
+        tok = m.group()
+        if tok == "\n":
+            depth_at[m.end()] = depth
+        elif tok in ("[", "{"):
+            depth += 1
+        elif tok in ("]", "}"):
+            depth = max(0, depth - 1)
+    starts = [0] + [at for at, d in depth_at.items() if d == 0]
+    # A keyword in column 0 starts a statement even inside an unclosed bracket.
+    starts += [m.start() for m in _STATEMENT_START.finditer(text) if text[m.start()] not in " \t"]
+    return sorted(set(starts))
+
+
+def _blank(text: str, start: int, end: int) -> str:
+    middle = re.sub(r"[^\n]", " ", text[start:end])
+    return text[:start] + middle + text[end:]
+
+
+def parse(source: Source) -> Parsed:
+    """Parse, reporting up to MAX_SYNTAX_ERRORS errors, one per broken statement."""
+    text = source.text if source.text.endswith("\n") else source.text + "\n"
+    diags: list[Diagnostic] = []
+    broken: set[str] = set()
+    for _ in range(MAX_SYNTAX_ERRORS):
+        try:
+            tree = parser().parse(text)
+        except UnexpectedInput as exc:
+            diags.append(translate(exc, source))
+            start, end = _chunk_around(text, _error_offset(exc, text))
+            bad = text[start:end]
+            broken.update(_LEARNED.findall(bad))
+            broken.update(_LET.findall(bad))
+            blanked = _blank(text, start, end)
+            if blanked == text:
+                break
+            text = blanked
+            continue
+        module = _TO_NODES.transform(tree)
+        assert isinstance(module, n.Module)
+        module = n.Module(module.statements, comments(source.text))
+        return Parsed(module, tuple(diags), frozenset(broken))
+    return Parsed(n.Module((), comments(source.text)), tuple(diags), frozenset(broken))
+
+
+def _error_offset(exc: UnexpectedInput, text: str) -> int:
+    pos = getattr(exc, "pos_in_stream", None)
+    token = getattr(exc, "token", None)
+    if isinstance(token, Token) and token.start_pos is not None and token.type != "$END":
+        pos = token.start_pos
+    if pos is None or pos < 0 or pos >= len(text):
+        return len(text.rstrip("\n"))
+    return int(pos)
+
+
+__all__ = ["Parsed", "Tree", "comments", "parse", "parser"]

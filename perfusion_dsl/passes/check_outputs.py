@@ -1,0 +1,74 @@
+"""Names every output image, keeps outputs inside the run root (S1), and finds clashes."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+from perfusion_dsl.context import Context, RenderDecl
+from perfusion_dsl.diagnostics import Label, error, warning
+from perfusion_dsl.fsutil import is_within
+from perfusion_dsl.nodes import Generate, Span
+
+_NON_WORD = re.compile(r"[^a-z0-9]+")
+MAX_SLUG = 80
+
+
+def slug(prompt: str) -> str:
+    text = _NON_WORD.sub("-", prompt.lower()).strip("-")
+    return text[:MAX_SLUG].rstrip("-") or "prompt"
+
+
+def file_name(render: RenderDecl) -> str:
+    return f"{slug(render.prompt)}_seed{render.seed}_s{render.strength:g}.png"
+
+
+def _identity(render: RenderDecl) -> tuple[object, ...]:
+    return (render.prompt, render.seed, render.strength, sorted(render.options.items()))
+
+
+def _out_span(gen: Generate) -> Span:
+    if gen.block is not None:
+        for opt in gen.block.options:
+            if opt.key == "out":
+                return opt.value.span
+    return gen.template.span
+
+
+def run(ctx: Context) -> None:
+    checked: dict[Path, bool] = {}
+    claimed: dict[Path, RenderDecl] = {}
+    reported: set[tuple[int, int]] = set()
+    kept: list[RenderDecl] = []
+    for render in ctx.renders:
+        if render.out_dir not in checked:
+            checked[render.out_dir] = is_within(ctx.root, render.out_dir)
+            if not checked[render.out_dir]:
+                ctx.add(error("out-outside-root", f"output folder `{ctx.display(render.out_dir)}`"
+                              f" is outside the run root `{ctx.root.as_posix()}`",
+                              render.unit.file, _out_span(render.generate),
+                              help="outputs must stay inside the run root (the folder with "
+                                   "perfusion.toml, else the current folder)"))
+        if not checked[render.out_dir]:
+            continue
+        out = render.out_dir / file_name(render)
+        first = claimed.get(out)
+        if first is None:
+            claimed[out] = render = dataclasses.replace(render, out=out)
+            kept.append(render)
+            continue
+        pair = (id(first.generate), id(render.generate))
+        if pair in reported:
+            continue
+        reported.add(pair)
+        same = _identity(first) == _identity(render)
+        make = warning if same else error
+        ctx.add(make("duplicate-render" if same else "render-clash",
+                     f"this renders `{ctx.display(out)}` again" if same else
+                     f"two different renders would write `{ctx.display(out)}`",
+                     render.unit.file, render.generate.template.span,
+                     labels=(Label(first.unit.file, first.generate.template.span,
+                                   "also rendered here"),),
+                     help=None if same else "give one of them another `out:` folder or seed"))
+    ctx.renders[:] = kept

@@ -1,0 +1,129 @@
+"""Checks prompt templates (names, concepts, groups, size) and expands them into renders."""
+
+from __future__ import annotations
+
+import itertools
+from math import prod
+from pathlib import Path
+from typing import Any
+
+from perfusion_dsl.context import Context, RenderDecl, Unit
+from perfusion_dsl.diagnostics import did_you_mean, error
+from perfusion_dsl.nodes import Generate, Span, Str
+from perfusion_dsl.templates import TOKEN, Choice, NameRef, Part, Piece, parse_template
+
+RENDER_OPTIONS = ("steps", "guidance", "size", "negative")
+
+
+def _check_tokens(ctx: Context, unit: Unit, text: str, span: Span, offset: int) -> None:
+    """Every `word*` in `text` (found at raw `offset` of the string at `span`) is visible."""
+    visible = ctx.visible.get(unit.path, {})
+    broken = set().union(*(u.broken for u in ctx.units.values()))
+    for m in TOKEN.finditer(text):
+        token = m.group()
+        if token in visible or token in broken:
+            continue
+        hint = did_you_mean(token, visible)
+        elsewhere = ctx.concepts.get(token)
+        help_text = None
+        if elsewhere is not None:
+            rel = Path(elsewhere.unit.path).relative_to(unit.path.parent, walk_up=True)
+            help_text = f"`{token}` is learned in `{elsewhere.unit.file}`; add `use \"{rel.as_posix()}\"`"
+        ctx.add(error("unknown-concept", f"unknown concept `{token}` in template{hint}",
+                      unit.file, span.sub(1 + offset + m.start(), len(token)), help=help_text))
+
+
+def _options_list(ctx: Context, unit: Unit, part: Part, span: Span) -> list[str] | None:
+    """The texts a part expands to; None after reporting an unknown name."""
+    if isinstance(part, Piece):
+        return [part.text]
+    if isinstance(part, Choice):
+        return [a.text for a in part.alternatives]
+    let = ctx.lets.get(unit.path, {}).get(part.name)
+    if let is None:
+        if part.name not in unit.broken:
+            names = ctx.lets.get(unit.path, {})
+            ctx.add(error("unknown-let", f"unknown list `{part.name}` in template"
+                          f"{did_you_mean(part.name, names)}", unit.file,
+                          span.sub(1 + part.at, part.length),
+                          help=None if names else "define it first: `let NAME = [a, b]`"))
+        return None
+    return [item.value for item in let.items.items]
+
+
+def _check_let_tokens(ctx: Context, unit: Unit, part: NameRef) -> None:
+    let = ctx.lets.get(unit.path, {}).get(part.name)
+    for item in let.items.items if let else ():
+        if isinstance(item, Str):
+            _check_tokens(ctx, unit, item.raw, item.span, 0)
+
+
+def _too_big(ctx: Context, unit: Unit, gen: Generate, sizes: list[tuple[str, int]],
+             total: int) -> bool:
+    limit = ctx.config.limits.max_renders_per_generate
+    if total <= limit:
+        return False
+    terms = " × ".join(f"{what} ({n:,})" for what, n in sizes)
+    ctx.add(error("expansion-too-large", f"this template expands to {total:,} images; the limit "
+                  f"is {limit:,}", unit.file, gen.template.span, extra=(f"= {terms}",),
+                  help="split it into several `generate` statements, or raise "
+                       "`max_renders_per_generate` in perfusion.toml"))
+    return True
+
+
+def _expand(ctx: Context, unit: Unit, index: int, gen: Generate) -> None:
+    parts, errors = parse_template(gen.template.raw)
+    for bad in errors:
+        ctx.add(error("template", bad.message, unit.file,
+                      gen.template.span.sub(1 + bad.at, bad.length), help=bad.help))
+    choices = []
+    for part in parts:
+        for piece in part.alternatives if isinstance(part, Choice) else \
+                (part,) if isinstance(part, Piece) else ():
+            _check_tokens(ctx, unit, gen.template.raw[piece.at:piece.at + piece.length],
+                          gen.template.span, piece.at)
+        if isinstance(part, NameRef):
+            _check_let_tokens(ctx, unit, part)
+        choices.append(_options_list(ctx, unit, part, gen.template.span))
+    options = ctx.options.get((unit.path, index))
+    if errors or options is None or any(c is None for c in choices):
+        return
+    lists: list[list[str]] = [c for c in choices if c is not None]
+    sizes = [(gen.template.raw[p.at - 1:p.at + p.length + 1] if not isinstance(p, Piece) else "", len(c))
+             for p, c in zip(parts, lists, strict=True) if len(c) != 1 or not isinstance(p, Piece)]
+    sizes += [(f"x {options['count']}", options["count"]),
+              ("strength values", len(options["strength"]))]
+    total = prod(n for _, n in sizes)
+    if _too_big(ctx, unit, gen, sizes, total) or not unit.requested:
+        return
+    _emit(ctx, unit, gen, lists, options, total)
+
+
+def _emit(ctx: Context, unit: Unit, gen: Generate, lists: list[list[str]],
+          options: dict[str, Any], total: int) -> None:
+    limit = ctx.config.limits.max_renders_total
+    if len(ctx.renders) + total > limit:
+        ctx.add(error("too-many-renders", f"the run would render more than {limit:,} images",
+                      unit.file, gen.span, help="raise `max_renders_total` in perfusion.toml"))
+        return
+    render_opts = {k: options[k] for k in RENDER_OPTIONS} | {"model": ctx.models[unit.path]}
+    for combo in itertools.product(*lists):
+        prompt = "".join(combo)
+        concepts = tuple(dict.fromkeys(TOKEN.findall(prompt)))
+        for strength in options["strength"]:
+            for k in range(options["count"]):
+                ctx.renders.append(RenderDecl(unit, gen, prompt, concepts, options["seed"] + k,
+                                              strength, render_opts, _out_dir(ctx, unit, options)))
+
+
+def _out_dir(ctx: Context, unit: Unit, options: dict[str, Any]) -> Path:
+    if options.get("out"):
+        return unit.path.parent / options["out"]
+    if ctx.config.output_root:
+        return ctx.root / ctx.config.output_root / unit.path.stem
+    return unit.path.parent / "renders" / unit.path.stem
+
+
+def run(ctx: Context) -> None:
+    for unit, index, gen in ctx.statements(Generate):
+        _expand(ctx, unit, index, gen)

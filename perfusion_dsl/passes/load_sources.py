@@ -1,0 +1,99 @@
+"""Reads and parses the requested spec files and every file they `use`; finds cycles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from perfusion_dsl.context import Context, Unit, use_target
+from perfusion_dsl.diagnostics import error
+from perfusion_dsl.nodes import Module, Use
+from perfusion_dsl.parser import parse
+from perfusion_dsl.source import Source, decode
+
+
+def _read(ctx: Context, path: Path, file: str) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(ctx.config.limits.max_spec_bytes + 1)
+    except OSError as exc:
+        ctx.add(error("unreadable", f"cannot read spec file: {exc.strerror}", file, None))
+        return None
+
+
+def _load(ctx: Context, path: Path, requested: bool) -> Unit:
+    file = ctx.display(path)
+    data = _read(ctx, path, file)
+    source, diags = decode(data or b"", file, ctx.config.limits.max_spec_bytes)
+    ctx.diagnostics.extend(diags)
+    if source is None:
+        return Unit(path, file, Source(file, ""), Module(()), frozenset(), requested, ())
+    parsed = parse(source)
+    ctx.diagnostics.extend(parsed.diagnostics)
+    uses = tuple(_resolve_use(ctx, path, file, s) for s in parsed.module.statements
+                 if isinstance(s, Use))
+    return Unit(path, file, source, parsed.module, parsed.broken_names, requested,
+                tuple(p for p in uses if p is not None))
+
+
+def _resolve_use(ctx: Context, path: Path, file: str, use: Use) -> Path | None:
+    target = Path(use.path.value)
+    full = use_target(path, use.path.value)
+    if not use.path.value.endswith(".concept"):
+        ctx.add(error("use-not-spec", f"`use` needs a `.concept` file, found `{target}`",
+                      file, use.path.span))
+        return None
+    if not full.is_file():
+        ctx.add(error("use-missing", f"no such spec file `{target}` (looked for {ctx.display(full)})",
+                      file, use.path.span, help="`use` paths are relative to this file"))
+        return None
+    if full == path:
+        ctx.add(error("use-cycle", "a file cannot `use` itself", file, use.path.span))
+        return None
+    return full
+
+
+
+def run(ctx: Context) -> None:
+    requested = set(ctx.requested)
+    queue = list(ctx.requested)
+    while queue:
+        path = queue.pop(0)
+        if path in ctx.units:
+            continue
+        unit = _load(ctx, path, path in requested)
+        ctx.units[path] = unit
+        queue.extend(p for p in unit.uses if p not in ctx.units)
+    _report_cycles(ctx)
+
+
+def _report_cycles(ctx: Context) -> None:
+    """One diagnostic per cycle, at the `use` that closes it (shown as a → b → a)."""
+    state: dict[Path, int] = {}  # 1 = on the stack, 2 = done
+    reported: set[frozenset[Path]] = set()
+
+    def visit(path: Path, stack: list[Path]) -> None:
+        state[path] = 1
+        stack.append(path)
+        for target in ctx.units[path].uses:
+            if state.get(target) == 1:
+                cycle = stack[stack.index(target):] + [target]
+                if frozenset(cycle) not in reported:
+                    reported.add(frozenset(cycle))
+                    _cycle_error(ctx, path, target, cycle)
+            elif target not in state and target in ctx.units:
+                visit(target, stack)
+        stack.pop()
+        state[path] = 2
+
+    for path in sorted(ctx.units):
+        if path not in state:
+            visit(path, [])
+
+
+def _cycle_error(ctx: Context, path: Path, target: Path, cycle: list[Path]) -> None:
+    unit = ctx.units[path]
+    span = next(s.path.span for s in unit.module.statements
+                if isinstance(s, Use) and use_target(path, s.path.value) == target)
+    shown = " → ".join(ctx.units[p].file for p in cycle)
+    ctx.add(error("use-cycle", f"`use` cycle: {shown}", unit.file, span,
+                  help="move the shared concepts into a file that both `use`"))

@@ -1,0 +1,92 @@
+"""Resolves `learn` patterns and mask patterns to decodable images (S3, S5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from perfusion_dsl.context import Context, Unit
+from perfusion_dsl.diagnostics import error
+from perfusion_dsl.fsutil import (
+    ImageInfo,
+    ImageProblem,
+    MatchLimitExceeded,
+    check_image,
+    glob_files,
+)
+from perfusion_dsl.nodes import Learn, Span
+
+
+class _Images:
+    """Checks each file once per run, however many patterns match it."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.seen: dict[Path, ImageInfo | ImageProblem] = {}
+
+    def check(self, path: Path) -> ImageInfo | ImageProblem:
+        if path not in self.seen:
+            limits = self.ctx.config.limits
+            self.seen[path] = check_image(path, limits.max_image_pixels, limits.max_image_bytes)
+        return self.seen[path]
+
+
+def _match(ctx: Context, unit: Unit, pattern: str, span: Span, what: str) -> list[Path]:
+    limit = ctx.config.limits.max_glob_matches
+    try:
+        found = glob_files(unit.path.parent, pattern, limit)
+    except MatchLimitExceeded:
+        ctx.add(error("too-many-matches", f"{what} `{pattern}` matches more than {limit:,} files",
+                      unit.file, span, help="narrow the pattern, or raise `max_glob_matches` "
+                                            "in perfusion.toml"))
+        return []
+    if not found:
+        where = ctx.display(unit.path.parent / Path(pattern).parent)
+        ctx.add(error("no-match", f"{what} `{pattern}` matches no files", unit.file, span,
+                      help=f"patterns are relative to this file's folder; looked in `{where}/`"))
+    return found
+
+
+def _decode_all(images: _Images, unit: Unit, paths: list[Path], span: Span,
+                ) -> tuple[ImageInfo, ...]:
+    good = []
+    for path in paths:
+        got = images.check(path)
+        if isinstance(got, ImageProblem):
+            images.ctx.add(error("bad-image", f"`{images.ctx.display(path)}` {got.message}",
+                                 unit.file, span))
+        else:
+            good.append(got)
+    return tuple(good)
+
+
+def _masks(images: _Images, unit: Unit, index: int, learn: Learn, pattern: str) -> None:
+    ctx = images.ctx
+    span = next(o.value.span for o in learn.block.options if o.key == "mask") \
+        if learn.block else learn.span
+    found = _decode_all(images, unit, _match(ctx, unit, pattern, span, "mask pattern"), span)
+    by_stem = {info.path.stem: info for info in found}
+    wanted = ctx.images.get((unit.path, index), ())
+    missing = [i.path.name for i in wanted if i.path.stem not in by_stem]
+    if found and missing:
+        ctx.add(error("mask-missing", f"no mask for {len(missing)} image(s): "
+                      + ", ".join(missing[:5]) + (" …" if len(missing) > 5 else ""),
+                      unit.file, span, help="masks are matched to images by file name stem "
+                                            "(`photos/1.png` ↔ `masks/1.png`)"))
+    ctx.masks[(unit.path, index)] = tuple(by_stem[i.path.stem] for i in wanted
+                                          if i.path.stem in by_stem)
+
+
+def run(ctx: Context) -> None:
+    images = _Images(ctx)
+    limit = ctx.config.limits.max_images_per_concept
+    for unit, index, learn in ctx.statements(Learn):
+        span = learn.pattern.span
+        paths = _match(ctx, unit, learn.pattern.value, span, "pattern")
+        if len(paths) > limit:
+            ctx.add(error("too-many-images", f"`{learn.token}` would learn from {len(paths):,} "
+                          f"images; the limit is {limit:,}", unit.file, span))
+            paths = paths[:limit]
+        ctx.images[(unit.path, index)] = _decode_all(images, unit, paths, span)
+        mask = ctx.options.get((unit.path, index), {}).get("mask", "none")
+        if mask not in ("none", "attention"):
+            _masks(images, unit, index, learn, mask)

@@ -1,0 +1,94 @@
+"""Turns Lark's parse errors into diagnostics in the spec author's words (D3, D4)."""
+
+from __future__ import annotations
+
+import re
+
+from lark import Token, UnexpectedCharacters, UnexpectedInput, UnexpectedToken
+
+from perfusion_dsl.diagnostics import Diagnostic, did_you_mean, error
+from perfusion_dsl.nodes import Span
+from perfusion_dsl.source import Source
+
+STATEMENTS = ("model", "use", "let", "defaults", "learn", "generate")
+
+# What each terminal of grammar/concept.lark is called in messages.
+DESCRIBE = {
+    "MODEL": "`model`", "USE": "`use`", "LET": "`let`", "DEFAULTS": "`defaults`",
+    "LEARN": "`learn`", "GENERATE": "`generate`", "AS": "`as`",
+    "ADJECTIVES": "`adjectives:`", "X": "`x COUNT`", "EQUALS": "`=`", "COLON": "`:`",
+    "COMMA": "`,`", "LANGLE": "`<`", "RANGLE": "`>`", "LBRACE": "`{`", "RBRACE": "`}`",
+    "LBRACK": "`[`", "RBRACK": "`]`", "NAME": "a name", "TOKEN": "a concept token (`name*`)",
+    "STRING": "a quoted string", "GLOB": "a value", "BARE": "a word",
+    "_NL": "end of line", "$END": "end of file",
+}
+_ORDER = list(DESCRIBE)
+_WORD = re.compile(r'"[^"\n]*"?|[^\s\[\]{}<>,:=#"]+|\S')
+HELP = {
+    "TOKEN": "a concept token is a name followed by `*`, e.g. `teddy*`",
+    "STRING": 'put the text in double quotes, e.g. "a photo of teddy*"',
+    "COLON": "options are written `key: value`",
+}
+
+
+def _expected(names: set[str]) -> str:
+    known = sorted((x for x in names if x in DESCRIBE), key=_ORDER.index)
+    if set(STATEMENTS) <= {x.lower() for x in known}:
+        return "a statement (`model`, `use`, `let`, `defaults`, `learn` or `generate`)"
+    words = [DESCRIBE[x] for x in known if x not in ("MODEL", "USE", "LET", "DEFAULTS")]
+    if not words:
+        return "something else"
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _span_at(text: str, offset: int, length: int) -> Span:
+    line = text.count("\n", 0, offset) + 1
+    col = offset - (text.rfind("\n", 0, offset) + 1) + 1
+    return Span(offset, offset + length, line, col, line, col + max(length, 1))
+
+
+def _found(text: str, offset: int) -> tuple[str, int]:
+    """How to name what sits at `offset`, and its length."""
+    if offset >= len(text.rstrip("\n")):
+        return "end of file", 0
+    if text[offset] == "\n":
+        return "end of line", 0
+    m = _WORD.match(text, offset)
+    word = m.group() if m else text[offset]
+    shown = word if len(word) <= 30 else word[:27] + "..."
+    return f"`{shown}`", len(word)
+
+
+def _where(exc: UnexpectedInput, text: str) -> int:
+    token = getattr(exc, "token", None)
+    if isinstance(token, Token) and token.type != "$END" and token.start_pos is not None:
+        return int(token.start_pos)
+    pos = getattr(exc, "pos_in_stream", None)
+    if isinstance(exc, UnexpectedCharacters) and pos is not None and pos >= 0:
+        return int(pos)
+    return len(text.rstrip("\n"))
+
+
+def _expected_names(exc: UnexpectedInput) -> set[str]:
+    if isinstance(exc, UnexpectedToken):
+        return set(exc.expected)
+    if isinstance(exc, UnexpectedCharacters):
+        return set(exc.allowed or ())
+    return set(getattr(exc, "expected", ()) or ())
+
+
+def translate(exc: UnexpectedInput, source: Source) -> Diagnostic:
+    """One syntax-error diagnostic; never mentions Lark's terminal names or line -1."""
+    text = source.text if source.text.endswith("\n") else source.text + "\n"
+    offset = _where(exc, text)
+    names = _expected_names(exc)
+    found, length = _found(text, offset)
+    expected = _expected(names)
+    message = f"expected {expected}, found {found}"
+    help_text = next((HELP[x] for x in names if x in HELP and len(names - {"_NL"}) == 1), None)
+    if expected.startswith("a statement") and found.startswith("`"):
+        hint = did_you_mean(found.strip("`"), STATEMENTS)
+        message += hint
+    if found == "end of file" and names & {"RBRACE", "RBRACK"}:
+        help_text = "a `{` block or `[` list is not closed"
+    return error("syntax", message, source.file, _span_at(text, offset, length), help=help_text)
