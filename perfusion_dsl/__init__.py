@@ -1,3 +1,3 @@
-"""perfusion_dsl: the .concept language compiler (parser, passes, plan, CLI); never imports torch."""
+"""perfusion_dsl: the .concept compiler (parser, passes, plan, CLI); never imports torch."""
 
 __version__ = "0.1.0"

@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_OK
-    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into exit 70
+    except Exception as exc:  # the one place that turns bugs into exit 70
         return _crash(exc)
 
 

@@ -50,15 +50,20 @@ def warning(code: str, message: str, file: str, span: Span | None, *,
     return Diagnostic(code, "warning", message, file, span, labels, help, extra)
 
 
-def did_you_mean(word: str, candidates: Iterable[str], quote: str = "`") -> str:
-    """` (did you mean `x`?)` for a close candidate, else the empty string (D5)."""
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate `word` was most likely meant to be, if any is close (D5)."""
     pool = sorted(set(candidates))
     matches = get_close_matches(word, pool, n=1, cutoff=0.7)
-    if not matches:
-        lowered = {c.lower(): c for c in pool}
-        if word.lower() in lowered:
-            matches = [lowered[word.lower()]]
-    return f" (did you mean {quote}{matches[0]}{quote}?)" if matches else ""
+    if matches:
+        return matches[0]
+    lowered = {c.lower(): c for c in pool}
+    return lowered.get(word.lower())
+
+
+def did_you_mean(word: str, candidates: Iterable[str], quote: str = "`") -> str:
+    """` (did you mean `x`?)` for a close candidate, else the empty string."""
+    match = closest(word, candidates)
+    return f" (did you mean {quote}{match}{quote}?)" if match else ""
 
 
 def _line_text(source: str, line: int) -> str:

@@ -33,17 +33,12 @@ class Span:
 NOWHERE = Span(0, 0, 1, 1, 1, 1)
 
 
-def _span() -> Span:
-    span: Span = field(default=NOWHERE, compare=False, repr=False)
-    return span
-
-
 @dataclass(frozen=True, slots=True)
 class Str:
     """A double-quoted string; `raw` is the text between the quotes, escapes undecoded."""
 
     raw: str
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
     @property
     def value(self) -> str:
@@ -66,7 +61,7 @@ class Bare:
     """An unquoted word: identifier, number, boolean, size or path, told apart by passes."""
 
     text: str
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
     @property
     def value(self) -> str:
@@ -81,7 +76,7 @@ class ListV:
     """A bracketed list of words and strings."""
 
     items: tuple[Item, ...]
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 Value = Str | Bare | ListV
@@ -91,14 +86,14 @@ Value = Str | Bare | ListV
 class Option:
     key: str
     value: Value
-    key_span: Span = _span()
-    span: Span = _span()
+    key_span: Span = field(default=NOWHERE, compare=False, repr=False)
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Block:
     options: tuple[Option, ...]
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +101,7 @@ class Super:
     """One supercategory: several bare words (`teddy bear`) or one quoted phrase."""
 
     words: tuple[Bare, ...] | Str
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
     @property
     def text(self) -> str:
@@ -118,27 +113,27 @@ class Super:
 @dataclass(frozen=True, slots=True)
 class Model:
     source: Str
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Use:
     path: Str
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Let:
     name: str
     items: ListV
-    name_span: Span = _span()
-    span: Span = _span()
+    name_span: Span = field(default=NOWHERE, compare=False, repr=False)
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Defaults:
     block: Block
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +143,8 @@ class Learn:
     supers: tuple[Super, ...]
     adjectives: ListV | None
     block: Block | None
-    token_span: Span = _span()
-    span: Span = _span()
+    token_span: Span = field(default=NOWHERE, compare=False, repr=False)
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +152,7 @@ class Generate:
     template: Str
     count: Bare | None
     block: Block | None
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 Statement = Model | Use | Let | Defaults | Learn | Generate
@@ -168,7 +163,7 @@ class Comment:
     """A `#` comment, kept beside the tree for `perfusion fmt`."""
 
     text: str
-    span: Span = _span()
+    span: Span = field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

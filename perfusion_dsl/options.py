@@ -65,7 +65,8 @@ def int_range(lo: int, hi: int) -> Callable[[Value, str], int]:
     def parse(value: Value, key: str) -> int:
         got = integer(value, key)
         if not lo <= got <= hi:
-            raise Invalid(f"`{key}` must be between {lo:,} and {hi:,}, found {got:,}", at=value)
+            bound = f"at least {lo:,}" if hi == MAX_SEED else f"between {lo:,} and {hi:,}"
+            raise Invalid(f"`{key}` must be {bound}, found {got:,}", at=value)
         return got
 
     return parse
@@ -130,7 +131,7 @@ def size(value: Value, key: str) -> str:
     for side in (int(m.group(1)), int(m.group(2))):
         if not (8 <= side <= 4096 and side % 8 == 0):
             raise Invalid(f"`{key}` sides must be multiples of 8 between 8 and 4096, "
-                          f"found {value.text}", at=value)
+                          f"found {m.group()}", at=value)
     return f"{int(m.group(1))}x{int(m.group(2))}"
 
 
@@ -199,7 +200,7 @@ SCHEMA: dict[str, OptionSpec] = {
 }
 # Defaults that differ by statement kind (learn steps follow the Perfusion recipe;
 # sampling steps default to the model's own).
-KIND_DEFAULTS = {LEARN: {"steps": 400}, GENERATE: {"steps": None}}
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {LEARN: {"steps": 400}, GENERATE: {"steps": None}}
 
 
 def defaults_for(kind: str) -> dict[str, Any]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import os
 from math import prod
 from pathlib import Path
 from typing import Any
 
 from perfusion_dsl.context import Context, RenderDecl, Unit
-from perfusion_dsl.diagnostics import did_you_mean, error
+from perfusion_dsl.diagnostics import closest, did_you_mean, error
 from perfusion_dsl.nodes import Generate, Span, Str
 from perfusion_dsl.templates import TOKEN, Choice, NameRef, Part, Piece, parse_template
 
@@ -25,10 +26,15 @@ def _check_tokens(ctx: Context, unit: Unit, text: str, span: Span, offset: int) 
             continue
         hint = did_you_mean(token, visible)
         elsewhere = ctx.concepts.get(token)
+        if not hint and elsewhere is None:
+            other = closest(token, ctx.concepts)
+            elsewhere = ctx.concepts.get(other) if other else None
+            hint = f" (did you mean `{other}`?)" if other else ""
         help_text = None
         if elsewhere is not None:
-            rel = Path(elsewhere.unit.path).relative_to(unit.path.parent, walk_up=True)
-            help_text = f"`{token}` is learned in `{elsewhere.unit.file}`; add `use \"{rel.as_posix()}\"`"
+            rel = Path(os.path.relpath(elsewhere.unit.path, unit.path.parent)).as_posix()
+            help_text = f"`{elsewhere.learn.token}` is learned in `{elsewhere.unit.file}`; " \
+                        f"add `use \"{rel}\"`"
         ctx.add(error("unknown-concept", f"unknown concept `{token}` in template{hint}",
                       unit.file, span.sub(1 + offset + m.start(), len(token)), help=help_text))
 
@@ -71,6 +77,13 @@ def _too_big(ctx: Context, unit: Unit, gen: Generate, sizes: list[tuple[str, int
     return True
 
 
+def _shown(raw: str, part: Part) -> str:
+    """A group as written: `{a|b}` or `{NAME}`."""
+    if isinstance(part, NameRef):
+        return f"`{{{part.name}}}`"
+    return f"`{raw[part.at:part.at + part.length]}`"
+
+
 def _expand(ctx: Context, unit: Unit, index: int, gen: Generate) -> None:
     parts, errors = parse_template(gen.template.raw)
     for bad in errors:
@@ -89,8 +102,8 @@ def _expand(ctx: Context, unit: Unit, index: int, gen: Generate) -> None:
     if errors or options is None or any(c is None for c in choices):
         return
     lists: list[list[str]] = [c for c in choices if c is not None]
-    sizes = [(gen.template.raw[p.at - 1:p.at + p.length + 1] if not isinstance(p, Piece) else "", len(c))
-             for p, c in zip(parts, lists, strict=True) if len(c) != 1 or not isinstance(p, Piece)]
+    sizes = [(_shown(gen.template.raw, p), len(c))
+             for p, c in zip(parts, lists, strict=True) if not isinstance(p, Piece)]
     sizes += [(f"x {options['count']}", options["count"]),
               ("strength values", len(options["strength"]))]
     total = prod(n for _, n in sizes)
@@ -118,7 +131,7 @@ def _emit(ctx: Context, unit: Unit, gen: Generate, lists: list[list[str]],
 
 def _out_dir(ctx: Context, unit: Unit, options: dict[str, Any]) -> Path:
     if options.get("out"):
-        return unit.path.parent / options["out"]
+        return unit.path.parent / str(options["out"])
     if ctx.config.output_root:
         return ctx.root / ctx.config.output_root / unit.path.stem
     return unit.path.parent / "renders" / unit.path.stem

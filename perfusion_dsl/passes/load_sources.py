@@ -43,8 +43,9 @@ def _resolve_use(ctx: Context, path: Path, file: str, use: Use) -> Path | None:
                       file, use.path.span))
         return None
     if not full.is_file():
-        ctx.add(error("use-missing", f"no such spec file `{target}` (looked for {ctx.display(full)})",
-                      file, use.path.span, help="`use` paths are relative to this file"))
+        ctx.add(error("use-missing", f"no such spec file `{target}`", file, use.path.span,
+                      help=f"`use` paths are relative to this file; looked for "
+                           f"`{ctx.display(full)}`"))
         return None
     if full == path:
         ctx.add(error("use-cycle", "a file cannot `use` itself", file, use.path.span))
@@ -76,7 +77,7 @@ def _report_cycles(ctx: Context) -> None:
         stack.append(path)
         for target in ctx.units[path].uses:
             if state.get(target) == 1:
-                cycle = stack[stack.index(target):] + [target]
+                cycle = [*stack[stack.index(target):], target]
                 if frozenset(cycle) not in reported:
                     reported.add(frozenset(cycle))
                     _cycle_error(ctx, path, target, cycle)
