@@ -68,27 +68,35 @@ def run(ctx: Context) -> None:
 
 
 def _report_cycles(ctx: Context) -> None:
-    """One diagnostic per cycle, at the `use` that closes it (shown as a → b → a)."""
-    state: dict[Path, int] = {}  # 1 = on the stack, 2 = done
-    reported: set[frozenset[Path]] = set()
+    """One diagnostic per cycle, at the `use` that closes it (shown as a → b → a).
 
-    def visit(path: Path, stack: list[Path]) -> None:
-        state[path] = 1
-        stack.append(path)
-        for target in ctx.units[path].uses:
-            if state.get(target) == 1:
-                cycle = [*stack[stack.index(target):], target]
+    Iterative depth-first search, so a long chain of `use` cannot exhaust the stack."""
+    done: set[Path] = set()
+    reported: set[frozenset[Path]] = set()
+    for start in sorted(ctx.units):
+        if start in done:
+            continue
+        stack: list[tuple[Path, int]] = [(start, 0)]
+        on_stack = {start}
+        while stack:
+            path, i = stack[-1]
+            uses = ctx.units[path].uses
+            if i == len(uses):
+                stack.pop()
+                on_stack.discard(path)
+                done.add(path)
+                continue
+            stack[-1] = (path, i + 1)
+            target = uses[i]
+            if target in on_stack:
+                trail = [p for p, _ in stack]
+                cycle = [*trail[trail.index(target):], target]
                 if frozenset(cycle) not in reported:
                     reported.add(frozenset(cycle))
                     _cycle_error(ctx, path, target, cycle)
-            elif target not in state and target in ctx.units:
-                visit(target, stack)
-        stack.pop()
-        state[path] = 2
-
-    for path in sorted(ctx.units):
-        if path not in state:
-            visit(path, [])
+            elif target not in done and target in ctx.units:
+                stack.append((target, 0))
+                on_stack.add(target)
 
 
 def _cycle_error(ctx: Context, path: Path, target: Path, cycle: list[Path]) -> None:
