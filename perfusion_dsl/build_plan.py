@@ -6,6 +6,7 @@ from typing import Any
 
 from perfusion_dsl.context import ConceptDecl, Context, RenderDecl
 from perfusion_dsl.keys import concept_key
+from perfusion_dsl.passes.check_duplicates import concept_inputs
 from perfusion_dsl.plan import ConceptStep, Plan, RenderStep
 
 
@@ -16,22 +17,15 @@ def _jsonable(value: Any) -> Any:
 def _concept(ctx: Context, decl: ConceptDecl) -> ConceptStep:
     where = (decl.unit.path, decl.index)
     options = {k: _jsonable(v) for k, v in ctx.options[where].items()}
-    images = ctx.images[where]
     masks = ctx.masks.get(where)
-    mask_key: str | list[str] = options["mask"]
     if masks is not None:
         options["mask"] = [ctx.display(m.path) for m in masks]
-        mask_key = [m.digest for m in masks]
-    learn = decl.learn
-    supers = [s.text for s in learn.supers]
-    adjectives = [i.value for i in learn.adjectives.items] if learn.adjectives else []
-    model = ctx.models[decl.unit.path]
-    key = concept_key(token=learn.token, model=model, supercategories=supers,
-                      adjectives=adjectives, image_digests=[i.digest for i in images],
-                      mask=mask_key, options={k: v for k, v in options.items() if k != "mask"})
-    return ConceptStep(token=learn.token, file=decl.unit.file, line=learn.span.line, model=model,
-                       supercategories=supers, adjectives=adjectives,
-                       images=[ctx.display(i.path) for i in images], options=options, key=key)
+    inputs = concept_inputs(ctx, decl)
+    return ConceptStep(token=inputs["token"], file=decl.unit.file, line=decl.learn.span.line,
+                       model=inputs["model"], supercategories=inputs["supercategories"],
+                       adjectives=inputs["adjectives"],
+                       images=[ctx.display(i.path) for i in ctx.images[where]],
+                       options=options, key=concept_key(inputs))
 
 
 def _render(ctx: Context, render: RenderDecl) -> RenderStep:

@@ -33,8 +33,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="spec files or folders (searched for *.concept)")
     for p in (check, plan):
         p.add_argument("--root", type=Path, default=None,
-                       help="run root (default: nearest folder with perfusion.toml, "
-                            "else the current folder)")
+                       help="run root (default: the nearest folder with perfusion.toml "
+                            "above the current folder or the given paths, else the current "
+                            "folder)")
+        p.add_argument("--model", default=None, metavar="SOURCE",
+                       help="default base model for specs without a `model` line "
+                            "(overrides perfusion.toml)")
     return top
 
 
@@ -51,7 +55,7 @@ def _report(comp: Compilation, quiet_ok: bool = False) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    comp = compile_paths(args.paths, args.root)
+    comp = compile_paths(args.paths, args.root, args.model)
     status = _report(comp)
     if status == EXIT_OK:
         ctx = comp.context
@@ -61,7 +65,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    comp = compile_paths(args.paths, args.root)
+    comp = compile_paths(args.paths, args.root, args.model)
     status = _report(comp)
     if status != EXIT_OK:
         return status

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from perfusion_dsl.config import find_root, load_config
+from perfusion_dsl.config import CONFIG_NAME, find_root, load_config
 from perfusion_dsl.context import Context
 from perfusion_dsl.diagnostics import Diagnostic
 from perfusion_dsl.fsutil import MatchLimitExceeded, discover_specs
@@ -40,10 +40,29 @@ class Compilation:
         return build(self.context)
 
 
-def compile_paths(paths: list[Path], root: Path | None = None) -> Compilation:
-    """Check every `.concept` file under `paths`; raises UsageError for bad paths."""
-    root = (root or find_root(Path.cwd())).resolve()
+def run_root(paths: list[Path], explicit: Path | None = None) -> Path:
+    """The run root: `--root`; else the nearest folder with perfusion.toml above the current
+    folder, then above each given path; else the current folder."""
+    if explicit is not None:
+        return explicit.resolve()
+    cwd = Path.cwd().resolve()
+    for start in (cwd, *(p.absolute() for p in paths)):
+        found = find_root(start)
+        if (found / CONFIG_NAME).is_file():
+            return found
+    return cwd
+
+
+def compile_paths(paths: list[Path], root: Path | None = None,
+                  model: str | None = None) -> Compilation:
+    """Check every `.concept` file under `paths`; raises UsageError for bad paths.
+    `model` overrides the project's default model (a spec's `model` line still wins)."""
+    root = run_root(paths, root)
     config, config_diags = load_config(root, lambda p: _display(root, p))
+    if model is not None:
+        if not model.strip():
+            raise UsageError("--model needs a model name")
+        config = replace(config, model=model.strip())
     try:
         files, problems = discover_specs(paths, config.limits.max_spec_files)
     except MatchLimitExceeded as exc:
@@ -57,7 +76,16 @@ def compile_paths(paths: list[Path], root: Path | None = None) -> Compilation:
     requested = [f.absolute().parent.resolve() / f.name for f in files]
     ctx = Context(root=root, config=config, requested=requested)
     ctx.diagnostics.extend(config_diags)
+    if config.file is not None and config_diags:
+        ctx.extra_sources[_display(root, config.file)] = _text(config.file)
     return Compilation(run_all(ctx))
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text("utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def _display(root: Path, path: Path) -> str:

@@ -60,12 +60,14 @@ class Context:
     diagnostics: list[Diagnostic] = field(default_factory=list)
     models: dict[Path, str] = field(default_factory=dict)
     lets: dict[Path, dict[str, Let]] = field(default_factory=dict)
-    concepts: dict[str, ConceptDecl] = field(default_factory=dict)
+    concepts: dict[str, ConceptDecl] = field(default_factory=dict)  # first learn of a token
+    duplicates: list[ConceptDecl] = field(default_factory=list)  # later learns of a token
     visible: dict[Path, dict[str, ConceptDecl]] = field(default_factory=dict)
     options: dict[tuple[Path, int], dict[str, Any]] = field(default_factory=dict)
     images: dict[tuple[Path, int], tuple[ImageInfo, ...]] = field(default_factory=dict)
     masks: dict[tuple[Path, int], tuple[ImageInfo, ...]] = field(default_factory=dict)
     renders: list[RenderDecl] = field(default_factory=list)
+    extra_sources: dict[str, str] = field(default_factory=dict)  # e.g. perfusion.toml
 
     def display(self, path: Path) -> str:
         """A path as shown to users and in the plan: relative to the run root when inside."""
@@ -79,7 +81,7 @@ class Context:
         self.diagnostics.append(diag)
 
     def sources(self) -> dict[str, str]:
-        return {u.file: u.source.text for u in self.units.values()}
+        return self.extra_sources | {u.file: u.source.text for u in self.units.values()}
 
     @property
     def failed(self) -> bool:

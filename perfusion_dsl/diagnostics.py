@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from difflib import get_close_matches
+from functools import lru_cache
 from typing import Literal
 
 from perfusion_dsl.nodes import Span
@@ -66,9 +67,26 @@ def did_you_mean(word: str, candidates: Iterable[str], quote: str = "`") -> str:
     return f" (did you mean {quote}{match}{quote}?)" if match else ""
 
 
+@lru_cache(maxsize=16)
+def _lines(source: str) -> list[str]:
+    return source.split("\n")  # cached: one file may have many diagnostics
+
+
 def _line_text(source: str, line: int) -> str:
-    lines = source.split("\n")
+    lines = _lines(source)
     return lines[line - 1] if 0 < line <= len(lines) else ""
+
+
+MAX_EXCERPT = 160  # longer source lines are shown as a window around the span
+_CONTEXT = 40
+
+
+def _window(text: str, first: int, last: int) -> tuple[int, int]:
+    """The [lo, hi) slice of a long line worth showing for columns [first, last)."""
+    if len(text) <= MAX_EXCERPT:
+        return 0, len(text)
+    lo = max(0, first - _CONTEXT)
+    return lo, min(len(text), max(last, first + 1) + _CONTEXT, lo + MAX_EXCERPT)
 
 
 def _excerpt(source: str | None, span: Span) -> list[str]:
@@ -76,13 +94,16 @@ def _excerpt(source: str | None, span: Span) -> list[str]:
     if source is None:
         return []
     text = _line_text(source, span.line).rstrip("\r")
-    last = span.end_col if span.end_line == span.line else len(text) + 1
-    head = text[: span.col - 1].expandtabs(4)
-    body = text[: max(last, span.col) - 1].expandtabs(4)[len(head):]
+    first = span.col - 1
+    last = (span.end_col if span.end_line == span.line else len(text) + 1) - 1
+    lo, hi = _window(text, first, last)
+    lead, tail = ("..." if lo else ""), ("..." if hi < len(text) else "")
+    head = (lead + text[lo:first]).expandtabs(4)
+    body = (lead + text[lo:min(max(last, first), hi)]).expandtabs(4)[len(head):]
     gutter = str(span.line)
     pad = " " * len(gutter)
     return [
-        f" {gutter} | {text.expandtabs(4)}",
+        f" {gutter} | {(lead + text[lo:hi]).expandtabs(4)}{tail}",
         f" {pad} | {' ' * len(head)}{'^' * max(1, len(body))}",
     ]
 

@@ -19,17 +19,8 @@ def digest(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()
 
 
-def concept_key(*, token: str, model: str, supercategories: list[str], adjectives: list[str],
-                image_digests: list[str], mask: str | list[str], options: dict[str, Any]) -> str:
+def concept_key(inputs: dict[str, Any]) -> str:
     """Changes exactly when the trained concept would: image bytes (in path order, not
-    paths or mtimes), token, supercategories, adjectives, training options, base model."""
-    return digest({
-        "format": KEY_FORMAT,
-        "token": token,
-        "model": model,
-        "supercategories": supercategories,
-        "adjectives": adjectives,
-        "images": image_digests,
-        "mask": mask,
-        "options": options,
-    })
+    paths or mtimes), token, supercategories, adjectives, training options, base model
+    (`inputs` is `passes.check_duplicates.concept_inputs`)."""
+    return digest({"format": KEY_FORMAT, **inputs})

@@ -14,6 +14,7 @@ NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 SIZE = re.compile(r"(\d+)x(\d+)")
 MAX_SEED = 2**63 - 1
+MAX_DIGITS = 30
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}",
@@ -44,41 +45,59 @@ def describe(value: Value) -> str:
         return "a list"
     if isinstance(value, Str):
         return "a string"
-    return f"`{value.text}`"
+    return f"`{shorten(value.text)}`"
 
 
-def number(value: Value, key: str) -> float:
+def shorten(text: str, limit: int = 40) -> str:
+    """`text`, cut short so that a huge value cannot flood a message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _want(kind: str, bound: str) -> str:
+    return f"{kind} ({bound})" if bound else kind
+
+
+def number(value: Value, key: str, bound: str = "") -> float:
     if isinstance(value, Bare) and NUMBER.fullmatch(value.text):
         return float(value.text)
-    raise Invalid(f"`{key}` must be a number, found {describe(value)}", at=value)
+    raise Invalid(f"`{key}` must be {_want('a number', bound)}, found {describe(value)}",
+                  at=value)
 
 
-def integer(value: Value, key: str) -> int:
+def integer(value: Value, key: str, bound: str = "") -> int:
+    want = _want("a whole number", bound)
     if isinstance(value, Bare) and INT.fullmatch(value.text):
+        if len(value.text) > MAX_DIGITS:  # int() refuses over 4,300 digits; no limit is near
+            size = "small" if value.text.startswith("-") else "large"
+            raise Invalid(f"`{key}` must be {want}, found a {len(value.text):,}-digit number "
+                          f"(too {size})", at=value)
         return int(value.text)
     if isinstance(value, Bare) and NUMBER.fullmatch(value.text):
-        raise Invalid(f"`{key}` must be a whole number, found `{value.text}`", at=value)
-    raise Invalid(f"`{key}` must be a whole number, found {describe(value)}", at=value)
+        raise Invalid(f"`{key}` must be {want}, found `{shorten(value.text)}`", at=value)
+    raise Invalid(f"`{key}` must be {want}, found {describe(value)}", at=value)
 
 
 def int_range(lo: int, hi: int) -> Callable[[Value, str], int]:
+    bound = f"at least {lo:,}" if hi == MAX_SEED else f"between {lo:,} and {hi:,}"
+
     def parse(value: Value, key: str) -> int:
-        got = integer(value, key)
+        got = integer(value, key, bound)
         if not lo <= got <= hi:
-            bound = f"at least {lo:,}" if hi == MAX_SEED else f"between {lo:,} and {hi:,}"
-            raise Invalid(f"`{key}` must be {bound}, found {got:,}", at=value)
+            why = f"at most {hi:,}" if got > hi and hi == MAX_SEED else bound
+            raise Invalid(f"`{key}` must be {why}, found {got:,}", at=value)
         return got
 
     return parse
 
 
 def float_range(lo: float, hi: float, lo_open: bool = False) -> Callable[[Value, str], float]:
+    bound = f"greater than {lo:g} and at most {hi:g}" if lo_open else \
+        f"between {lo:g} and {hi:g}"
+
     def parse(value: Value, key: str) -> float:
-        got = number(value, key)
+        got = number(value, key, bound)
         low_ok = got > lo if lo_open else got >= lo
         if not (low_ok and got <= hi):
-            bound = f"greater than {lo:g} and at most {hi:g}" if lo_open else \
-                f"between {lo:g} and {hi:g}"
             raise Invalid(f"`{key}` must be {bound}, found {value_text(value)}", at=value)
         return got
 
@@ -86,7 +105,7 @@ def float_range(lo: float, hi: float, lo_open: bool = False) -> Callable[[Value,
 
 
 def value_text(value: Value) -> str:
-    return value.text if isinstance(value, Bare) else describe(value)
+    return shorten(value.text) if isinstance(value, Bare) else describe(value)
 
 
 def choice(*allowed: str) -> Callable[[Value, str], str]:
@@ -128,11 +147,11 @@ def size(value: Value, key: str) -> str:
     if m is None:
         raise Invalid(f"`{key}` must be WIDTHxHEIGHT such as `512x512`, found {describe(value)}",
                       at=value)
-    for side in (int(m.group(1)), int(m.group(2))):
-        if not (8 <= side <= 4096 and side % 8 == 0):
-            raise Invalid(f"`{key}` sides must be multiples of 8 between 8 and 4096, "
-                          f"found {m.group()}", at=value)
-    return f"{int(m.group(1))}x{int(m.group(2))}"
+    sides = [int(g) if len(g) <= MAX_DIGITS else 0 for g in m.groups()]
+    if not all(8 <= side <= 4096 and side % 8 == 0 for side in sides):
+        raise Invalid(f"`{key}` sides must be multiples of 8 between 8 and 4096, "
+                      f"found {shorten(m.group())}", at=value)
+    return f"{sides[0]}x{sides[1]}"
 
 
 def resolution(value: Value, key: str) -> int:
@@ -148,8 +167,12 @@ def strength(value: Value, key: str) -> tuple[float, ...]:
         if not value.items:
             raise Invalid(f"`{key}` list is empty", at=value)
         values = tuple(one(item, key) for item in value.items)
-        if len(set(values)) != len(values):
-            raise Invalid(f"`{key}` lists a value twice", at=value)
+        for i, got in enumerate(values):
+            if got in values[:i]:
+                first, again = value_text(value.items[values.index(got)]), \
+                    value_text(value.items[i])
+                raise Invalid(f"`{key}` lists {got:g} twice", at=value.items[i],
+                              help=None if first == again else f"`{first}` is the same value")
         return values
     return (one(value, key),)
 

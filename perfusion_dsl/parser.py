@@ -46,6 +46,12 @@ def parser(strict: bool = False) -> Lark:
 
     Lark caches the built tables in the user's own cache folder (not a shared
     temp folder), keyed by a hash of the grammar and Lark's version."""
+    return _lark(strict, None)
+
+
+def _lark(strict: bool, transformer: Any) -> Lark:
+    # Both parsers pass the very same options (Lark leaves `transformer` out of its cache
+    # key), so they share one cache file instead of overwriting each other's.
     return Lark(
         grammar_text(),
         parser="lalr",
@@ -53,6 +59,7 @@ def parser(strict: bool = False) -> Lark:
         propagate_positions=True,
         strict=strict,
         cache=False if strict else _cache_path(),
+        transformer=transformer,
     )
 
 
@@ -70,9 +77,12 @@ def _span(first: Any, last: Any) -> n.Span:
 
 
 class ToNodes(Transformer[Token, Any]):
-    """Builds `nodes` from the parse tree; raises on any rule it does not know."""
+    """Builds `nodes` from the parse tree, or while parsing (see `_node_parser`); raises on
+    any rule it does not know."""
 
     def __default__(self, data: str, children: list[Any], meta: Any) -> Any:
+        if data.startswith("_"):  # only while parsing: Lark's helper rules, see `_Inlined`
+            return _Inlined(children)
         raise NotImplementedError(f"grammar rule {data!r} has no node builder")
 
     def STRING(self, tok: Token) -> n.Str:
@@ -137,6 +147,25 @@ class ToNodes(Transformer[Token, Any]):
 _TO_NODES = ToNodes()
 
 
+class _Inlined:
+    """The children of one of Lark's helper rules (`_item`, `__list_star_4`, ...), which
+    Lark splices into the parent rule; `.children` is all it reads. Not a `Tree`, so no
+    positions are computed for it: every node takes its span from its tokens."""
+
+    __slots__ = ("children",)
+
+    def __init__(self, children: list[Any]) -> None:
+        self.children = children
+
+
+@cache
+def _node_parser() -> Lark:
+    """The production parser with `ToNodes` as Lark's internal transformer: each node is
+    built as its rule is reduced (tokens as they are shifted), so no parse tree is built
+    and walked again; `parse` takes about half the time."""
+    return _lark(False, _TO_NODES)
+
+
 @dataclass(frozen=True, slots=True)
 class Parsed:
     module: n.Module
@@ -195,7 +224,7 @@ def parse(source: Source) -> Parsed:
     broken: set[str] = set()
     for _ in range(MAX_SYNTAX_ERRORS):
         try:
-            tree = parser().parse(text)
+            built: Any = _node_parser().parse(text)
         except UnexpectedInput as exc:
             diags.append(translate(exc, source))
             start, end = _chunk_around(text, _error_offset(exc, text))
@@ -207,9 +236,8 @@ def parse(source: Source) -> Parsed:
                 break
             text = blanked
             continue
-        module = _TO_NODES.transform(tree)
-        assert isinstance(module, n.Module)
-        module = n.Module(module.statements, comments(source.text))
+        assert isinstance(built, n.Module)
+        module = n.Module(built.statements, comments(source.text))
         return Parsed(module, tuple(diags), frozenset(broken))
     return Parsed(n.Module((), comments(source.text)), tuple(diags), frozenset(broken))
 

@@ -23,6 +23,7 @@ DESCRIBE = {
     "_NL": "end of line", "$END": "end of file",
 }
 _ORDER = list(DESCRIBE)
+_STRING = re.compile(r'"(?:[^"\\\n\r]|\\[^\n\r])*"')  # as in grammar/concept.lark
 _WORD = re.compile(r'"[^"\n]*"?|[^\s\[\]{}<>,:=#"]+|\S')
 HELP = {
     "TOKEN": "a concept token is a name followed by `*`, e.g. `teddy*`",
@@ -84,6 +85,13 @@ def translate(exc: UnexpectedInput, source: Source) -> Diagnostic:
     names = _expected_names(exc)
     found, length = _found(text, offset)
     expected = _expected(names)
+    if text.startswith('"', offset) and not _STRING.match(text, offset):
+        # An unterminated string is the problem wherever it stands, not what was expected.
+        end = text.find("\n", offset)
+        return error("syntax", "string is not closed before the end of the line", source.file,
+                     _span_at(text, offset, end - offset),
+                     help='add the closing `"`; a string cannot span lines '
+                          '(write `\\n` for a line break)')
     message = f"expected {expected}, found {found}"
     help_text = next((HELP[x] for x in names if x in HELP and len(names - {"_NL"}) == 1), None)
     if expected.startswith("a statement") and found.startswith("`"):

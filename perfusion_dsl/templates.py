@@ -81,8 +81,20 @@ def _group(raw: str, start: int) -> tuple[Part | TemplateError, int]:
 
 
 def _skip(raw: str, at: int) -> int:
-    end = raw.find("}", at)
-    return len(raw) if end < 0 else end + 1
+    """The offset after the `}` closing the outer group, when raw[at] is a nested `{`.
+
+    Skipping only to the first `}` would leave the outer group's `}` unmatched and
+    report a second, cascading error."""
+    depth, i = 2, at + 1
+    while i < len(raw):
+        if raw[i] == "\\":
+            i += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(raw[i], 0)
+        i += 1
+        if depth == 0:
+            return i
+    return len(raw)
 
 
 def _finish(alts: list[Piece], at: int, length: int) -> Part | TemplateError:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from perfusion_dsl.context import Context
 from perfusion_dsl.passes import (
+    check_duplicates,
     check_options,
     check_outputs,
     check_strings,
@@ -23,6 +24,7 @@ PASSES: tuple[tuple[str, Callable[[Context], None]], ...] = (
     ("resolve_names", resolve_names.run),  # `let` lists, concepts, visibility
     ("check_options", check_options.run),  # option keys, types, ranges; defaults
     ("resolve_images", resolve_images.run),  # globs, image decoding, masks
+    ("check_duplicates", check_duplicates.run),  # a token learned twice means one concept
     ("expand_templates", expand_templates.run),  # templates, concepts, expansion limits
     ("check_outputs", check_outputs.run),  # output names, run root, clashes
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from functools import lru_cache
 from pathlib import Path
 
 from perfusion_dsl.context import Context, RenderDecl
@@ -15,13 +16,15 @@ _NON_WORD = re.compile(r"[^a-z0-9]+")
 MAX_SLUG = 80
 
 
+@lru_cache(maxsize=1024)  # a prompt's renders (strengths, seeds) come one after another
 def slug(prompt: str) -> str:
     text = _NON_WORD.sub("-", prompt.lower()).strip("-")
     return text[:MAX_SLUG].rstrip("-") or "prompt"
 
 
 def file_name(render: RenderDecl) -> str:
-    return f"{slug(render.prompt)}_seed{render.seed}_s{render.strength:g}.png"
+    # repr: the shortest text that round-trips, so distinct strengths get distinct names
+    return f"{slug(render.prompt)}_seed{render.seed}_s{render.strength!r}.png"
 
 
 def _identity(render: RenderDecl) -> tuple[object, ...]:
@@ -42,15 +45,17 @@ def run(ctx: Context) -> None:
     reported: set[tuple[int, int]] = set()
     kept: list[RenderDecl] = []
     for render in ctx.renders:
-        if render.out_dir not in checked:
-            checked[render.out_dir] = is_within(ctx.root, render.out_dir)
-            if not checked[render.out_dir]:
+        inside = checked.get(render.out_dir)
+        if inside is None:
+            inside = checked[render.out_dir] = is_within(ctx.root, render.out_dir)
+            if not inside:
                 ctx.add(error("out-outside-root", f"output folder `{ctx.display(render.out_dir)}`"
                               f" is outside the run root `{ctx.root.as_posix()}`",
                               render.unit.file, _out_span(render.generate),
-                              help="outputs must stay inside the run root (the folder with "
-                                   "perfusion.toml, else the current folder)"))
-        if not checked[render.out_dir]:
+                              help="outputs must stay inside the run root: the folder with "
+                                   "perfusion.toml, else the current folder; run perfusion "
+                                   "from the project folder or pass `--root`"))
+        if not inside:
             continue
         out = render.out_dir / file_name(render)
         first = claimed.get(out)

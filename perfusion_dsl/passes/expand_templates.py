@@ -19,10 +19,14 @@ RENDER_OPTIONS = ("steps", "guidance", "size", "negative")
 def _check_tokens(ctx: Context, unit: Unit, text: str, span: Span, offset: int) -> None:
     """Every `word*` in `text` (found at raw `offset` of the string at `span`) is visible."""
     visible = ctx.visible.get(unit.path, {})
-    broken = set().union(*(u.broken for u in ctx.units.values()))
+    broken: set[str] | None = None
     for m in TOKEN.finditer(text):
         token = m.group()
-        if token in visible or token in broken:
+        if token in visible:
+            continue
+        if broken is None:  # built only for an unknown token: it is a walk over all files
+            broken = set().union(*(u.broken for u in ctx.units.values()))
+        if token in broken:
             continue
         hint = did_you_mean(token, visible)
         elsewhere = ctx.concepts.get(token)
@@ -69,7 +73,7 @@ def _too_big(ctx: Context, unit: Unit, gen: Generate, sizes: list[tuple[str, int
     limit = ctx.config.limits.max_renders_per_generate
     if total <= limit:
         return False
-    terms = " × ".join(f"{what} ({n:,})" for what, n in sizes)
+    terms = " × ".join(f"{what} ({n:,})" for what, n in sizes if n != 1)  # only what multiplies
     ctx.add(error("expansion-too-large", f"this template expands to {total:,} images; the limit "
                   f"is {limit:,}", unit.file, gen.template.span, extra=(f"= {terms}",),
                   help="split it into several `generate` statements, or raise "
@@ -120,13 +124,14 @@ def _emit(ctx: Context, unit: Unit, gen: Generate, lists: list[list[str]],
                       unit.file, gen.span, help="raise `max_renders_total` in perfusion.toml"))
         return
     render_opts = {k: options[k] for k in RENDER_OPTIONS} | {"model": ctx.models[unit.path]}
+    out_dir = _out_dir(ctx, unit, options)
     for combo in itertools.product(*lists):
         prompt = "".join(combo)
         concepts = tuple(dict.fromkeys(TOKEN.findall(prompt)))
         for strength in options["strength"]:
             for k in range(options["count"]):
                 ctx.renders.append(RenderDecl(unit, gen, prompt, concepts, options["seed"] + k,
-                                              strength, render_opts, _out_dir(ctx, unit, options)))
+                                              strength, render_opts, out_dir))
 
 
 def _out_dir(ctx: Context, unit: Unit, options: dict[str, Any]) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 from perfusion_dsl.context import Context, Unit, use_target
@@ -10,29 +12,52 @@ from perfusion_dsl.nodes import Module, Use
 from perfusion_dsl.parser import parse
 from perfusion_dsl.source import Source, decode
 
+_LEARNED = re.compile(r"\bas\s+([A-Za-z_][A-Za-z0-9_-]*\*)")
+_LET = re.compile(r"^[ \t]*let\s+([A-Za-z_][A-Za-z0-9_-]*)", re.MULTILINE)
+
 
 def _read(ctx: Context, path: Path, file: str) -> bytes | None:
+    """The file's bytes, or None after reporting why they cannot be used (S7)."""
+    limit = ctx.config.limits.max_spec_bytes
     try:
         with open(path, "rb") as handle:
-            return handle.read(ctx.config.limits.max_spec_bytes + 1)
+            data = handle.read(limit + 1)  # never more than the limit allows
+            size = os.fstat(handle.fileno()).st_size if len(data) > limit else len(data)
     except OSError as exc:
         ctx.add(error("unreadable", f"cannot read spec file: {exc.strerror}", file, None))
         return None
+    if len(data) > limit:
+        ctx.add(error("spec-too-large", f"spec file is {max(size, len(data)):,} bytes; the "
+                      f"limit is {limit:,}", file, None, help="split it into several files, "
+                      "or raise `max_spec_bytes` in perfusion.toml"))
+        return None
+    return data
 
 
 def _load(ctx: Context, path: Path, requested: bool) -> Unit:
     file = ctx.display(path)
     data = _read(ctx, path, file)
-    source, diags = decode(data or b"", file, ctx.config.limits.max_spec_bytes)
+    if data is None:  # already reported; an unread file is not also "empty"
+        return Unit(path, file, Source(file, ""), Module(()), frozenset(), requested, ())
+    source, diags = decode(data, file, ctx.config.limits.max_spec_bytes)
     ctx.diagnostics.extend(diags)
     if source is None:
-        return Unit(path, file, Source(file, ""), Module(()), frozenset(), requested, ())
+        return _undecodable(path, file, data, requested)
     parsed = parse(source)
     ctx.diagnostics.extend(parsed.diagnostics)
     uses = tuple(_resolve_use(ctx, path, file, s) for s in parsed.module.statements
                  if isinstance(s, Use))
     return Unit(path, file, source, parsed.module, parsed.broken_names, requested,
                 tuple(p for p in uses if p is not None))
+
+
+def _undecodable(path: Path, file: str, data: bytes, requested: bool) -> Unit:
+    """A file that is not UTF-8. It is shown with replacement characters so the caret lands
+    on the bad byte, and the concepts and lists it seems to define are marked broken so that
+    files using them get no cascade of unknown names."""
+    text = data.decode("utf-8", errors="replace")
+    broken = frozenset(_LEARNED.findall(text) + _LET.findall(text))
+    return Unit(path, file, Source(file, text), Module(()), broken, requested, ())
 
 
 def _resolve_use(ctx: Context, path: Path, file: str, use: Use) -> Path | None:

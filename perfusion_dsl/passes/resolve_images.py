@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 
 from perfusion_dsl.context import Context, Unit
@@ -17,17 +19,30 @@ from perfusion_dsl.nodes import Learn, Span
 
 
 class _Images:
-    """Checks each file once per run, however many patterns match it."""
+    """Checks each file once per run, however many patterns match it and however its path
+    is spelled (`specs/a/../photos/1.png` from one folder, `specs/b/../photos/1.png` from
+    another): decoding is the slow part of `check`."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.seen: dict[Path, ImageInfo | ImageProblem] = {}
+        self.by_file: dict[tuple[int, int], ImageInfo | ImageProblem] = {}  # (st_dev, st_ino)
 
     def check(self, path: Path) -> ImageInfo | ImageProblem:
         if path not in self.seen:
-            limits = self.ctx.config.limits
-            self.seen[path] = check_image(path, limits.max_image_pixels, limits.max_image_bytes)
+            self.seen[path] = self._check_file(path)
         return self.seen[path]
+
+    def _check_file(self, path: Path) -> ImageInfo | ImageProblem:
+        limits = self.ctx.config.limits
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):  # check_image says why
+            return check_image(path, limits.max_image_pixels, limits.max_image_bytes)
+        key = (st.st_dev, st.st_ino)
+        if key not in self.by_file:
+            self.by_file[key] = check_image(path, limits.max_image_pixels, limits.max_image_bytes)
+        return dataclasses.replace(self.by_file[key], path=path)  # as this pattern names it
 
 
 def _match(ctx: Context, unit: Unit, pattern: str, span: Span, what: str) -> list[Path]:

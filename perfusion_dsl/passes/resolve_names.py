@@ -24,27 +24,14 @@ def _lets(ctx: Context) -> None:
         ctx.lets[unit.path] = table
 
 
-def _same_definition(a: ConceptDecl, b: ConceptDecl) -> bool:
-    """Two learn statements that would train the very same concept."""
-    where_a = (a.unit.path.parent / a.learn.pattern.value).as_posix()
-    where_b = (b.unit.path.parent / b.learn.pattern.value).as_posix()
-    return where_a == where_b and (a.learn.supers, a.learn.adjectives, a.learn.block) == (
-        b.learn.supers, b.learn.adjectives, b.learn.block)
-
-
 def _concepts(ctx: Context) -> None:
+    """The first learn of each token; later ones are compared by `check_duplicates`."""
     for unit, index, learn in ctx.statements(Learn):
         decl = ConceptDecl(unit, index, learn)
-        first = ctx.concepts.get(learn.token)
-        if first is None:
+        if learn.token in ctx.concepts:
+            ctx.duplicates.append(decl)
+        else:
             ctx.concepts[learn.token] = decl
-        elif not _same_definition(first, decl) or ctx.models[first.unit.path] != \
-                ctx.models[unit.path]:
-            ctx.add(error("duplicate-concept", f"concept `{learn.token}` is learned twice",
-                          unit.file, learn.token_span,
-                          labels=(Label(first.unit.file, first.learn.token_span,
-                                        "first learned here"),),
-                          help="a token names one concept per run; rename one of them"))
     limit = ctx.config.limits.max_concepts
     if len(ctx.concepts) > limit:
         decl = list(ctx.concepts.values())[limit]

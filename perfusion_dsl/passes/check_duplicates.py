@@ -1,0 +1,50 @@
+"""A token learned by several statements must define the very same concept everywhere."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from perfusion_dsl.context import ConceptDecl, Context
+from perfusion_dsl.diagnostics import Label, error
+
+
+def concept_inputs(ctx: Context, decl: ConceptDecl) -> dict[str, Any]:
+    """Everything that changes the trained concept, after defaults and globbing: what the
+    cache key hashes. Image and mask files enter by content digest, never by path."""
+    where = (decl.unit.path, decl.index)
+    options = {k: list(v) if isinstance(v, tuple) else v
+               for k, v in ctx.options.get(where, {}).items() if k != "mask"}
+    masks = ctx.masks.get(where)
+    learn = decl.learn
+    return {
+        "token": learn.token,
+        "model": ctx.models[decl.unit.path],
+        "supercategories": [s.text for s in learn.supers],
+        "adjectives": [i.value for i in learn.adjectives.items] if learn.adjectives else [],
+        "images": [i.digest for i in ctx.images.get(where, ())],
+        "mask": [m.digest for m in masks] if masks is not None
+        else ctx.options.get(where, {}).get("mask", "none"),
+        "options": options,
+    }
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    names = [k for k in a if k != "options" and a[k] != b[k]]
+    names += [f"`{k}`" for k in sorted(set(a["options"]) | set(b["options"]))
+              if a["options"].get(k) != b["options"].get(k)]
+    return names
+
+
+def run(ctx: Context) -> None:
+    for decl in ctx.duplicates:
+        first = ctx.concepts[decl.learn.token]
+        differ = _differences(concept_inputs(ctx, first), concept_inputs(ctx, decl))
+        if not differ:
+            continue  # the same concept declared twice (e.g. a copied file): trained once
+        ctx.add(error("duplicate-concept",
+                      f"concept `{decl.learn.token}` is learned twice, differently",
+                      decl.unit.file, decl.learn.token_span,
+                      labels=(Label(first.unit.file, first.learn.token_span,
+                                    "first learned here"),),
+                      help=f"they differ in {', '.join(differ)}; a token names one concept "
+                           "per run, so rename one of them"))

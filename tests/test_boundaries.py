@@ -1,0 +1,87 @@
+"""Package boundaries: the compiler never imports torch & co; `pip install .` ships the grammar."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from regen_goldens import PLANS, REPO
+
+from perfusion_dsl.parser import grammar_text, parser
+
+HEAVY = ("torch", "diffusers", "transformers")
+FIXTURE = PLANS / "use-multi-file"
+# Left out of the copy that is installed: environments, caches, build outputs, VCS.
+NOT_SOURCES = shutil.ignore_patterns(".venv", "venv", ".git", "*.egg-info", "__pycache__",
+                                     ".mypy_cache", ".ruff_cache", ".pytest_cache",
+                                     ".hypothesis", "build", "dist", ".perfusion", "renders")
+
+
+def _run(argv: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_check_and_plan_import_no_model_library(tmp_path: Path) -> None:
+    folder = shutil.copytree(FIXTURE, tmp_path / "project", ignore=NOT_SOURCES)
+    code = textwrap.dedent(f"""
+        import contextlib, io, json, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from perfusion_dsl.cli import main
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            checked = main(["check", "."])
+            planned = main(["plan", "--json", "."])
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})
+        print(json.dumps({{"checked": checked, "planned": planned, "heavy": heavy,
+                          "plan": out.getvalue().count('"token"')}}))
+    """)
+    done = _run([sys.executable, "-c", code], cwd=folder)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result == {"checked": 0, "planned": 0, "heavy": [], "plan": 2}
+
+
+def test_grammar_builds_in_strict_mode() -> None:
+    """Lark's strict mode refuses terminal collisions and shift/reduce conflicts."""
+    strict = parser(strict=True)
+    assert strict.options.parser == "lalr"
+    assert strict.parse('model "toy:shapes"\n').data == "start"
+
+
+def test_grammar_is_package_data() -> None:
+    text = grammar_text()
+    assert text == (REPO / "grammar" / "concept.lark").read_text("utf-8")
+
+
+@pytest.mark.slow
+def test_installed_package_checks_a_project(tmp_path: Path) -> None:
+    """`pip install .` (not editable) into a fresh venv; the installed `perfusion` works
+    outside the repository, so the grammar must have been shipped as package data."""
+    source = shutil.copytree(REPO, tmp_path / "src", ignore=NOT_SOURCES)
+    venv = tmp_path / "venv"
+    made = _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    python, perfusion = venv / "bin" / "python", venv / "bin" / "perfusion"
+    installed = _run([str(python), "-m", "pip", "install", "--quiet", str(source)],
+                     cwd=tmp_path, timeout=600)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    shutil.rmtree(source)  # nothing may still point into the source tree
+    where = _run([str(python), "-c", "import importlib.util as u, perfusion_dsl; "
+                  "assert u.find_spec('perfusion_grammar') and u.find_spec('perfusion_runtime'); "
+                  "print(perfusion_dsl.__file__)"], cwd=tmp_path)
+    assert where.returncode == 0, where.stderr
+    assert Path(where.stdout.strip()).is_relative_to(venv)
+    project = shutil.copytree(FIXTURE, tmp_path / "project", ignore=NOT_SOURCES)
+    checked = _run([str(perfusion), "check", "."], cwd=project)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.startswith("checked 2 file(s): 2 concept(s)")
+    planned = _run([str(perfusion), "plan", "--json", "--root", ".", "."], cwd=project)
+    assert planned.returncode == 0, planned.stderr
+    assert planned.stdout == (FIXTURE / "expected.json").read_text("utf-8")

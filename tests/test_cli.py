@@ -1,0 +1,182 @@
+"""The command line: exit codes, messages, usage errors and internal errors (D7)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pytest
+from conftest import Run, png_bytes
+from regen_goldens import REPO
+
+from perfusion_dsl import __version__, passes
+from perfusion_dsl.cli import EXIT_BUG, EXIT_ERRORS, EXIT_OK, EXIT_USAGE, main
+from perfusion_dsl.context import Context
+
+Project = Callable[[Mapping[str, str | bytes]], Path]
+GOOD: dict[str, str | bytes] = {
+    "a.concept": ('model "toy:shapes"\n'
+                  "learn photos/*.png as teddy* <teddy bear>\n"
+                  'generate "teddy* in {a forest|the snow}" x 2\n'),
+    "photos/1.png": png_bytes(),
+}
+
+
+def test_check_ok_prints_a_summary_and_exits_0(project: Project, run_cli: Run) -> None:
+    result = run_cli(project(GOOD), "check", ".")
+    assert result.code == EXIT_OK
+    assert result.err == ""
+    assert result.out == "checked 1 file(s): 1 concept(s), 4 image(s) to render; no errors\n"
+
+
+def test_check_errors_exit_1_with_a_count(project: Project, run_cli: Run) -> None:
+    folder = project({**GOOD, "b.concept": 'generate "a {nothing}"\n'})
+    result = run_cli(folder, "check", ".")
+    assert result.code == EXIT_ERRORS
+    assert result.out == ""
+    assert result.err.endswith("\n1 error, 0 warnings in 2 files\n")
+
+
+def test_warnings_alone_do_not_fail(project: Project, run_cli: Run) -> None:
+    folder = project({"a.concept": 'generate "a photo" {\n\tseed: 1\n}\n'})
+    result = run_cli(folder, "check", ".")
+    assert result.code == EXIT_OK
+    assert "warning: indentation uses tabs" in result.err
+    assert result.out.startswith("checked 1 file(s)")
+
+
+def test_check_accepts_files_and_folders(project: Project, run_cli: Run) -> None:
+    folder = project({**GOOD, "more/b.concept": 'generate "b"\n'})
+    assert run_cli(folder, "check", "a.concept").out.startswith("checked 1 file(s)")
+    assert run_cli(folder, "check", "a.concept", "more").out.startswith("checked 2 file(s)")
+    assert run_cli(folder, "check", "more", "more/b.concept").out.startswith("checked 1 file(s)")
+
+
+def test_a_used_file_is_loaded_but_its_generates_are_not_run(project: Project,
+                                                             run_cli: Run) -> None:
+    folder = project({**GOOD, "b.concept": 'use "a.concept"\ngenerate "teddy* alone"\n'})
+    result = run_cli(folder, "plan", "--json", "b.concept")
+    assert result.code == EXIT_OK, result.err
+    assert '"prompt": "teddy* alone"' in result.out
+    assert "a forest" not in result.out
+    assert '"token": "teddy*"' in result.out
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["check", "missing"], "no such file or directory: missing"),
+    (["check", "empty"], "no `.concept` files found under empty"),
+    (["check", "notes.txt"], "not a .concept file: notes.txt"),
+    (["plan", "missing"], "no such file or directory: missing"),
+])
+def test_usage_errors_exit_2(argv: list[str], words: str, project: Project,
+                             run_cli: Run) -> None:
+    folder = project({"notes.txt": "hi\n", "empty/readme.md": "\n"})
+    result = run_cli(folder, *argv)
+    assert result.code == EXIT_USAGE
+    assert result.err.startswith("perfusion: error: ")
+    assert words in result.err
+
+
+@pytest.mark.parametrize("argv", [[], ["check"], ["frobnicate", "."], ["plan", "--jsn", "."]])
+def test_bad_command_lines_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == EXIT_USAGE
+    assert "usage: perfusion" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"perfusion {__version__}\n"
+
+
+def test_plan_text(project: Project, run_cli: Run) -> None:
+    result = run_cli(project(GOOD), "plan", ".")
+    assert result.code == EXIT_OK
+    lines = result.out.splitlines()
+    assert lines[0] == "concepts to train: 1"
+    assert lines[1].split()[:3] == ["teddy*", "new", "1"]
+    assert "(a.concept:2, key " in lines[1]
+    assert lines[2:] == ["images to render: 4",
+                         "  a.concept:3: 4 image(s) from 2 prompt(s) → renders/a/"]
+
+
+def test_plan_json_matches_check(project: Project, run_cli: Run) -> None:
+    folder = project(GOOD)
+    result = run_cli(folder, "plan", "--json", ".")
+    assert result.code == EXIT_OK
+    assert result.out.count('"prompt"') == 4
+
+
+def test_root_option_sets_the_run_root(project: Project, run_cli: Run) -> None:
+    folder = project({"sub/a.concept": 'generate "a photo" {\n  out: "../shots"\n}\n'})
+    assert run_cli(folder / "sub", "check", ".").code == EXIT_ERRORS  # outside sub/
+    result = run_cli(folder / "sub", "check", "--root", "..", ".")
+    assert result.code == EXIT_OK, result.err
+
+
+def test_perfusion_toml_above_sets_the_root(project: Project, run_cli: Run) -> None:
+    folder = project({"perfusion.toml": '[project]\noutput_root = "out"\n',
+                      "specs/a.concept": 'generate "a photo"\n'})
+    result = run_cli(folder / "specs", "plan", "--json", ".")
+    assert result.code == EXIT_OK, result.err
+    assert '"file": "specs/a.concept"' in result.out
+    assert '"out": "out/a/a-photo_seed0_s0.5.png"' in result.out
+
+
+# ----------------------------------------------------------------------------- D7
+
+
+def _boom(ctx: Context) -> None:
+    raise RuntimeError("pass exploded")
+
+
+def test_D7_internal_bug_exits_70_with_a_crash_log_and_no_traceback(
+        project: Project, run_cli: Run, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(logs))
+    monkeypatch.setattr(passes, "PASSES", (*passes.PASSES, ("boom", _boom)))
+    result = run_cli(project(GOOD), "check", ".")  # run_cli asserts no "Traceback"
+    assert result.code == EXIT_BUG
+    assert result.out == ""
+    assert result.err.startswith("perfusion: internal error (this is a bug): "
+                                 "RuntimeError: pass exploded\n")
+    assert len(result.err.splitlines()) == 2
+    (log,) = logs.iterdir()
+    assert str(log) in result.err
+    text = log.read_text()
+    assert "Traceback" in text and "pass exploded" in text and "_boom" in text
+
+
+def test_D7_interrupt_exits_130(project: Project, run_cli: Run,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupt(ctx: Context) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(passes, "PASSES", (("interrupt", interrupt),))
+    result = run_cli(project(GOOD), "plan", ".")
+    assert result.code == 130
+    assert result.err == "perfusion: interrupted\n"
+
+
+def test_D7_user_errors_never_show_a_traceback(project: Project, run_cli: Run) -> None:
+    bad: dict[str, str | bytes] = {"a.concept": b'\xff\x00{[<"', "b.concept": 'learn "" as * <>\n',
+           "c.concept": 'generate "{{}}}" x -1 { strength: [] }\n', "d.concept": "}}}]]]\n"}
+    result = run_cli(project(bad), "check", ".")  # run_cli asserts no internals leak
+    assert result.code == EXIT_ERRORS
+
+
+def test_module_entry_point_runs(project: Project) -> None:
+    folder = project(GOOD)
+    done = subprocess.run([sys.executable, "-m", "perfusion_dsl", "check", "."], cwd=folder,
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={"PYTHONPATH": str(REPO), "PATH": ""})
+    assert done.returncode == EXIT_OK, done.stderr
+    assert done.stdout.startswith("checked 1 file(s)")
