@@ -68,8 +68,6 @@ def decode(data: bytes, file: str, max_bytes: int) -> tuple[Source | None, list[
     if tab >= 0:
         diags.append(warning("tab-indent", "indentation uses tabs", file, point(text, tab),
                              help="`perfusion fmt` indents with spaces"))
-    if not text.strip():
-        diags.append(warning("empty-file", "file declares nothing", file, None))
     return Source(file, text), diags
 
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from perfusion_dsl.context import Context, Unit, use_target
-from perfusion_dsl.diagnostics import error
+from perfusion_dsl.diagnostics import error, warning
 from perfusion_dsl.nodes import Module, Use
 from perfusion_dsl.parser import parse
 from perfusion_dsl.source import Source, decode
@@ -45,6 +45,8 @@ def _load(ctx: Context, path: Path, requested: bool) -> Unit:
         return _undecodable(path, file, data, requested)
     parsed = parse(source)
     ctx.diagnostics.extend(parsed.diagnostics)
+    if not parsed.module.statements and not parsed.diagnostics:  # blank or only comments
+        ctx.add(warning("empty-file", "file declares nothing", file, None))
     uses = tuple(_resolve_use(ctx, path, file, s) for s in parsed.module.statements
                  if isinstance(s, Use))
     return Unit(path, file, source, parsed.module, parsed.broken_names, requested,
