@@ -52,13 +52,15 @@ def parser(strict: bool = False) -> Lark:
 def _lark(strict: bool, transformer: Any) -> Lark:
     # Both parsers pass the very same options (Lark leaves `transformer` out of its cache
     # key), so they share one cache file instead of overwriting each other's.
+    cache_to = False if strict else _cache_path()
     return Lark(
         grammar_text(),
         parser="lalr",
         lexer="contextual",
         propagate_positions=True,
         strict=strict,
-        cache=False if strict else _cache_path(),
+        cache=cache_to,
+        cache_grammar=bool(cache_to),  # keeps `.grammar` on a cached parser (for `from_lark`)
         transformer=transformer,
     )
 

@@ -76,8 +76,9 @@ def _decode_all(images: _Images, unit: Unit, paths: list[Path], span: Span,
 
 def _masks(images: _Images, unit: Unit, index: int, learn: Learn, pattern: str) -> None:
     ctx = images.ctx
-    span = next(o.value.span for o in learn.block.options if o.key == "mask") \
-        if learn.block else learn.span
+    # the learn's own `mask:` value, else (set by `defaults`) the learn's pattern
+    own = [o.value.span for o in learn.block.options if o.key == "mask"] if learn.block else []
+    span = own[0] if own else learn.pattern.span
     found = _decode_all(images, unit, _match(ctx, unit, pattern, span, "mask pattern"), span)
     by_stem = {info.path.stem: info for info in found}
     wanted = ctx.images.get((unit.path, index), ())
