@@ -33,6 +33,14 @@ class MatchLimitExceeded(Exception):
         self.limit = limit
 
 
+class WalkLimitExceeded(MatchLimitExceeded):
+    """A pattern made the walk search more folders than the limit allows (e.g. `/**/x`)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.args = (f"searches more than {limit:,} folders",)
+
+
 # ---------------------------------------------------------------------------------------------
 # Spec discovery
 
@@ -132,7 +140,9 @@ def glob_files(base: Path, pattern: str, limit: int) -> list[Path]:
     symlinks are never descended into by a wildcard or `**` (literal segments, which the
     author named, are resolved by the OS as usual). Every matching entry is returned,
     directories and broken symlinks included, so the caller can say what is wrong with it.
-    Raises MatchLimitExceeded as soon as more than `limit` distinct paths match.
+    Raises MatchLimitExceeded as soon as more than `limit` distinct paths match, and
+    WalkLimitExceeded when the walk would search more than `limit` folders: a pattern that
+    matches little can still ask to search a whole disk.
     """
     root = pattern.startswith("/")
     start = "/" if root else os.fspath(base)
@@ -141,8 +151,12 @@ def glob_files(base: Path, pattern: str, limit: int) -> list[Path]:
         return []
     found: set[str] = set()
     stack: list[tuple[str, int]] = [(start, 0)]
+    visited = 0
     while stack:
         directory, index = stack.pop()
+        visited += 1
+        if visited > limit:
+            raise WalkLimitExceeded(limit)
         _expand(directory, index, segments, stack, found, limit)
     # Without `.` or empty segments, string order is the order of the Paths' strings.
     return [Path(p) for p in sorted(found)]

@@ -16,6 +16,7 @@ from perfusion_dsl.fsutil import (
     ImageInfo,
     ImageProblem,
     MatchLimitExceeded,
+    WalkLimitExceeded,
     check_image,
     discover_specs,
     file_digest,
@@ -270,6 +271,17 @@ def test_S5_glob_match_limit(tmp_path: Path) -> None:
         glob_files(tmp_path, "**/*.png", limit=49)
     assert info.value.limit == 49
     assert "49" in str(info.value)
+
+
+def test_S5_glob_walk_limit_bounds_a_search_that_matches_nothing(tmp_path: Path) -> None:
+    """A pattern matching nothing must still not search without bound (`/**/*.x`)."""
+    _tree(tmp_path, *(f"d{i}/e{j}/keep.txt" for i in range(6) for j in range(3)))
+    folders = 1 + 6 + 6 * 3  # the base, d*, d*/e*
+    assert glob_files(tmp_path, "**/*.png", limit=folders) == []
+    with pytest.raises(WalkLimitExceeded) as info:
+        glob_files(tmp_path, "**/*.png", limit=folders - 1)
+    assert isinstance(info.value, MatchLimitExceeded)
+    assert f"searches more than {folders - 1} folders" in str(info.value)
 
 
 def test_glob_double_star_matches_zero_or_more_dirs(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from perfusion_dsl.fsutil import (
     ImageInfo,
     ImageProblem,
     MatchLimitExceeded,
+    WalkLimitExceeded,
     check_image,
     glob_files,
 )
@@ -49,8 +50,10 @@ def _match(ctx: Context, unit: Unit, pattern: str, span: Span, what: str) -> lis
     limit = ctx.config.limits.max_glob_matches
     try:
         found = glob_files(unit.path.parent, pattern, limit)
-    except MatchLimitExceeded:
-        ctx.add(error("too-many-matches", f"{what} `{pattern}` matches more than {limit:,} files",
+    except MatchLimitExceeded as exc:
+        how = exc.args[0] if isinstance(exc, WalkLimitExceeded) else \
+            f"matches more than {limit:,} files"
+        ctx.add(error("too-many-matches", f"{what} `{pattern}` {how}",
                       unit.file, span, help="narrow the pattern, or raise `max_glob_matches` "
                                             "in perfusion.toml"))
         return []
