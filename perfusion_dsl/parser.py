@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -13,17 +14,21 @@ from typing import Any
 from lark import Lark, Token, Transformer, Tree, UnexpectedInput
 
 from perfusion_dsl import nodes as n
-from perfusion_dsl.diagnostics import Diagnostic
+from perfusion_dsl.diagnostics import Diagnostic, error
 from perfusion_dsl.source import Source
-from perfusion_dsl.syntax_errors import translate
+from perfusion_dsl.syntax_errors import span_at, translate
 
 MAX_SYNTAX_ERRORS = 20
 KEYWORDS = ("model", "use", "let", "defaults", "learn", "generate")
-_STATEMENT_START = re.compile(r"^(?:" + "|".join(KEYWORDS) + r")\b", re.MULTILINE)
+# A line in column 0 that starts like a statement: the keyword and what must follow it (so
+# a list item `learn` or `model,` on a line of its own is not mistaken for a statement).
+_STATEMENT_START = re.compile(
+    r'^(?:(?:model|use|generate)[ \t]+"|let[ \t]+[A-Za-z_]|defaults[ \t]*\{|learn[ \t]+\S)',
+    re.MULTILINE)
 _STRING_OR_COMMENT = re.compile(r'"(?:[^"\\\n]|\\[^\n])*"?|#[^\n]*')
 _BRACKETS = re.compile(r'"(?:[^"\\\n]|\\[^\n])*"?|#[^\n]*|[\[\]{}\n]')
 _LEARNED = re.compile(r"\bas\s+([A-Za-z_][A-Za-z0-9_-]*\*)")
-_LET = re.compile(r"^\s*let\s+([A-Za-z_][A-Za-z0-9_-]*)")
+_LET = re.compile(r"^[ \t]*let\s+([A-Za-z_][A-Za-z0-9_-]*)", re.MULTILINE)
 
 
 def grammar_text() -> str:
@@ -178,10 +183,12 @@ class Parsed:
 def comments(text: str) -> tuple[n.Comment, ...]:
     """Every `#` comment outside strings, with its span."""
     found = []
+    line, seen = 1, 0  # line number at offset `seen`, counted incrementally (not per comment)
     for m in _STRING_OR_COMMENT.finditer(text):
         if m.group().startswith("#"):
             start = m.start()
-            line = text.count("\n", 0, start) + 1
+            line += text.count("\n", seen, start)
+            seen = start
             col = start - (text.rfind("\n", 0, start) + 1) + 1
             span = n.Span(start, m.end(), line, col, line, col + len(m.group()))
             found.append(n.Comment(m.group(), span))
@@ -210,8 +217,46 @@ def _statement_starts(text: str) -> list[int]:
             depth = max(0, depth - 1)
     starts = [0] + [at for at, d in depth_at.items() if d == 0]
     # A keyword in column 0 starts a statement even inside an unclosed bracket.
-    starts += [m.start() for m in _STATEMENT_START.finditer(text) if text[m.start()] not in " \t"]
+    starts += [m.start() for m in _STATEMENT_START.finditer(text)]
     return sorted(set(starts))
+
+
+def _unclosed(text: str) -> list[tuple[int, int, int]]:
+    """(offset of the opening bracket, start, end) of each statement-shaped region, split at
+    statement keywords in column 0, that ends with a `[` or `{` still open."""
+    bounds = sorted({0, *(m.start() for m in _STATEMENT_START.finditer(text)), len(text)})
+    found = []
+    for start, end in itertools.pairwise(bounds):
+        opened: list[int] = []
+        for m in _BRACKETS.finditer(text, start, end):
+            tok = m.group()
+            if tok == "[" or tok == "{":
+                opened.append(m.start())
+            elif (tok == "]" or tok == "}") and opened:
+                opened.pop()
+        if opened:
+            found.append((opened[0], start, end))
+    return found
+
+
+def _close_brackets(source: Source, text: str, diags: list[Diagnostic],
+                    broken: set[str], error_at: int) -> str:
+    """Reports each bracket still open when a later statement (or the end of the file)
+    begins at its opening, and blanks that statement: one error where the mistake is, not
+    one per following statement. A parse error inside the open region is left alone."""
+    for opener, start, end in _unclosed(text):
+        if error_at < end and text[error_at:end].strip():
+            continue
+        char = text[opener]
+        closer = "]" if char == "[" else "}"
+        what = "list" if char == "[" else "block"
+        diags.append(error("syntax", f"this `{char}` is never closed", source.file,
+                           span_at(text, opener, 1),
+                           help=f"close the {what} with `{closer}`"))
+        broken.update(_LEARNED.findall(text, start, end))
+        broken.update(_LET.findall(text, start, end))
+        text = _blank(text, start, end)
+    return text
 
 
 def _blank(text: str, start: int, end: int) -> str:
@@ -224,10 +269,18 @@ def parse(source: Source) -> Parsed:
     text = source.text if source.text.endswith("\n") else source.text + "\n"
     diags: list[Diagnostic] = []
     broken: set[str] = set()
+    brackets_checked = False
     for _ in range(MAX_SYNTAX_ERRORS):
         try:
             built: Any = _node_parser().parse(text)
         except UnexpectedInput as exc:
+            if not brackets_checked:  # only a file that fails pays for this scan
+                brackets_checked = True
+                closed = _close_brackets(source, text, diags, broken,
+                                         _error_offset(exc, text))
+                if closed != text:
+                    text = closed
+                    continue
             diags.append(translate(exc, source))
             start, end = _chunk_around(text, _error_offset(exc, text))
             bad = text[start:end]

@@ -42,7 +42,7 @@ def _expected(names: set[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
-def _span_at(text: str, offset: int, length: int) -> Span:
+def span_at(text: str, offset: int, length: int) -> Span:
     line = text.count("\n", 0, offset) + 1
     col = offset - (text.rfind("\n", 0, offset) + 1) + 1
     return Span(offset, offset + length, line, col, line, col + max(length, 1))
@@ -89,7 +89,7 @@ def translate(exc: UnexpectedInput, source: Source) -> Diagnostic:
         # An unterminated string is the problem wherever it stands, not what was expected.
         end = text.find("\n", offset)
         return error("syntax", "string is not closed before the end of the line", source.file,
-                     _span_at(text, offset, end - offset),
+                     span_at(text, offset, end - offset),
                      help='add the closing `"`; a string cannot span lines '
                           '(write `\\n` for a line break)')
     message = f"expected {expected}, found {found}"
@@ -99,4 +99,4 @@ def translate(exc: UnexpectedInput, source: Source) -> Diagnostic:
         message += hint
     if found == "end of file" and names & {"RBRACE", "RBRACK"}:
         help_text = "a `{` block or `[` list is not closed"
-    return error("syntax", message, source.file, _span_at(text, offset, length), help=help_text)
+    return error("syntax", message, source.file, span_at(text, offset, length), help=help_text)

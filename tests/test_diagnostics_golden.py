@@ -149,15 +149,25 @@ def test_D2_errors_in_several_files_reported_once_sorted_without_cascades(
     assert "5 errors, 0 warnings in 3 files" in result.err
 
 
-@pytest.mark.xfail(strict=True, reason="parser.py recovery: inside an unclosed `[` the "
-                   "error surfaces at the next statement, which is blanked instead of the "
-                   "`let`, so one missing `]` gives three errors and none points at the `[`")
 def test_D2_unclosed_list_is_one_error_at_its_bracket(project: Project, run_cli: Run) -> None:
     folder = project({"a.concept": "let outfits = [wizard, pirate\n"
                                    'generate "a {outfits}"\n'
                                    'generate "a photo" {\n  seed: 1\n}\n'})
     result = run_cli(folder, "check", ".")
     assert [h[:3] for h in headers(result.err)] == [("a.concept", 1, 15)], result.err
+
+
+def test_D2_unclosed_learn_block_does_not_cascade(project: Project, run_cli: Run) -> None:
+    """The learn whose block is never closed is one error; its token is not then reported
+    as unknown by the generate below it, and the deep list is reported where it nests."""
+    folder = project({"a.concept": 'learn a.png as me* <person> {\n  steps: 3\n'
+                                   'generate "me* at the beach"\n'
+                                   "let deep = [[a]]\n"})
+    result = run_cli(folder, "check", ".")
+    assert [h[:3] for h in headers(result.err)] == [("a.concept", 1, 29),
+                                                    ("a.concept", 4, 13)], result.err
+    assert "this `{` is never closed" in result.err
+    assert "unknown concept" not in result.err
 
 
 def test_D2_a_file_that_is_not_utf8_does_not_cascade_into_its_users(
@@ -200,9 +210,10 @@ POSITIONS = [
     ('generate "a photo" x\n', 1, 21, "found end of file"),
     ("learn a.png as me*\n", 1, 19, "expected `<`"),
     ('generate "a photo" {\n  seed:\n}\n', 2, 8, "found end of line"),
-    ("let xs = [a, b", 1, 15, "found end of file"),
-    ('generate "a photo" {\n  seed: 3', 2, 10, "found end of file"),
-    ('model "toy:shapes"\n\n\ndefaults {\n', 4, 11, "found end of file"),
+    # a bracket still open at the end of the file is reported at its opening
+    ("let xs = [a, b", 1, 10, "this `[` is never closed"),
+    ('generate "a photo" {\n  seed: 3', 1, 20, "this `{` is never closed"),
+    ('model "toy:shapes"\n\n\ndefaults {\n', 4, 10, "this `{` is never closed"),
     ('generate "a photo', 1, 10, "string is not closed"),
     ('generate "a photo" {\n  negative: "blurry\n}\n', 2, 13, "string is not closed"),
     ("model", 1, 6, "expected a quoted string, found end of file"),
