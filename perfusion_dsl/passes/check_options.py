@@ -12,6 +12,7 @@ from perfusion_dsl.options import (
     GENERATE,
     IDENT,
     LEARN,
+    MAX_SEED,
     NUMBER,
     SCHEMA,
     Invalid,
@@ -68,6 +69,8 @@ def _check_words(ctx: Context, unit: Unit, items: ListV, what: str) -> None:
             ctx.add(error("not-a-word", f"{what} items are words, numbers or quoted strings, "
                           f"found `{item.text}`", unit.file, item.span,
                           help=f'quote it: "{item.text}"'))
+        elif isinstance(item, Str) and not item.value.strip() and what == "adjectives":
+            ctx.add(error("not-a-word", "an adjective cannot be empty", unit.file, item.span))
 
 
 def _check_learn(ctx: Context, unit: Unit, learn: Learn) -> None:
@@ -94,6 +97,15 @@ def _count(ctx: Context, unit: Unit, gen: Generate) -> int:
         return 1
 
 
+def _check_last_seed(ctx: Context, unit: Unit, gen: Generate, options: dict[str, Any]) -> None:
+    """Image k uses `seed + k`; the last one must still be a valid seed."""
+    last = options["seed"] + options["count"] - 1
+    if last > MAX_SEED:
+        ctx.add(error("option-value", f"the last image would use seed {last:,}, above the "
+                      f"largest seed {MAX_SEED:,}", unit.file, gen.span,
+                      help="lower `seed` or the count"))
+
+
 def run(ctx: Context) -> None:
     for unit in ctx.units.values():
         current: dict[str, Any] = {}
@@ -112,4 +124,5 @@ def run(ctx: Context) -> None:
                     _check_learn(ctx, unit, stmt)
                 else:
                     effective["count"] = _count(ctx, unit, stmt)
+                    _check_last_seed(ctx, unit, stmt, effective)
                 ctx.options[(unit.path, index)] = effective

@@ -48,6 +48,10 @@ class _Images:
 
 def _match(ctx: Context, unit: Unit, pattern: str, span: Span, what: str) -> list[Path]:
     limit = ctx.config.limits.max_glob_matches
+    if not pattern.strip():
+        ctx.add(error("no-match", f"{what} is empty", unit.file, span,
+                      help="give a path or a glob such as `photos/*.png`"))
+        return []
     try:
         found = glob_files(unit.path.parent, pattern, limit)
     except MatchLimitExceeded as exc:
