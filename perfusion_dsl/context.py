@@ -71,6 +71,12 @@ class Context:
 
     def display(self, path: Path) -> str:
         """A path as shown to users and in the plan: relative to the run root when inside."""
+        # Fast path, same result: a plan shows tens of thousands of paths under the root.
+        root, text = str(self.root), str(path)
+        if text.startswith(root + "/") and not root.endswith("/"):  # "/" itself: slow path
+            inner = os.path.normpath(text) if ".." in text else text
+            if inner.startswith(root + "/"):
+                return inner[len(root) + 1:]
         try:
             return Path(os.path.relpath(path, self.root)).as_posix() \
                 if path.is_relative_to(self.root) else path.as_posix()

@@ -49,11 +49,20 @@ class TemplateError:
     help: str | None = None
 
 
+# Runs of characters that need no decoding, taken a run at a time rather than one by one.
+_PLAIN = {stop: re.compile(f"[^\\\\{re.escape(stop)}]+") for stop in ("{}", "{|}")}
+
+
 def _literal(raw: str, start: int, stop: str) -> tuple[str, int]:
     """Decoded text from `start` up to (not including) the first unescaped char of `stop`."""
+    plain = _PLAIN[stop]
     out, i = [], start
     while i < len(raw) and raw[i] not in stop:
-        if raw[i] == "\\" and i + 1 < len(raw):
+        run = plain.match(raw, i)
+        if run is not None:
+            out.append(run.group())
+            i = run.end()
+        elif i + 1 < len(raw):  # raw[i] is a backslash
             out.append(ESCAPES.get(raw[i + 1], raw[i + 1]))
             i += 2
         else:

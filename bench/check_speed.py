@@ -1,0 +1,337 @@
+"""Times `perfusion check` (and start-up, `plan --json`) on a generated tree of spec files.
+
+    .venv/bin/python bench/check_speed.py [--files 1000] [--lines 50] [--keep] [--profile]
+
+The tree is generated deterministically (seeded) in a temporary folder: N spec files of about
+`--lines` lines each, with `model`, `use`, `let`, `defaults`, multi-line blocks and lists,
+`learn` statements whose globs match a shared pool of small PNG images (and masks), and
+`generate` statements with templates. It checks with no errors and no warnings. Every command
+runs as a subprocess, as a user would run it; all figures come from this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+SEED = 20240611
+IMAGE_SETS = 10  # images/set_XX/ folders
+IMAGES_PER_SET = 5  # 50 images in all, 64x64 PNG, shared by every spec file
+MASK_SETS = 2  # masks/set_XX/ hold a mask for each image of the first sets
+IMAGE_SIDE = 64
+FILES_PER_FOLDER = 50
+
+WORDS = ("wizard", "pirate", "knight", "astronaut", "chef", "farmer", "diver", "painter")
+PHRASES = ('"a forest"', '"the snow"', "beach", '"a busy street"', "desert", '"outer space"')
+SUPERS = ("<teddy bear>", "<person, human>", "<dog>", '<"ceramic mug">', "<cat, animal>",
+          "<toy robot>", "<backpack>")
+ADJECTIVES = ("fluffy", "brown", "tall", "small", "shiny", "old", "red", "striped", "soft")
+STYLES = ("in the style of a watercolor", "as a pencil sketch", "on a sunny day",
+          "at night", "in a studio", "under neon lights")
+
+
+# ---------------------------------------------------------------------------------------------
+# The tree
+
+
+def make_images(root: Path) -> None:
+    """The shared pool: IMAGE_SETS x IMAGES_PER_SET noisy RGB PNGs, plus grey masks."""
+    from PIL import Image  # only the generator needs Pillow; the timings never import it here
+
+    rng = random.Random(SEED)
+    for s in range(IMAGE_SETS):
+        folder = root / "images" / f"set_{s:02d}"
+        folder.mkdir(parents=True)
+        for k in range(IMAGES_PER_SET):
+            data = rng.randbytes(IMAGE_SIDE * IMAGE_SIDE * 3)
+            Image.frombytes("RGB", (IMAGE_SIDE, IMAGE_SIDE), data).save(folder / f"{k}.png")
+            if s < MASK_SETS:
+                masks = root / "masks" / f"set_{s:02d}"
+                masks.mkdir(parents=True, exist_ok=True)
+                grey = bytes(255 if b > 127 else 0 for b in data[: IMAGE_SIDE * IMAGE_SIDE])
+                Image.frombytes("L", (IMAGE_SIDE, IMAGE_SIDE), grey).save(masks / f"{k}.png")
+
+
+def _pick(rng: random.Random, pool: Sequence[str], k: int) -> str:
+    return ", ".join(rng.sample(list(pool), k))
+
+
+def _learn(rng: random.Random, i: int, letter: str) -> list[str]:
+    token = f"c{i:04d}{letter}*"
+    s = rng.randrange(IMAGE_SETS)
+    adjectives = f" adjectives: [{_pick(rng, ADJECTIVES, rng.randint(1, 3))}]"
+    if letter == "b":  # the short form: quoted pattern, one line
+        return [f'learn "../../images/set_{s:02d}/[0-9].png" as {token} '
+                f"{rng.choice(SUPERS)}{adjectives if rng.random() < 0.5 else ''}"]
+    lines = [f"learn ../../images/set_{s:02d}/*.png as {token} {rng.choice(SUPERS)}{adjectives} {{",
+             f"  steps: {rng.choice((200, 400, 800))}",
+             f"  lock: {rng.choice(('local', 'global'))}",
+             f"  lr: {rng.choice(('0.03', '3e-2', '0.01'))}, flip: {rng.choice(('true', 'false'))}"]
+    if s < MASK_SETS:
+        lines.append(f"  mask: ../../masks/set_{s:02d}/*.png")
+    lines += ["  templates: [",
+              '    "a photo of a {}"',
+              '    "a close-up photo of the {}",',
+              "  ]",
+              "}"]
+    return lines
+
+
+def _generate(rng: random.Random, i: int, n: int, tokens: list[str]) -> list[str]:
+    token = rng.choice(tokens)
+    group = rng.choice(("{outfits}", "{places}", "{a red|a blue|a green} hat"))
+    template = f"a photo of {token} as a {group} {rng.choice(STYLES)}, shot {n}"
+    if rng.random() < 0.3 and len(tokens) > 1:
+        template = f"{tokens[0]} next to {tokens[-1]} in {{places}}, take {n}"
+    count = f" x {rng.randint(1, 2)}" if rng.random() < 0.5 else ""
+    if rng.random() < 0.3:
+        return [f'generate "{template}"{count}']
+    strengths = rng.sample(("0.3", "0.5", "0.6", "0.9"), rng.randint(1, 2))
+    return [f'generate "{template}"{count} {{',
+            f"  strength: [{', '.join(strengths)}]",
+            f"  guidance: {rng.choice(('5', '7.5'))}, steps: {rng.choice((20, 30))}",
+            '  negative: "blurry, low quality"',
+            "}"]
+
+
+def spec_text(i: int, lines: int, rng: random.Random) -> str:
+    """Spec file number `i`, about `lines` lines long."""
+    out = [f"# spec {i:04d}: generated by bench/check_speed.py (seed {SEED})", ""]
+    if rng.random() < 0.7:
+        out.append('model "toy:shapes"')
+    tokens = [f"c{i:04d}a*", f"c{i:04d}b*"]
+    if i % FILES_PER_FOLDER and rng.random() < 0.5:  # use the previous file in the folder
+        out.append(f'use "spec_{i - 1:04d}.concept"')
+        tokens.append(f"c{i - 1:04d}a*")
+    if i >= FILES_PER_FOLDER and rng.random() < 0.2:  # and one in the first folder
+        first = rng.randrange(FILES_PER_FOLDER)
+        out.append(f'use "../g_00/spec_{first:04d}.concept"')
+        tokens.append(f"c{first:04d}a*")
+    out += ["", f"let outfits = [{_pick(rng, WORDS, 3)}, \"space cadet\"]",
+            "let places = [", *(f"  {p}" for p in rng.sample(PHRASES, 3)), "]", "",
+            "# shared options for what follows", "defaults {",
+            f"  seed: {rng.randrange(1000)}", f"  steps: {rng.choice((25, 50))}", "}", ""]
+    out += [*_learn(rng, i, "a"), "", *_learn(rng, i, "b"), ""]
+    n = 0
+    while len(out) < lines - 2 or n == 0:
+        out += [*_generate(rng, i, n, tokens), ""]
+        n += 1
+    return "\n".join(out)
+
+
+def make_tree(root: Path, files: int, lines: int) -> tuple[Path, int]:
+    """Write the tree under `root`; returns the specs folder and the total number of lines."""
+    make_images(root)
+    # A run of this size needs more than the default concept limit (1,000).
+    (root / "perfusion.toml").write_text(
+        f'[project]\nmodel = "toy:shapes"\n\n[limits]\nmax_concepts = {max(1000, 2 * files)}\n'
+        f"max_renders_total = {max(100_000, 100 * files)}\n", "utf-8")
+    rng = random.Random(SEED)
+    total = 0
+    for i in range(files):
+        folder = root / "specs" / f"g_{i // FILES_PER_FOLDER:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        text = spec_text(i, lines, rng)
+        total += text.count("\n") + 1
+        (folder / f"spec_{i:04d}.concept").write_text(text + "\n", "utf-8")
+    return root / "specs", total
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    argv: list[str]
+    runs: int
+    fresh: tuple[str, Path] | None = None  # (variable, folder): an empty cache for each run
+    baseline: bool = False  # also timed against --baseline
+
+
+@dataclass(frozen=True)
+class Timing:
+    wall: float  # best wall seconds
+    median: float  # median wall seconds
+    cpu: float  # best user + system CPU seconds of the child
+
+
+def perfusion() -> list[str]:
+    script = Path(sys.executable).with_name("perfusion")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "perfusion_dsl"]
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+
+
+def _child_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_case(case: Case, cwd: Path, env: dict[str, str]) -> Timing:
+    walls, cpus = [], []
+    for _ in range(case.runs):
+        if case.fresh is not None:
+            variable, folder = case.fresh
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            env = dict(env, **{variable: str(folder)})
+        cpu, start = _child_cpu(), time.perf_counter()
+        done = subprocess.run(case.argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, check=False)
+        walls.append(time.perf_counter() - start)
+        cpus.append(_child_cpu() - cpu)
+        if done.returncode != 0:
+            sys.exit(f"{' '.join(case.argv)} failed ({done.returncode}):\n{done.stderr[:2000]}")
+    return Timing(min(walls), statistics.median(walls), min(cpus))
+
+
+def validate(tree: Path, specs: Path, env: dict[str, str]) -> tuple[str, int, int]:
+    """Check once (must be clean) and plan once; (check's summary, concepts, renders)."""
+    done = run([*perfusion(), "check", str(specs)], tree, env)
+    if done.returncode != 0 or done.stderr.strip():
+        sys.exit(f"the generated tree does not check cleanly (exit {done.returncode}):\n"
+                 f"{done.stderr[:4000]}")
+    planned = run([*perfusion(), "plan", "--json", str(specs)], tree, env)
+    if planned.returncode != 0:
+        sys.exit(f"plan failed (exit {planned.returncode}):\n{planned.stderr[:4000]}")
+    plan = json.loads(planned.stdout)
+    return done.stdout.strip(), len(plan["concepts"]), len(plan["renders"])
+
+
+def profile(tree: Path, specs: Path) -> None:
+    """Run the compiler in this process under cProfile and print the top functions."""
+    from perfusion_dsl.compiler import compile_paths
+
+    os.chdir(tree)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    comp = compile_paths([specs])
+    profiler.disable()
+    assert comp.ok
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("cumulative").print_stats(30)
+    stats.sort_stats("tottime").print_stats(25)
+
+
+def cases(args: argparse.Namespace, specs: Path, work: Path) -> list[Case]:
+    cli, py = perfusion(), sys.executable
+    one = str(specs / "g_00" / "spec_0000.concept")
+    n = f"{args.files:,} files"
+    return [
+        Case("python -c pass", [py, "-c", "pass"], 5),
+        Case("import perfusion_dsl.cli (.pyc cached)", [py, "-c", "import perfusion_dsl.cli"], 5,
+             baseline=True),
+        Case("import perfusion_dsl.cli (no .pyc)", [py, "-c", "import perfusion_dsl.cli"], 3,
+             fresh=("PYTHONPYCACHEPREFIX", work / "pycache")),
+        Case("perfusion --version", [*cli, "--version"], 5),
+        Case("check ONE_FILE (grammar cache cold)", [*cli, "check", one], 3,
+             fresh=("XDG_CACHE_HOME", work / "cold-cache")),
+        Case("check ONE_FILE (grammar cache warm)", [*cli, "check", one], 5, baseline=True),
+        Case(f"check TREE ({n})", [*cli, "check", str(specs)], args.repeat, baseline=True),
+        Case(f"plan --json TREE ({n})", [*cli, "plan", "--json", str(specs)], args.repeat,
+             baseline=True),
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _arguments().parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="perfusion-bench-"))
+    try:
+        tree = work / "tree"
+        start = time.perf_counter()
+        specs, lines = make_tree(tree, args.files, args.lines)
+        made = time.perf_counter() - start
+        (work / "cache").mkdir()
+        env = dict(os.environ, XDG_CACHE_HOME=str(work / "cache"))
+        for name in ("PYTHONPROFILEIMPORTTIME", "PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE"):
+            env.pop(name, None)
+        print(f"tree: {args.files:,} files, {lines:,} lines ({lines / args.files:.1f} per file), "
+              f"{IMAGE_SETS * IMAGES_PER_SET} images + {MASK_SETS * IMAGES_PER_SET} masks; "
+              f"generated in {made:.2f} s at {tree}")
+        summary, concepts, renders = validate(tree, specs, env)
+        print(f"check says: {summary}\nplan: {concepts:,} concepts, {renders:,} renders")
+        if args.profile:
+            profile(tree, specs)
+            return 0
+        report(args, cases(args, specs, work), tree, lines, env)
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def report(args: argparse.Namespace, todo: list[Case], tree: Path, lines: int,
+           env: dict[str, str]) -> None:
+    base_env = dict(env, PYTHONPATH=str(args.baseline)) if args.baseline else None
+    rows: dict[str, tuple[Case, Timing, Timing | None]] = {}
+    for case in todo:  # the baseline runs right after, so both see the same machine load
+        now = time_case(case, tree, env)
+        base = time_case(case, tree, base_env) if base_env and case.baseline else None
+        rows[case.name] = (case, now, base)
+    width = max(len(name) for name in rows)
+    extra = "  baseline s  baseline/now" if base_env else ""
+    print(f"\n{'command':<{width}}  runs  best s  median s  CPU s{extra}")
+    for name, (case, t, base) in rows.items():
+        line = f"{name:<{width}}  {case.runs:>4}  {t.wall:>6.3f}  {t.median:>8.3f}  {t.cpu:>5.2f}"
+        if base is not None:
+            line += f"  {base.wall:>10.3f}  {base.wall / t.wall:>12.2f}"
+        print(line)
+    _summary(args, {name: t for name, (_, t, _) in rows.items()}, lines)
+
+
+def _summary(args: argparse.Namespace, t: dict[str, Timing], lines: int) -> None:
+    n = f"{args.files:,} files"
+    check, plan = t[f"check TREE ({n})"], t[f"plan --json TREE ({n})"]
+    bare = t["python -c pass"].wall
+    imports = t["import perfusion_dsl.cli (.pyc cached)"].wall
+    cold = t["check ONE_FILE (grammar cache cold)"].wall
+    warm = t["check ONE_FILE (grammar cache warm)"].wall
+    print(f"\ncheck TREE: {check.wall:.2f} s = {args.files / check.wall:,.0f} files/s, "
+          f"{lines / check.wall:,.0f} lines/s ({check.cpu:.2f} CPU s); "
+          f"{1000 * (check.wall - warm) / args.files:.2f} ms per file after start-up")
+    print(f"import perfusion_dsl.cli: {imports:.3f} s, of which the interpreter {bare:.3f} s; "
+          f"{t['import perfusion_dsl.cli (no .pyc)'].wall:.3f} s with no bytecode cache")
+    print(f"ratios: plan --json / check = {plan.wall / check.wall:.2f}; one-file check with a "
+          f"cold / warm grammar cache = {cold / warm:.2f} (+{cold - warm:.3f} s); "
+          f"start-up share of check TREE = {warm / check.wall:.2f}")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.2f} at the end")
+
+
+def _arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--files", type=int, default=1000, help="spec files (default 1000)")
+    parser.add_argument("--lines", type=int, default=50, help="lines per file (default 50)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of check and plan on the tree; the best counts (default 3)")
+    parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                        help="a folder holding another `perfusion_dsl` package (e.g. a git "
+                             "worktree of an older commit): time it side by side")
+    parser.add_argument("--keep", action="store_true", help="keep the generated tree")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing, profile one in-process check with cProfile")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())
