@@ -10,7 +10,7 @@ class Limits:
     """Every bound the compiler enforces (S5-S7). `perfusion.toml` may set these
     within `CEILINGS`; spec files have no syntax to change them at all."""
 
-    max_spec_bytes: int = 1_048_576
+    max_spec_bytes: int = 262_144  # ~6,000 lines; checks in about 1 s (docs/performance.md)
     max_string_chars: int = 4_096
     max_spec_files: int = 10_000
     max_concepts: int = 1_000
