@@ -13,7 +13,7 @@ def describe(plan: Plan) -> str:
     for c in plan.concepts:
         state = "up to date" if c.up_to_date else "new"
         lines.append(f"  {c.token:<16} {state:<10} {len(c.images)} image(s), "
-                     f"{c.options['steps']} steps, lock {c.options['lock']}   "
+                     f"{c.options['steps']} steps, lock {c.options['lock']:<6}  "
                      f"({c.file}:{c.line}, key {c.key[:12]})")
     lines.append(f"images to render: {len(plan.renders)}")
     for (file, line), group in groupby(plan.renders, key=lambda r: (r.file, r.line)):
