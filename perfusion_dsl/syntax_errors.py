@@ -78,6 +78,38 @@ def _expected_names(exc: UnexpectedInput) -> set[str]:
     return set(getattr(exc, "expected", ()) or ())
 
 
+# Help keyed by the word just before the error (on the same line): advice that depends on
+# where the author is, e.g. after `model` a string is the model name, not a prompt.
+AFTER = {
+    "model": 'the model name is quoted: `model "toy:shapes"`',
+    "use": 'the path is quoted: `use "other.concept"`',
+    "generate": 'the prompt template is quoted: `generate "a photo of teddy*"`',
+    "adjectives": "write `adjectives: [fluffy, brown]`",
+    "x": "`x` is followed by the number of images, e.g. `x 4`",
+}
+_LAST_WORD = re.compile(r"([A-Za-z_][A-Za-z0-9_-]*\*?|\S)[ \t]*$")
+
+
+def _previous(text: str, offset: int) -> str:
+    """The word or mark just before `offset` on its line ("" at the start of a line)."""
+    line_start = text.rfind("\n", 0, offset) + 1
+    m = _LAST_WORD.search(text, line_start, offset)
+    return m.group(1) if m else ""
+
+
+def _contextual_help(text: str, offset: int, names: set[str], found: str) -> str | None:
+    previous = _previous(text, offset)
+    if (previous in AFTER and previous != "x") or (previous == "x" and names == {"BARE"}):
+        return AFTER[previous]
+    if found == "`{`" and not previous:
+        return "a `{` block starts on the same line as its statement"
+    if names >= {"LANGLE"} and previous.endswith("*"):
+        return "the supercategories follow the token in angle brackets: `teddy* <teddy bear>`"
+    if previous == "," and names & {"BARE", "STRING"}:
+        return "a supercategory or item is missing after the `,`"
+    return None
+
+
 def translate(exc: UnexpectedInput, source: Source) -> Diagnostic:
     """One syntax-error diagnostic; never mentions Lark's terminal names or line -1."""
     text = source.text if source.text.endswith("\n") else source.text + "\n"
@@ -85,6 +117,8 @@ def translate(exc: UnexpectedInput, source: Source) -> Diagnostic:
     names = _expected_names(exc)
     found, length = _found(text, offset)
     expected = _expected(names)
+    if names == {"BARE"} and _previous(text, offset) == "x":
+        expected = "the number of images"
     if text.startswith('"', offset) and not _STRING.match(text, offset):
         # An unterminated string is the problem wherever it stands, not what was expected.
         end = text.find("\n", offset)
@@ -93,7 +127,8 @@ def translate(exc: UnexpectedInput, source: Source) -> Diagnostic:
                      help='add the closing `"`; a string cannot span lines '
                           '(write `\\n` for a line break)')
     message = f"expected {expected}, found {found}"
-    help_text = next((HELP[x] for x in names if x in HELP and len(names - {"_NL"}) == 1), None)
+    help_text = _contextual_help(text, offset, names, found) or next(
+        (HELP[x] for x in names if x in HELP and len(names - {"_NL"}) == 1), None)
     if expected.startswith("a statement") and found.startswith("`"):
         hint = did_you_mean(found.strip("`"), STATEMENTS)
         message += hint

@@ -429,3 +429,26 @@ def test_S1_out_through_a_symlink_leaving_the_root_is_refused(
     assert "a.concept:2:8: error: output folder `gallery/shots` is outside the run root" \
         in result.err
     assert not any(outside.iterdir())
+
+
+CONTEXTUAL_HELP = [
+    ("learn a.png as me* <person> adjectives [tall]\n", "write `adjectives: [fluffy, brown]`"),
+    ('learn a.png as me* <person>\n{ steps: 3 }\n', "starts on the same line"),
+    ("generate a photo\n", 'the prompt template is quoted: `generate "a photo of teddy*"`'),
+    ("model toy\n", 'the model name is quoted: `model "toy:shapes"`'),
+    ("use other.concept\n", 'the path is quoted: `use "other.concept"`'),
+    ('generate "a photo" x\n', "`x` is followed by the number of images"),
+    ("learn a.png as me* person\n", "follow the token in angle brackets"),
+    ("learn a.png as me* <person, >\n", "missing after the `,`"),
+]
+
+
+@pytest.mark.parametrize(("text", "advice"), CONTEXTUAL_HELP,
+                         ids=[t.split("\n")[0][:30] for t, _ in CONTEXTUAL_HELP])
+def test_D5_syntax_help_depends_on_where_the_author_is(text: str, advice: str,
+                                                      project: Project, run_cli: Run) -> None:
+    result = run_cli(project({"a.concept": text}), "check", ".")
+    assert result.code == 1
+    syntax = [h for h in headers(result.err) if "matches no files" not in h[4]]
+    assert len(syntax) == 1, result.err  # one syntax error, at the mistake
+    assert f"help: {advice}" in result.err or advice in result.err, result.err
