@@ -1,0 +1,614 @@
+"""The concept artifact: one safetensors file per concept, saved atomically, read strictly.
+
+File layout (format_version "1"), all tensors float32, all metadata values strings:
+
+    embedding [D_tok]   the token's input embedding
+    i_star    [D]       the concept's text-encoder output
+    o_k       [ΣO]      every layer's o*_K, concatenated in the order of `layers`
+    o_v       [ΣO]      every layer's o*_V, same order
+    metadata  format="perfusion-concept", format_version="1", token, supercategories (JSON
+              list), adjectives (JSON list), base_model, base_fingerprint, cinv_fingerprint,
+              options (JSON object), key, layers (JSON object {attn2 module path: O}, in order)
+
+The targets are packed into two tensors rather than one tensor per layer because 32 tensor
+entries, each repeating a ~50-character module path, make the header ~4 KB and an SD 1.5 file
+108.2 KiB, over the 106 KiB budget (PERFUSION.md invariant 8); packed it is ~105.6 KiB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import secrets
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import safetensors.torch
+import torch
+from torch import Tensor
+
+FORMAT = "perfusion-concept"
+FORMAT_VERSION = "1"
+SUPPORTED_VERSIONS: tuple[str, ...] = ("1",)
+# Bounds that keep a hostile file from costing memory. An SD 1.5 concept is ~108 KB with a
+# ~2 KB header; SDXL-sized ones stay well under a megabyte.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_HEADER_BYTES = 1024 * 1024
+
+_METADATA_KEYS = ("format", "format_version", "token", "supercategories", "adjectives",
+                  "base_model", "base_fingerprint", "cinv_fingerprint", "options", "key",
+                  "layers")
+_TENSORS = ("embedding", "i_star", "o_k", "o_v")
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+_HEX = re.compile(r"[0-9a-f]*")
+_PROJECTIONS = ("o_k", "o_v")
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)  # a FIFO cannot block us
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+
+class ArtifactError(Exception):
+    """A concept file that cannot be read or written; the message names the file."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        super().__init__(f"{os.fspath(path)}: {problem}")
+        self.path = Path(path)
+        self.problem = problem
+
+
+class InvalidConcept(ValueError):
+    """A Concept whose fields break the rules of the file format; `problem` says which."""
+
+    def __init__(self, problem: str, token: object = None) -> None:
+        super().__init__(f"invalid concept {token!r}: {problem}" if token else
+                         f"invalid concept: {problem}")
+        self.problem = problem
+
+
+class _Problem(Exception):
+    """Raised by the checks below; `load` adds the path and turns it into ArtifactError."""
+
+
+@dataclass(frozen=True, eq=False)
+class Concept:
+    """One trained concept (tensors fp32, any device). Construction validates everything and
+    raises InvalidConcept.
+
+    eq=False: tensors have no truth value, so two concepts compare by identity.
+    """
+
+    token: str
+    supercategories: tuple[str, ...]
+    adjectives: tuple[str, ...]
+    base_model: str
+    base_fingerprint: str
+    cinv_fingerprint: str
+    options: dict[str, Any]    # JSON-able; stored as its JSON round trip
+    key: str                   # cache key, lowercase hex
+    embedding: Tensor          # [D_tok] the token's input embedding
+    i_star: Tensor             # [D] the concept's text-encoder output (target input)
+    o_k: dict[str, Tensor]     # layer path (diffusers module path of attn2) -> [O] key target
+    o_v: dict[str, Tensor]     # same layers -> [O] value target
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # normalise copies; the dataclass stays frozen to callers
+        set_(self, "supercategories", _words("supercategories", self.supercategories))
+        set_(self, "adjectives", _words("adjectives", self.adjectives))
+        set_(self, "options", json.loads(_options_json(self.options)))
+        set_(self, "o_k", dict(self.o_k))
+        set_(self, "o_v", dict(self.o_v))
+        problem = _concept_problem(self)
+        if problem:
+            raise InvalidConcept(problem, self.token)
+
+    @property
+    def layers(self) -> dict[str, int]:
+        """Layer path -> output width O of its to_k/to_v, in the order of `o_k`."""
+        return {name: int(t.numel()) for name, t in self.o_k.items()}
+
+    @property
+    def num_floats(self) -> int:
+        return size_for(self.layers, int(self.embedding.numel()), int(self.i_star.numel()))
+
+
+def size_for(layers: Mapping[str, int], d_token: int, d_text: int) -> int:
+    """Floats in a concept: embedding [d_token] + i* [d_text] + o*_K and o*_V [O] per layer."""
+    return d_token + d_text + 2 * sum(layers.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Validating a Concept (shared by construction and loading)
+
+
+def _words(field: str, value: Iterable[str]) -> tuple[str, ...]:
+    words = tuple(value)
+    if not all(isinstance(w, str) for w in words):
+        raise InvalidConcept(f"{field} must be strings, got {words!r}")
+    return words
+
+
+def _options_json(options: Mapping[str, Any]) -> str:
+    try:
+        return json.dumps(options, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidConcept(f"options are not JSON-able: {exc}") from exc
+
+
+def _concept_problem(c: Concept) -> str | None:
+    texts = {"token": c.token, "base_model": c.base_model,
+             "base_fingerprint": c.base_fingerprint, "cinv_fingerprint": c.cinv_fingerprint}
+    for field, text in texts.items():
+        if not isinstance(text, str):
+            return f"{field} must be a string"
+    if not c.token:
+        return "the token is empty"
+    if not isinstance(c.key, str) or not _HEX.fullmatch(c.key):
+        return f"key must be lowercase hex, got {c.key!r}"
+    if not c.o_k:
+        return "no layers"
+    if "" in c.o_k:
+        return "a layer name is empty"
+    if set(c.o_k) != set(c.o_v):
+        return f"o_k and o_v name different layers: {_names(set(c.o_k) ^ set(c.o_v))}"
+    for name, tensor in _named_tensors(c):
+        problem = _tensor_problem(name, tensor)
+        if problem:
+            return problem
+    for layer, tensor in c.o_k.items():
+        if tensor.shape != c.o_v[layer].shape:
+            return _width_problem(layer, int(tensor.numel()), int(c.o_v[layer].numel()))
+    return None
+
+
+def _named_tensors(c: Concept) -> list[tuple[str, Tensor]]:
+    named = [("embedding", c.embedding), ("i_star", c.i_star)]
+    for prefix, targets in zip(_PROJECTIONS, (c.o_k, c.o_v), strict=True):
+        named += [(f"{prefix}.{layer}", t) for layer, t in targets.items()]
+    return named
+
+
+def _tensor_problem(name: str, tensor: object) -> str | None:
+    if not isinstance(tensor, Tensor):
+        return f"{name} is not a tensor"
+    if tensor.dtype != torch.float32:
+        return f"tensor {name} has dtype {tensor.dtype}; concept tensors are float32"
+    if tensor.dim() != 1 or tensor.numel() == 0:
+        return f"tensor {name} has shape {list(tensor.shape)}; expected a non-empty vector"
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        return f"tensor {name} has {bad} non-finite value(s) (NaN or infinity)"
+    return None
+
+
+def _width_problem(layer: str, k: int, v: int) -> str:
+    return f"layer {layer}: o_k has {k} values but o_v has {v}; they must match"
+
+
+def _names(names: Iterable[str], most: int = 5) -> str:
+    ordered = sorted(names)
+    shown = ", ".join(ordered[:most])
+    return shown + (f" and {len(ordered) - most} more" if len(ordered) > most else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save(concept: Concept, path: str | os.PathLike[str]) -> None:
+    """Write `concept` to `path` atomically: temp file in the same folder, fsync, rename.
+
+    Readers see the old file or the new one, never a mixture (R2). On any failure, disk
+    full included (R11), the temp file is removed, the old file is untouched and the error
+    is an ArtifactError naming `path`. A symlink at `path` is replaced, not written through.
+    The bytes depend only on the concept (sorted header), so a retrain is byte-identical (M3).
+    """
+    problem = _concept_problem(concept)  # tensors may have been changed in place since
+    if problem:
+        raise InvalidConcept(problem, concept.token)
+    _write_atomically(Path(path), encode(concept))
+
+
+def encode(concept: Concept) -> bytes:
+    """The file's bytes: safetensors' layout with the header re-serialised canonically."""
+    def flat(parts: Iterable[Tensor]) -> Tensor:
+        return torch.cat([t.detach().to("cpu", torch.float32) for t in parts]).contiguous()
+
+    layers = list(concept.o_k)
+    tensors = {"embedding": flat([concept.embedding]), "i_star": flat([concept.i_star]),
+               "o_k": flat(concept.o_k[layer] for layer in layers),
+               "o_v": flat(concept.o_v[layer] for layer in layers)}
+    raw: bytes = safetensors.torch.save(tensors, metadata=_metadata(concept))
+    # safetensors writes metadata in hash-map order, which changes from process to process.
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("ascii")
+    text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors does
+    return len(text).to_bytes(8, "little") + text + raw[8 + length:]
+
+
+def _metadata(c: Concept) -> dict[str, str]:
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "token": c.token,
+        "supercategories": _compact(list(c.supercategories)),
+        "adjectives": _compact(list(c.adjectives)),
+        "base_model": c.base_model, "base_fingerprint": c.base_fingerprint,
+        "cinv_fingerprint": c.cinv_fingerprint, "options": _options_json(c.options),
+        "key": c.key, "layers": _compact(c.layers),
+    }
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    # Hidden, random and not *.safetensors: no glob or reader mistakes it for an artifact.
+    # Not tempfile.mkstemp: its mode 0600 would ignore the user's umask.
+    temp = str(path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp"))
+    try:
+        fd = os.open(temp, _CREATE_FLAGS, 0o666)
+    except OSError as exc:
+        raise ArtifactError(path, f"cannot create a file in {path.parent}: "
+                                  f"{_reason(exc)}") from exc
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except OSError as exc:
+        _remove_quietly(temp)
+        raise ArtifactError(path, f"cannot save: {_reason(exc)}") from exc
+    except BaseException:
+        _remove_quietly(temp)
+        raise
+    _fsync_folder(path)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_folder(path: Path) -> None:
+    """Make the rename itself durable. The new file is complete and in place either way."""
+    try:
+        fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return  # filesystems that cannot sync a folder
+        raise ArtifactError(path, f"saved, but syncing its folder failed: {_reason(exc)}") from exc
+
+
+def _remove_quietly(temp: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(temp)
+
+
+def _reason(exc: OSError) -> str:
+    code = errno.errorcode.get(exc.errno or 0)
+    return f"{exc.strerror or exc}" + (f" ({code})" if code else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+class _Entry(NamedTuple):
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    expect_base_fingerprint: str | None = None,
+    expect_layers: Mapping[str, int] | None = None,
+    expect_dims: tuple[int, int] | None = None,
+    pipeline_model: str | None = None,
+) -> Concept:
+    """Read a concept file, accepting only what `save` writes (M1, S8); never unpickles.
+
+    expect_layers: layer path -> O of the pipeline's to_k/to_v; expect_dims: (D_tok, D), the
+    token-embedding width and the text-encoder output width. `pipeline_model` only names the
+    pipeline's base model in the fingerprint-mismatch message. A zeroed or flipped byte inside
+    the tensor data still decodes to finite numbers: the store's digest catches that (R6).
+    """
+    try:
+        data = _read_file(Path(path))
+        header, start = _parse_header(data)
+        metadata, entries = _split_header(header, len(data) - start)
+        fields, layers = _check_metadata(metadata)
+        d_token, d_text = _check_entries(entries, layers)
+        _check_base(fields, expect_base_fingerprint, pipeline_model)
+        _check_expected(d_token, d_text, layers, expect_dims, expect_layers)
+        return _build(fields, _decode(data), layers)
+    except _Problem as problem:
+        raise ArtifactError(path, str(problem)) from None
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except FileNotFoundError:
+        raise _Problem("no such file") from None
+    except OSError as exc:
+        raise _Problem(f"cannot open: {_reason(exc)}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _Problem(f"not a regular file (it is {_kind(mode)})")
+    with os.fdopen(fd, "rb") as file:
+        try:
+            data = file.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            raise _Problem(f"cannot read: {_reason(exc)}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise _Problem(f"too large for a concept file (over {MAX_FILE_BYTES:,} bytes)")
+    return data
+
+
+def _kind(mode: int) -> str:
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a named pipe",
+             stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device"}
+    return next((name for test, name in kinds.items() if test(mode)), "not a file")
+
+
+def _parse_header(data: bytes) -> tuple[dict[str, Any], int]:
+    """The safetensors header: 8-byte little-endian length, then that many bytes of JSON."""
+    if len(data) < 8:
+        sniffed = _sniff(data)
+        raise _Problem(f"too small to be a safetensors file ({len(data)} bytes)"
+                       + (f"; {sniffed}" if sniffed else ""))
+    length = int.from_bytes(data[:8], "little")
+    if not 2 <= length <= MAX_HEADER_BYTES or data[8:9] != b"{":
+        raise _Problem("not a safetensors file: " + (
+            _sniff(data) or "its first 8 bytes do not give the length of a JSON header"))
+    if 8 + length > len(data):
+        raise _Problem(f"truncated: the header is {length:,} bytes but only "
+                       f"{len(data) - 8:,} follow the length field")
+    try:
+        text = data[8:8 + length].decode("utf-8")
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError as exc:
+        raise _Problem(f"the header is not UTF-8 (byte {8 + exc.start})") from None
+    except ValueError as exc:
+        raise _Problem(f"the header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise _Problem("the header is not a JSON object")
+    return header, 8 + length
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"a key appears twice ({_names(k for k in keys if keys.count(k) > 1)})")
+    return dict(pairs)
+
+
+def _sniff(data: bytes) -> str:
+    """What the file looks like instead, for the error message ("" when unsure)."""
+    if not data:
+        return "the file is empty"
+    if data.startswith(b"PK\x03\x04"):
+        return "it is a zip archive, which is what torch.save writes (pickles are never loaded)"
+    if data[0] == 0x80 and data[1:2] and 2 <= data[1] <= 5:
+        return "it is a Python pickle (pickles are never loaded)"
+    head = data[:512]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = head[:exc.start].decode("utf-8") if exc.start > len(head) - 4 else ""
+    if text and all(ch.isprintable() or ch in "\t\r\n" for ch in text):
+        return "it looks like a text file"
+    return ""
+
+
+def _split_header(
+    header: dict[str, Any], data_size: int,
+) -> tuple[dict[str, str], dict[str, _Entry]]:
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        raise _Problem(f"no metadata: not a {FORMAT} file")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _Problem("the metadata is not a map of strings")
+    entries = {name: _entry(name, info) for name, info in header.items()}
+    _check_layout(entries, data_size)
+    return metadata, entries
+
+
+def _entry(name: str, info: Any) -> _Entry:
+    if not isinstance(info, dict) or set(info) != _ENTRY_KEYS:
+        raise _Problem(f"tensor {name}: malformed header entry {info!r}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not (isinstance(dtype, str) and isinstance(shape, list) and isinstance(offsets, list)
+            and all(_is_count(n) for n in shape) and len(offsets) == 2
+            and all(_is_count(n) for n in offsets) and offsets[0] <= offsets[1]):
+        raise _Problem(f"tensor {name}: malformed header entry {info!r}")
+    return _Entry(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_layout(entries: Mapping[str, _Entry], data_size: int) -> None:
+    """The tensors tile the data region exactly: no gap, no overlap, nothing after it."""
+    declared = max((e.end for e in entries.values()), default=0)
+    if data_size < declared:
+        raise _Problem(f"truncated: the header declares {declared:,} bytes of tensor data but "
+                       f"the file holds {data_size:,}")
+    if data_size > declared:
+        raise _Problem(f"{data_size - declared:,} unexpected bytes after the tensor data "
+                       f"(the header declares {declared:,})")
+    position = 0
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if entry.begin != position:
+            raise _Problem(f"tensor {name}: its data overlaps another tensor or leaves a gap")
+        position = entry.end
+
+
+class _Fields(NamedTuple):
+    """Concept's metadata fields, in its field order."""
+
+    token: str
+    supercategories: tuple[str, ...]
+    adjectives: tuple[str, ...]
+    base_model: str
+    base_fingerprint: str
+    cinv_fingerprint: str
+    options: dict[str, Any]
+    key: str
+
+
+def _check_metadata(metadata: Mapping[str, str]) -> tuple[_Fields, dict[str, int]]:
+    if "format" not in metadata:
+        raise _Problem(f"no 'format' in its metadata: not a {FORMAT} file")
+    if metadata["format"] != FORMAT:
+        raise _Problem(f"format is {metadata['format']!r}, not {FORMAT!r}")
+    version = metadata.get("format_version")
+    if version not in SUPPORTED_VERSIONS:
+        raise _Problem(f"format version {version!r} is not supported (this version of "
+                       f"perfusion reads format version {', '.join(SUPPORTED_VERSIONS)})")
+    missing = set(_METADATA_KEYS) - set(metadata)
+    extra = set(metadata) - set(_METADATA_KEYS)
+    if missing or extra:
+        parts = [f"lacks {_names(missing)}"] if missing else []
+        parts += [f"has unexpected {_names(extra)}"] if extra else []
+        raise _Problem(f"the metadata {' and '.join(parts)}")
+    fields = _Fields(
+        metadata["token"], _json_words(metadata, "supercategories"),
+        _json_words(metadata, "adjectives"), metadata["base_model"],
+        metadata["base_fingerprint"], metadata["cinv_fingerprint"],
+        _json_field(metadata, "options", dict), metadata["key"])
+    return fields, _json_layers(metadata)
+
+
+def _json_field(metadata: Mapping[str, str], key: str, kind: type) -> Any:
+    try:
+        value = json.loads(metadata[key], object_pairs_hook=_no_duplicates)
+    except ValueError:
+        value = None
+    if not isinstance(value, kind):
+        raise _Problem(f"metadata {key} is not a JSON {kind.__name__}: {metadata[key][:80]!r}")
+    return value
+
+
+def _json_words(metadata: Mapping[str, str], key: str) -> tuple[str, ...]:
+    words = _json_field(metadata, key, list)
+    if not all(isinstance(w, str) for w in words):
+        raise _Problem(f"metadata {key} is not a list of strings: {metadata[key][:80]!r}")
+    return tuple(words)
+
+
+def _json_layers(metadata: Mapping[str, str]) -> dict[str, int]:
+    """metadata `layers`: {module path: O}, in the order the targets are concatenated."""
+    text = metadata["layers"]
+    try:
+        layers = json.loads(text, object_pairs_hook=_no_duplicates)
+    except ValueError as exc:
+        raise _Problem(f"metadata layers is not valid JSON: {exc}") from None
+    if not (isinstance(layers, dict) and layers and all(
+            name and _is_count(width) and width > 0 for name, width in layers.items())):
+        raise _Problem(f"metadata layers is not a non-empty JSON object of layer paths and "
+                       f"widths: {text[:80]!r}")
+    return layers
+
+
+def _check_entries(entries: Mapping[str, _Entry], layers: Mapping[str, int]) -> tuple[int, int]:
+    """Names, dtypes and shapes, consistent with `layers`; returns (D_tok, D)."""
+    if set(entries) - set(_TENSORS):
+        raise _Problem(f"unexpected tensor(s): {_names(set(entries) - set(_TENSORS))}")
+    if set(_TENSORS) - set(entries):
+        raise _Problem(f"missing tensor(s): {_names(set(_TENSORS) - set(entries))}")
+    for name in _TENSORS:
+        entry = entries[name]
+        if entry.dtype != "F32":
+            raise _Problem(f"tensor {name} has dtype {entry.dtype}; concept tensors are F32")
+        if len(entry.shape) != 1 or entry.shape[0] == 0:
+            raise _Problem(f"tensor {name} has shape {list(entry.shape)}; "
+                           f"expected a non-empty vector")
+        if entry.end - entry.begin != 4 * entry.shape[0]:
+            raise _Problem(f"tensor {name}: {entry.end - entry.begin} bytes of data for "
+                           f"{entry.shape[0]} float32 values")
+    total = sum(layers.values())
+    for name in ("o_k", "o_v"):
+        if entries[name].shape[0] != total:
+            raise _Problem(f"tensor {name} has {entries[name].shape[0]} values but its "
+                           f"{len(layers)} layers add up to {total}")
+    return entries["embedding"].shape[0], entries["i_star"].shape[0]
+
+
+def _check_base(fields: _Fields, expected: str | None, pipeline_model: str | None) -> None:
+    if expected is None or fields.base_fingerprint == expected:
+        return
+    this = f"{pipeline_model!r} (fingerprint {expected})" if pipeline_model else (
+        f"a base model with fingerprint {expected}")
+    raise _Problem(f"trained on base model {fields.base_model!r} (fingerprint "
+                   f"{fields.base_fingerprint}), this pipeline is {this}")
+
+
+def _check_expected(
+    d_token: int, d_text: int, layers: Mapping[str, int],
+    expect_dims: tuple[int, int] | None, expect_layers: Mapping[str, int] | None,
+) -> None:
+    if expect_dims is not None:
+        want_token, want_text = expect_dims
+        if d_token != want_token:
+            raise _Problem(f"embedding has {d_token} values, this pipeline's token "
+                           f"embeddings have {want_token}")
+        if d_text != want_text:
+            raise _Problem(f"i_star has {d_text} values, this pipeline's text encoder "
+                           f"outputs {want_text}")
+    if expect_layers is None:
+        return
+    if set(expect_layers) - set(layers):
+        raise _Problem(f"no targets for layer(s) {_names(set(expect_layers) - set(layers))} "
+                       f"of this pipeline")
+    if set(layers) - set(expect_layers):
+        raise _Problem(f"layer(s) {_names(set(layers) - set(expect_layers))} are not "
+                       f"cross-attention layers of this pipeline")
+    for layer, width in layers.items():
+        if expect_layers[layer] != width:
+            raise _Problem(f"layer {layer}: {width} values in the file, this pipeline's "
+                           f"projections output {expect_layers[layer]}")
+
+
+def _decode(data: bytes) -> dict[str, Tensor]:
+    try:
+        tensors: dict[str, Tensor] = safetensors.torch.load(data)
+    except Exception as exc:  # the header passed our checks, so this is unexpected
+        raise _Problem(f"safetensors could not decode it: {exc}") from None
+    return tensors
+
+
+def _build(fields: _Fields, tensors: Mapping[str, Tensor], layers: Mapping[str, int]) -> Concept:
+    widths = list(layers.values())
+    o_k = dict(zip(layers, (t.clone() for t in torch.split(tensors["o_k"], widths)), strict=True))
+    o_v = dict(zip(layers, (t.clone() for t in torch.split(tensors["o_v"], widths)), strict=True))
+    named = [("embedding", tensors["embedding"]), ("i_star", tensors["i_star"])]
+    named += [(f"o_k.{layer}", t) for layer, t in o_k.items()]
+    named += [(f"o_v.{layer}", t) for layer, t in o_v.items()]
+    for name, tensor in named:  # safetensors accepts NaN and infinity; we do not
+        problem = _tensor_problem(name, tensor)
+        if problem:
+            raise _Problem(problem)
+    try:
+        return Concept(*fields, embedding=tensors["embedding"], i_star=tensors["i_star"],
+                       o_k=o_k, o_v=o_v)
+    except InvalidConcept as exc:  # e.g. an empty token or a key that is not hex
+        raise _Problem(exc.problem) from None

@@ -1,0 +1,131 @@
+"""Tiny in-process Stable Diffusion (tests, CPU benches) and SD 1.5's shapes, from configs only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.attention_processor import Attention
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"  # tools/make_tiny_tokenizer.py
+TEXT_POSITIONS = 77  # T of SD 1.x
+TINY_SAMPLE_SIZE = 8  # latents 8×8 -> 32×32 px images (the tiny VAE downsamples by 4)
+
+# SD 1.5 (runwayml/stable-diffusion-v1-5) as published: unet/config.json, text_encoder/config.json.
+SD15_UNET: dict[str, Any] = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 768,
+    "attention_head_dim": 8, "norm_num_groups": 32, "act_fn": "silu", "norm_eps": 1e-5,
+    "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
+    "mid_block_scale_factor": 1.0, "center_input_sample": False,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+}
+SD15_TEXT: dict[str, Any] = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
+    "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": TEXT_POSITIONS,
+    "hidden_act": "quick_gelu", "projection_dim": 768, "layer_norm_eps": 1e-5,
+    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
+# SD 1.x's scheduler/scheduler_config.json (DDIM with the training betas).
+SD_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
+    "steps_offset": 1, "prediction_type": "epsilon",
+}
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Module initialisers draw from torch's global generator: seed a forked copy of it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def tiny_tokenizer() -> Any:
+    """CLIPTokenizer over the committed tiny byte-level BPE vocabulary (never the network)."""
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True)
+
+
+def _tiny_text_encoder(tokenizer: Any, width: int) -> Any:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=TEXT_POSITIONS,
+        hidden_act="quick_gelu", projection_dim=width, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def _tiny_unet(width: int) -> Any:
+    return UNet2DConditionModel(
+        sample_size=TINY_SAMPLE_SIZE, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(width, 2 * width), norm_num_groups=8, cross_attention_dim=width,
+        attention_head_dim=4,  # diffusers' name for the number of heads
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+
+
+def _tiny_vae() -> Any:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16, 16), norm_num_groups=8, sample_size=4 * TINY_SAMPLE_SIZE,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    )
+
+
+def tiny_pipeline(seed: int = 0, width: int = 32) -> Any:
+    """A StableDiffusionPipeline with random seeded weights; 32×32 px images by default.
+
+    `width` is the model width: text hidden size = cross_attention_dim = `width`, UNet
+    block_out_channels (width, 2·width); a multiple of 8. The same seed and width give
+    bit-identical weights; torch's global generator is left as it was."""
+    if width <= 0 or width % 8:
+        raise ValueError(f"width must be a positive multiple of 8, got {width}")
+    tokenizer = tiny_tokenizer()
+    with _seeded(seed):
+        text_encoder = _tiny_text_encoder(tokenizer, width)
+        unet = _tiny_unet(width)
+        vae = _tiny_vae()
+    for model in (text_encoder, unet, vae):
+        model.eval().requires_grad_(False)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+        image_encoder=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd15_unet_and_text_encoder(device: str | torch.device = "meta", seed: int = 0
+                               ) -> tuple[Any, Any]:
+    """SD 1.5's UNet and CLIP ViT-L/14 text encoder with random weights (shapes only on "meta")."""
+    with _seeded(seed), torch.device(device):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
+    for model in (unet, text_encoder):
+        model.eval().requires_grad_(False)
+    return unet, text_encoder
+
+
+def cross_attention_layers(unet: nn.Module) -> dict[str, Attention]:
+    """Every cross-attention `attn2` module by module path, in model order (SD 1.5: 16)."""
+    return {
+        name: module for name, module in unet.named_modules()
+        if name.rsplit(".", 1)[-1] == "attn2" and isinstance(module, Attention)
+        and module.is_cross_attention
+    }

@@ -1,0 +1,311 @@
+"""Trains one concept with Perfusion's key-locked rank-1 edit on a stock diffusers pipeline."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .artifact import Concept
+from .images import load_images, load_masks
+from .key_locking import make_basis
+from .processor import ConceptState, install
+from .tiny import cross_attention_layers
+from .tokens import add_concepts, extended_embedding, positions, remove_extension, rewrite
+
+EMA_DECAY = 0.99  # i* is an exponential moving average (PERFUSION.md)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training hyperparameters, from a plan's effective learn options."""
+
+    steps: int = 400
+    batch: int = 16
+    lr: float = 0.03
+    embedding_lr: float = 0.006
+    resolution: int | None = None  # None: the model's native resolution
+    flip: bool = True
+    seed: int = 0
+    templates: tuple[str, ...] = ("a photo of a {}",)
+    beta: float = 0.75
+    tau: float = 0.1
+    micro_batch: int | None = None  # images per forward pass; None: the whole batch
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], micro_batch: int | None = None) -> Recipe:
+        known = {k: options[k] for k in ("steps", "batch", "lr", "embedding_lr", "resolution",
+                                          "flip", "seed", "beta", "tau") if k in options}
+        if "templates" in options:
+            known["templates"] = tuple(options["templates"])
+        return cls(**known, micro_batch=micro_batch)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What to learn: a plan ConceptStep's fields, with image paths made absolute."""
+
+    token: str
+    supercategories: tuple[str, ...]
+    adjectives: tuple[str, ...]
+    images: tuple[Path, ...]
+    masks: tuple[Path, ...] | None = None  # one per image, or None (no loss mask)
+    key: str = "0" * 64
+    base_model: str = ""
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    steps: int
+    loss: float
+    elapsed: float
+
+    @property
+    def eta(self) -> float:
+        return self.elapsed / max(self.step, 1) * (self.steps - self.step)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; nothing is published."""
+
+
+class NonFiniteLoss(TrainingError):
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"the loss became {loss} at step {step}; training stopped and "
+                         "nothing was saved (try a lower `lr` or `embedding_lr`)")
+        self.step = step
+
+
+def phrase(subject: str, adjectives: Sequence[str]) -> str:
+    """`tall, bearded me*`: the adjectives are asserted next to the subject."""
+    return f"{', '.join(adjectives)} {subject}" if adjectives else subject
+
+
+def captions(template: str, subject: str, adjectives: Sequence[str]) -> str:
+    return template.replace("{}", phrase(subject, adjectives))
+
+
+def encode(pipe: Any, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """(last hidden state [B, 77, D], input ids [B, 77]); no attention mask (SD 1.x)."""
+    tok = pipe.tokenizer(list(prompts), padding="max_length", truncation=True,
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
+    ids = tok.input_ids.to(pipe.text_encoder.device)
+    return pipe.text_encoder(ids)[0], ids
+
+
+def _word_ids(tokenizer: Any, text: str) -> list[int]:
+    return [int(i) for i in tokenizer(text, add_special_tokens=False).input_ids]
+
+
+def _last_position(ids: Tensor, word: list[int]) -> int:
+    """Position of the last token of the sub-sequence `word` in `ids` [T]."""
+    row = ids.tolist()
+    for start in range(len(row) - len(word), -1, -1):
+        if row[start:start + len(word)] == word:
+            return start + len(word) - 1
+    raise TrainingError("a supercategory word was not found in its own caption")
+
+
+@torch.no_grad()
+def super_encoding(pipe: Any, subject: Subject, templates: Sequence[str]) -> Tensor:
+    """i_super [D]: the encoder output at the supercategory's (last) token, in the captions
+    with the supercategory in place of the token; mean over supercategories and captions."""
+    rows = []
+    for sup in subject.supercategories:
+        word = _word_ids(pipe.tokenizer, sup)
+        hidden, ids = encode(pipe, [captions(t, sup, subject.adjectives) for t in templates])
+        for b in range(hidden.shape[0]):
+            rows.append(hidden[b, _last_position(ids[b], word)].float())
+    return torch.stack(rows).mean(0)
+
+
+@torch.no_grad()
+def initial_embedding(pipe: Any, subject: Subject) -> Tensor:
+    """The mean input embedding of the first supercategory's tokens."""
+    base = extended_embedding(pipe.text_encoder).base
+    ids = torch.tensor(_word_ids(pipe.tokenizer, subject.supercategories[0]),
+                       device=base.weight.device)
+    start: Tensor = base(ids).float().mean(0)
+    return start
+
+
+@torch.no_grad()
+def encode_latents(pipe: Any, pixels: Tensor) -> Tensor:
+    """VAE latents of every training image, once (PERFUSION.md), deterministic (the mean)."""
+    vae = pipe.vae
+    out = []
+    for chunk in torch.split(pixels, 8):
+        dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+        out.append(dist.mean.float() * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+def native_resolution(pipe: Any) -> int:
+    scale = 1 << (len(pipe.vae.config.block_out_channels) - 1)
+    return int(pipe.unet.config.sample_size) * scale
+
+
+@dataclass
+class _Run:
+    """The tensors of one training run."""
+
+    pipe: Any
+    subject: Subject
+    recipe: Recipe
+    cinv: Tensor
+    token_id: int
+    embedding: nn.Parameter
+    o_k: dict[str, Tensor]
+    o_v: dict[str, nn.Parameter]
+    latents: Tensor  # [N, C, h, w]
+    masks: Tensor | None  # [N, 1, h, w] or None
+    generator: torch.Generator
+    i_star: Tensor | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+def _targets(pipe: Any, i_super: Tensor) -> tuple[dict[str, Tensor], dict[str, nn.Parameter]]:
+    """o*_K = W_K i_super (locked, never optimised: invariant 4); o*_V starts at W_V i_super."""
+    o_k, o_v = {}, {}
+    for name, attn in cross_attention_layers(pipe.unet).items():
+        w_k = attn.to_k.weight.detach().float()
+        w_v = attn.to_v.weight.detach().float()
+        o_k[name] = (w_k @ i_super).detach()
+        o_v[name] = nn.Parameter((w_v @ i_super).detach().clone())
+    return o_k, o_v
+
+
+def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor) -> _Run:
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    resolution = recipe.resolution or native_resolution(pipe)
+    pixels = load_images(subject.images, resolution, recipe.flip)
+    latents = encode_latents(pipe, pixels)
+    masks = None
+    if subject.masks is not None:
+        masks = load_masks(subject.masks, latents.shape[-1], recipe.flip)
+    start = initial_embedding(pipe, subject)
+    ids = add_concepts(pipe.tokenizer, pipe.text_encoder, {subject.token: start},
+                       trainable=True)
+    embedding = extended_embedding(pipe.text_encoder).vectors[str(ids[subject.token])]
+    o_k, o_v = _targets(pipe, super_encoding(pipe, subject, recipe.templates))
+    generator = torch.Generator().manual_seed(recipe.seed)
+    return _Run(pipe, subject, recipe, cinv.float(), ids[subject.token], embedding,
+                o_k, o_v, latents, masks, generator)
+
+
+def _batch(run: _Run, size: int) -> tuple[Tensor, Tensor | None, list[str]]:
+    n = run.latents.shape[0]
+    pick = torch.randint(0, n, (size,), generator=run.generator)
+    which = torch.randint(0, len(run.recipe.templates), (size,), generator=run.generator)
+    prompts = [rewrite(captions(run.recipe.templates[int(t)], run.subject.token,
+                                run.subject.adjectives), [run.subject.token]) for t in which]
+    masks = run.masks[pick] if run.masks is not None else None
+    return run.latents[pick], masks, prompts
+
+
+def _update_i_star(run: _Run, hidden: Tensor, ids: Tensor) -> Tensor:
+    """i*: the encoder output at the token's positions (found by id), batch-meaned, as an
+    exponential moving average (a buffer: detached, not a parameter)."""
+    hit = positions(ids, run.token_id)
+    current = hidden[hit].detach().float().mean(0)
+    run.i_star = current if run.i_star is None else \
+        EMA_DECAY * run.i_star + (1 - EMA_DECAY) * current
+    return run.i_star
+
+
+def masked_mse(pred: Tensor, target: Tensor, masks: Tensor | None) -> Tensor:
+    """ε-prediction MSE; with masks, normalised per image (not per row: a known bug)."""
+    err = (pred.float() - target.float()) ** 2  # [B, C, h, w]
+    if masks is None:
+        return err.mean()
+    weight = masks.expand_as(err)
+    per_image = (err * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1e-8)
+    return per_image.mean()
+
+
+def _micro_step(run: _Run, state: ConceptState, size: int) -> Tensor:
+    pipe = run.pipe
+    latents, masks, prompts = _batch(run, size)
+    noise = torch.randn(latents.shape, generator=run.generator)
+    steps = pipe.scheduler.config.num_train_timesteps
+    t = torch.randint(0, steps, (size,), generator=run.generator)
+    noisy = pipe.scheduler.add_noise(latents, noise, t)
+    hidden, ids = encode(pipe, prompts)
+    i_star = _update_i_star(run, hidden, ids)
+    names = list(run.o_k)
+    state.activate(make_basis(i_star[None], run.cinv),
+                   {n: run.o_k[n][None] for n in names}, {n: run.o_v[n][None] for n in names},
+                   beta=run.recipe.beta, lock="local", tau=run.recipe.tau)
+    device = pipe.unet.device
+    pred = pipe.unet(noisy.to(device), t.to(device), encoder_hidden_states=hidden).sample
+    return masked_mse(pred, noise.to(device), None if masks is None else masks.to(device))
+
+
+def _optimiser(run: _Run) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([
+        {"params": list(run.o_v.values()), "lr": run.recipe.lr},
+        {"params": [run.embedding], "lr": run.recipe.embedding_lr},
+    ], weight_decay=0.0)
+
+
+def _step(run: _Run, state: ConceptState, optimiser: torch.optim.Optimizer, step: int) -> float:
+    optimiser.zero_grad(set_to_none=True)
+    micro = run.recipe.micro_batch or run.recipe.batch
+    total, left = 0.0, run.recipe.batch
+    while left > 0:
+        size = min(micro, left)
+        loss = _micro_step(run, state, size)
+        value = float(loss.detach())
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(step, value)
+        torch.autograd.backward(loss * size / run.recipe.batch)
+        total += value * size / run.recipe.batch
+        left -= size
+    optimiser.step()
+    return total
+
+
+def train(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor, *,
+          cinv_fingerprint: str, base_fingerprint: str, options: Mapping[str, Any] | None = None,
+          progress: Callable[[Progress], None] | None = None) -> Concept:
+    """Train `subject` on `pipe` (left as it was found) and return the concept."""
+    state = ConceptState(caching=False)
+    run = _prepare(pipe, subject, recipe, cinv)
+    installed = install(pipe.unet, state)
+    started = time.perf_counter()
+    try:
+        optimiser = _optimiser(run)
+        with torch.enable_grad():
+            for step in range(1, recipe.steps + 1):
+                run.losses.append(_step(run, state, optimiser, step))
+                if progress is not None:
+                    progress(Progress(step, recipe.steps, run.losses[-1],
+                                      time.perf_counter() - started))
+    finally:
+        installed.restore()
+        remove_extension(pipe.text_encoder)
+    return _concept(run, cinv_fingerprint, base_fingerprint, options or {})
+
+
+def _concept(run: _Run, cinv_fingerprint: str, base_fingerprint: str,
+             options: Mapping[str, Any]) -> Concept:
+    assert run.i_star is not None
+    subject = run.subject
+    return Concept(
+        token=subject.token, supercategories=subject.supercategories,
+        adjectives=subject.adjectives, base_model=subject.base_model,
+        base_fingerprint=base_fingerprint, cinv_fingerprint=cinv_fingerprint,
+        options=dict(options), key=subject.key,
+        embedding=run.embedding.detach().float().cpu().clone(),
+        i_star=run.i_star.detach().float().cpu().clone(),
+        o_k={n: t.detach().float().cpu().clone() for n, t in run.o_k.items()},
+        o_v={n: t.detach().float().cpu().clone() for n, t in run.o_v.items()},
+    )

@@ -1,0 +1,85 @@
+"""Concept tokens: case-sensitive placeholders, an embedding extension that leaves the base
+weights alone, and positions found by token id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from perfusion_runtime.tokens import (
+    ExtendedEmbedding,
+    add_concepts,
+    placeholder,
+    positions,
+    remove_extension,
+    rewrite,
+)
+
+TOKENIZER = Path(__file__).resolve().parents[2] / "runtime" / "tokenizer"
+
+
+@pytest.fixture()
+def parts() -> tuple[CLIPTokenizer, CLIPTextModel]:
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
+    torch.manual_seed(0)
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                            num_hidden_layers=2, vocab_size=len(tokenizer),
+                            bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    return tokenizer, CLIPTextModel(config).eval()
+
+
+def test_tokens_are_case_sensitive_through_placeholders() -> None:
+    assert placeholder("Me*") != placeholder("me*")
+    assert placeholder("me*") == placeholder("me*")
+    assert rewrite("me* and Me* hug teddy* (5* stars)", ["me*", "Me*"]) == \
+        f"{placeholder('me*')} and {placeholder('Me*')} hug teddy* (5* stars)"
+
+
+def test_added_tokens_get_their_vectors_and_base_rows_stay(
+        parts: tuple[CLIPTokenizer, CLIPTextModel]) -> None:
+    tokenizer, encoder = parts
+    before = encoder.get_input_embeddings().weight.detach().clone()
+    vec_a, vec_b = torch.randn(32), torch.randn(32)
+    ids = add_concepts(tokenizer, encoder, {"Me*": vec_a, "me*": vec_b})
+    assert ids["Me*"] != ids["me*"]
+    prompt = rewrite("a photo of Me* with me*", ids)
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    emb = encoder.get_input_embeddings()
+    assert isinstance(emb, ExtendedEmbedding)
+    out = emb(input_ids)
+    hit_a = positions(input_ids, ids["Me*"])
+    hit_b = positions(input_ids, ids["me*"])
+    assert hit_a.sum() == 1 and hit_b.sum() == 1
+    assert torch.equal(out[hit_a][0], vec_a) and torch.equal(out[hit_b][0], vec_b)
+    plain = ~(hit_a | hit_b)
+    assert torch.equal(out[plain], before[input_ids[plain]])
+    assert torch.equal(emb.base.weight, before)  # invariant 5: base rows untouched
+    encoder(input_ids)  # the whole encoder runs with the extension
+    remove_extension(encoder)
+    assert not isinstance(encoder.get_input_embeddings(), ExtendedEmbedding)
+
+
+def test_trainable_vector_gets_gradients_and_base_does_not(
+        parts: tuple[CLIPTokenizer, CLIPTextModel]) -> None:
+    tokenizer, encoder = parts
+    encoder.requires_grad_(False)
+    ids = add_concepts(tokenizer, encoder, {"teddy*": torch.zeros(32)}, trainable=True)
+    input_ids = tokenizer(rewrite("a teddy* toy", ids), return_tensors="pt").input_ids
+    encoder(input_ids).last_hidden_state.sum().backward()
+    emb = encoder.get_input_embeddings()
+    assert isinstance(emb, ExtendedEmbedding)
+    grad = emb.vectors[str(ids["teddy*"])].grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert emb.base.weight.grad is None
+
+
+def test_base_vocabulary_ids_are_refused(parts: tuple[CLIPTokenizer, CLIPTextModel]) -> None:
+    _, encoder = parts
+    emb = ExtendedEmbedding(encoder.get_input_embeddings())
+    with pytest.raises(ValueError, match="base vocabulary"):
+        emb.set_vector(5, torch.zeros(32))
