@@ -70,8 +70,6 @@ def _concept_file(step: ConceptStep, root: Path, cache_dir: Path, pipe: Any, bas
     except ArtifactError:
         pass  # missing or unusable: (re)train
     cinv, cinv_print = cinv_for(pipe, cache_dir)
-    if step.options.get("mask") == "attention":
-        raise NotImplementedError("mask: attention")
     concept = train(pipe, _subject(step, root), Recipe.from_options(step.options), cinv,
                     cinv_fingerprint=cinv_print, base_fingerprint=base, options=step.options,
                     progress=None if progress is None else lambda p: progress(step.token, p))

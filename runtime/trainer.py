@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .artifact import Concept
+from .attention_mask import attention_masks
 from .images import load_images, load_masks
 from .key_locking import make_basis
 from .processor import ConceptState, install
@@ -35,6 +36,7 @@ class Recipe:
     templates: tuple[str, ...] = ("a photo of a {}",)
     beta: float = 0.75
     tau: float = 0.1
+    mask: str = "none"  # "none", "attention", or "files" (Subject.masks holds them)
     micro_batch: int | None = None  # images per forward pass; None: the whole batch
 
     @classmethod
@@ -43,6 +45,8 @@ class Recipe:
                                           "flip", "seed", "beta", "tau") if k in options}
         if "templates" in options:
             known["templates"] = tuple(options["templates"])
+        mask = options.get("mask", "none")
+        known["mask"] = mask if isinstance(mask, str) else "files"
         return cls(**known, micro_batch=micro_batch)
 
 
@@ -170,6 +174,16 @@ class _Run:
     losses: list[float] = field(default_factory=list)
 
 
+def _attention_masks(pipe: Any, subject: Subject, recipe: Recipe, latents: Tensor) -> Tensor:
+    """Masks from the base model's cross-attention to the (first) supercategory, read in the
+    first caption template with the supercategory in place of the token."""
+    sup = subject.supercategories[0]
+    hidden, ids = encode(pipe, [captions(recipe.templates[0], sup, subject.adjectives)])
+    hit = positions(ids, torch.tensor(_word_ids(pipe.tokenizer, sup)))
+    generator = torch.Generator().manual_seed(recipe.seed)
+    return attention_masks(pipe, latents, hidden.detach(), hit, generator)
+
+
 def _targets(pipe: Any, i_super: Tensor) -> tuple[dict[str, Tensor], dict[str, nn.Parameter]]:
     """o*_K = W_K i_super (locked, never optimised: invariant 4); o*_V starts at W_V i_super."""
     o_k, o_v = {}, {}
@@ -191,6 +205,8 @@ def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor) -> _Run:
     masks = None
     if subject.masks is not None:
         masks = load_masks(subject.masks, latents.shape[-1], recipe.flip)
+    elif recipe.mask == "attention":
+        masks = _attention_masks(pipe, subject, recipe, latents)
     start = initial_embedding(pipe, subject)
     ids = add_concepts(pipe.tokenizer, pipe.text_encoder, {subject.token: start},
                        trainable=True)

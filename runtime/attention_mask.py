@@ -1,0 +1,83 @@
+"""`mask: attention`: loss masks from the base model's cross-attention to the supercategory."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .tiny import cross_attention_layers
+
+NOISE_LEVEL = 0.5  # the timestep, as a fraction of the schedule, at which attention is read
+THRESHOLD = 0.3  # a latent pixel is in the mask where attention ≥ 30 % of the image's peak
+
+
+class _Capture:
+    """A cross-attention processor that computes attention as diffusers' AttnProcessor does
+    and keeps, per layer, the probability mass on the given text positions."""
+
+    def __init__(self, hit: Tensor) -> None:
+        self.hit = hit  # [B, T] bool: the supercategory's positions
+        self.maps: list[Tensor] = []  # per layer: [B, Q]
+
+    def __call__(self, attn: Any, hidden_states: Tensor,
+                 encoder_hidden_states: Tensor | None = None, attention_mask: Tensor | None = None,
+                 temb: Tensor | None = None, **kwargs: Any) -> Tensor:
+        assert encoder_hidden_states is not None
+        batch = hidden_states.shape[0]
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(query, key, None)  # [B·heads, Q, T]
+        per_head = probs.view(batch, attn.heads, *probs.shape[1:]).mean(1)  # [B, Q, T]
+        self.maps.append((per_head * self.hit[:, None, :]).sum(-1).float())
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        result: Tensor = attn.to_out[1](attn.to_out[0](out))
+        return result
+
+
+def _to_grid(maps: Sequence[Tensor], size: int) -> Tensor:
+    """Mean over layers of each layer's square map, resized to size × size: [B, size, size]."""
+    grids = []
+    for m in maps:
+        side = int(round(m.shape[1] ** 0.5))
+        grid = m.view(m.shape[0], 1, side, side)
+        grids.append(F.interpolate(grid, size=(size, size), mode="bilinear",
+                                   align_corners=False)[:, 0])
+    return torch.stack(grids).mean(0)
+
+
+def _binarise(grid: Tensor) -> Tensor:
+    """Per image (never per row: a known bug), keep where attention ≥ THRESHOLD of its peak."""
+    peak = grid.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    mask = (grid / peak >= THRESHOLD).float()
+    empty = mask.flatten(1).sum(1) == 0
+    mask[empty] = 1.0  # no signal at all: fall back to the whole image
+    return mask[:, None]  # [B, 1, size, size]
+
+
+@torch.no_grad()
+def attention_masks(pipe: Any, latents: Tensor, hidden: Tensor, hit: Tensor,
+                    generator: torch.Generator) -> Tensor:
+    """[N, 1, h, w] masks for the training latents [N, C, h, w]. `hidden` [1, T, D] encodes a
+    caption with the supercategory in place of the token; `hit` [1, T] marks its positions."""
+    unet = pipe.unet
+    steps = pipe.scheduler.config.num_train_timesteps
+    t = torch.full((latents.shape[0],), int(steps * NOISE_LEVEL), dtype=torch.long)
+    noise = torch.randn(latents.shape, generator=generator)
+    noisy = pipe.scheduler.add_noise(latents, noise, t)
+    capture = _Capture(hit.expand(latents.shape[0], -1).to(unet.device))
+    layers = cross_attention_layers(unet)
+    originals = {name: attn.processor for name, attn in layers.items()}
+    try:
+        for attn in layers.values():
+            attn.set_processor(capture)
+        unet(noisy.to(unet.device), t.to(unet.device),
+             encoder_hidden_states=hidden.expand(latents.shape[0], -1, -1).to(unet.device))
+    finally:
+        for name, attn in layers.items():
+            attn.set_processor(originals[name])
+    return _binarise(_to_grid(capture.maps, latents.shape[-1])).cpu()
