@@ -43,7 +43,7 @@ def _to_grid(maps: Sequence[Tensor], size: int) -> Tensor:
     """Mean over layers of each layer's square map, resized to size × size: [B, size, size]."""
     grids = []
     for m in maps:
-        side = int(round(m.shape[1] ** 0.5))
+        side = round(m.shape[1] ** 0.5)
         grid = m.view(m.shape[0], 1, side, side)
         grids.append(F.interpolate(grid, size=(size, size), mode="bilinear",
                                    align_corners=False)[:, 0])

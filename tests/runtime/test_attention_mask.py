@@ -6,8 +6,8 @@ import torch
 
 from perfusion_runtime.attention_mask import THRESHOLD, _binarise, _to_grid, attention_masks
 from perfusion_runtime.tiny import cross_attention_layers, tiny_pipeline
-from perfusion_runtime.trainer import captions, encode
 from perfusion_runtime.tokens import positions
+from perfusion_runtime.trainer import captions, encode
 
 
 def test_binarise_is_per_image_not_per_row() -> None:
@@ -19,7 +19,7 @@ def test_binarise_is_per_image_not_per_row() -> None:
     assert mask.shape == (2, 1, 4, 4)
     assert mask[0, 0].sum() == 1 and mask[0, 0, 0, 0] == 1  # row 3 is not its own max
     assert mask[1].sum() == 16
-    assert 0.2 < THRESHOLD  # the row above really is below the threshold
+    assert THRESHOLD > 0.2  # the row above really is below the threshold
 
 
 def test_binarise_falls_back_to_whole_image_without_signal() -> None:
