@@ -48,6 +48,33 @@ def test_check_and_plan_import_no_model_library(tmp_path: Path) -> None:
     assert result == {"checked": 0, "planned": 0, "heavy": [], "plan": 2}
 
 
+def test_runtime_imports_only_the_plan_model_from_the_compiler() -> None:
+    """The runtime reads plans; it never imports the parser, the passes or the CLI (DESIGN.md)."""
+    import ast
+
+    for path in sorted((REPO / "runtime").glob("*.py")):
+        tree = ast.parse(path.read_text("utf-8"))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                if name.split(".")[0] == "perfusion_dsl":
+                    assert name == "perfusion_dsl.plan", f"{path.name} imports {name}"
+
+
+def test_runtime_entry_point_loads_no_parser() -> None:
+    code = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import perfusion_runtime.run_plan, perfusion_runtime.render
+        print(json.dumps(sorted(m for m in sys.modules
+                                if m == "lark" or m.startswith(("lark.", "perfusion_dsl.")))))
+    """)
+    done = _run([sys.executable, "-c", code], cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == ["perfusion_dsl.plan"]
+
+
 def test_grammar_builds_in_strict_mode() -> None:
     """Lark's strict mode refuses terminal collisions and shift/reduce conflicts."""
     strict = parser(strict=True)
