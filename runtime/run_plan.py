@@ -61,7 +61,8 @@ def _subject(step: ConceptStep, root: Path) -> Subject:
 
 
 def _concept_file(step: ConceptStep, root: Path, cache_dir: Path, pipe: Any, base: str,
-                  progress: Callable[[str, Progress], None] | None, result: RunResult) -> Path:
+                  progress: Callable[[str, Progress], None] | None, result: RunResult,
+                  precision: Precision | None = None) -> Path:
     path = cache_dir / "concepts" / f"{step.key}.safetensors"
     try:
         load(path, expect_base_fingerprint=base)
@@ -72,7 +73,8 @@ def _concept_file(step: ConceptStep, root: Path, cache_dir: Path, pipe: Any, bas
     cinv, cinv_print = cinv_for(pipe, cache_dir)
     concept = train(pipe, _subject(step, root), Recipe.from_options(step.options), cinv,
                     cinv_fingerprint=cinv_print, base_fingerprint=base, options=step.options,
-                    progress=None if progress is None else lambda p: progress(step.token, p))
+                    progress=None if progress is None else lambda p: progress(step.token, p),
+                    precision=precision)
     path.parent.mkdir(parents=True, exist_ok=True)
     save(concept, path)
     result.trained.append(step.token)
@@ -130,7 +132,7 @@ def run_plan(plan: Plan, *, root: Path, cache_dir: Path | None = None, device: s
     for model in models:
         pipe = load_pipeline(model, precision)
         base = base_fingerprint(pipe)
-        files = {c.token: _concept_file(c, root, cache, pipe, base, progress, result)
+        files = {c.token: _concept_file(c, root, cache, pipe, base, progress, result, precision)
                  for c in plan.concepts if c.model == model}
         renders = [r for r in plan.renders if r.options["model"] == model]
         if renders:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from .artifact import Concept
 from .attention_mask import attention_masks
+from .device import Precision
 from .images import load_images, load_masks
 from .key_locking import make_basis
 from .processor import ConceptState, install
@@ -170,6 +172,7 @@ class _Run:
     latents: Tensor  # [N, C, h, w]
     masks: Tensor | None  # [N, 1, h, w] or None
     generator: torch.Generator
+    precision: Precision | None = None
     i_star: Tensor | None = None
     losses: list[float] = field(default_factory=list)
 
@@ -272,13 +275,21 @@ def _optimiser(run: _Run) -> torch.optim.Optimizer:
     ], weight_decay=0.0)
 
 
+def _autocast(precision: Precision | None) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision where the device policy asks for it (CUDA); a no-op on the CPU."""
+    if precision is None or not precision.autocast:
+        return contextlib.nullcontext()
+    return torch.autocast(precision.device.type, dtype=precision.dtype)
+
+
 def _step(run: _Run, state: ConceptState, optimiser: torch.optim.Optimizer, step: int) -> float:
     optimiser.zero_grad(set_to_none=True)
     micro = run.recipe.micro_batch or run.recipe.batch
     total, left = 0.0, run.recipe.batch
     while left > 0:
         size = min(micro, left)
-        loss = _micro_step(run, state, size)
+        with _autocast(run.precision):
+            loss = _micro_step(run, state, size)
         value = float(loss.detach())
         if not torch.isfinite(loss):
             raise NonFiniteLoss(step, value)
@@ -291,10 +302,12 @@ def _step(run: _Run, state: ConceptState, optimiser: torch.optim.Optimizer, step
 
 def train(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor, *,
           cinv_fingerprint: str, base_fingerprint: str, options: Mapping[str, Any] | None = None,
-          progress: Callable[[Progress], None] | None = None) -> Concept:
+          progress: Callable[[Progress], None] | None = None,
+          precision: Precision | None = None) -> Concept:
     """Train `subject` on `pipe` (left as it was found) and return the concept."""
     state = ConceptState(caching=False)
     run = _prepare(pipe, subject, recipe, cinv)
+    run.precision = precision
     installed = install(pipe.unet, state)
     started = time.perf_counter()
     try:
