@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
-from conftest import Run, png_bytes
+from helpers import Run, png_bytes
 from regen_goldens import REPO
 
 from perfusion_dsl import __version__, passes

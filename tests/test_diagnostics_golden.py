@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
-from conftest import Run, assert_clean, png_bytes
+from helpers import Run, assert_clean, png_bytes
 from regen_goldens import (
     CHECK_ARGV,
     DIAGNOSTICS,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Run, png_bytes, write_tree
+from helpers import Run, png_bytes, write_tree
 from regen_goldens import (
     PLAN_ARGV,
     REPO,

@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Give `import conftest` back to tests/conftest.py, whose helpers tests/test_*.py import.
-
-    pytest imports every conftest.py outside a package as the module `conftest`, so loading
-    this one replaced the parent's entry in sys.modules."""
-    parent = Path(__file__).resolve().parents[1] / "conftest.py"
-    for plugin in config.pluginmanager.get_plugins():
-        path = getattr(plugin, "__file__", None)
-        if path is not None and Path(path).resolve() == parent:
-            sys.modules["conftest"] = plugin
 
 # The runtime needs the `runtime` extra (torch, diffusers, transformers); without it the
 # compiler's tests still run and these are left out.
