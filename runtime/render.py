@@ -49,9 +49,10 @@ class Applied:
         remove_extension(self.pipe.text_encoder)
 
     def tokens_in(self, prompts: Sequence[str]) -> list[str]:
-        """The loaded concept tokens the prompts name, in order of first appearance."""
-        seen = dict.fromkeys(t for p in prompts for t in TOKEN.findall(p))
-        return [t for t in seen if t in self.concepts]
+        """The loaded concept tokens the prompts name, in the order they were loaded (not of
+        appearance: the concept basis, and so every image, must not depend on prompt order)."""
+        seen = {t for p in prompts for t in TOKEN.findall(p)}
+        return [t for t in self.concepts if t in seen]
 
     def activate(self, tokens: Sequence[str], strength: float | Mapping[str, float]) -> str:
         """Gate the given concepts in (the others out); returns the lock mode used."""
@@ -80,15 +81,25 @@ class Applied:
     def __call__(self, prompt: str | Sequence[str], *, seed: int | Sequence[int] = 0,
                  strength: float | Mapping[str, float] = 0.5, negative_prompt: str = "",
                  **pipe_kwargs: Any) -> list[Any]:
-        """Images for the prompts (one per prompt), image i seeded by its own generator."""
+        """Images for the prompts (one per prompt), image i seeded by its own generator.
+
+        Every concept any prompt names is active for the whole call. On the CPU each image is
+        rendered by its own pipeline call: torch's CPU kernels (oneDNN convolutions, GroupNorm)
+        give slightly different bits for different batch sizes, and image k must not depend on
+        what else is in the batch (RELIABILITY.md M4)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
         if len(seeds) != len(prompts):
             raise ValueError("give one seed per prompt")
         lock = self.activate(self.tokens_in(prompts), strength)
-        kwargs = self._embeddings(prompts, negative_prompt, lock, pipe_kwargs)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        return list(self.pipe(generator=generators, **kwargs, **pipe_kwargs).images)
+        step = 1 if self.pipe.unet.device.type == "cpu" else max(len(prompts), 1)
+        images: list[Any] = []
+        for start in range(0, len(prompts), step):
+            kwargs = self._embeddings(prompts[start:start + step], negative_prompt, lock,
+                                      pipe_kwargs)
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + step]]
+            images += list(self.pipe(generator=generators, **kwargs, **pipe_kwargs).images)
+        return images
 
     def _embeddings(self, prompts: list[str], negative: str, lock: str,
                     pipe_kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -34,14 +34,18 @@ def load_pipeline(source: str, precision: Precision) -> Any:
     if source.startswith("toy:"):
         raise ModelUnavailable(f"the built-in model {source!r} is not bundled yet")
     folder = Path(source).expanduser()
-    if not folder.is_dir():
-        raise ModelUnavailable(f"model {source!r} is not a local diffusers folder; perfusion "
-                               "never downloads weights: download it yourself and give its path")
+    if not (folder / "model_index.json").is_file():
+        raise ModelUnavailable(f"model {source!r} is not a local diffusers folder (no "
+                               "model_index.json); perfusion never downloads weights: download "
+                               "it yourself and give its path")
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        folder, local_files_only=True, use_safetensors=True, safety_checker=None,
-        requires_safety_checker=False, torch_dtype=precision.dtype)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, local_files_only=True, use_safetensors=True, safety_checker=None,
+            requires_safety_checker=False, dtype=precision.dtype)
+    except (OSError, ValueError) as exc:  # missing or unusable files; nothing is downloaded
+        raise ModelUnavailable(f"cannot load the diffusers folder {str(folder)!r}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(precision.device)
 
@@ -102,7 +106,8 @@ def _pipe_options(r: RenderStep) -> dict[str, Any]:
 def _render_all(pipe: Any, renders: Sequence[RenderStep], files: dict[str, Path], root: Path,
                 cache_dir: Path, batch_size: int, result: RunResult) -> None:
     with apply_concepts(pipe, list(files.values()), cache_dir=cache_dir) as applied:
-        ordered = sorted(renders, key=_render_key)
+        # repr: the keys mix None with numbers (an option left to the model's default)
+        ordered = sorted(renders, key=lambda r: repr(_render_key(r)))
         for _, group in groupby(ordered, key=_render_key):
             items = list(group)
             for start in range(0, len(items), batch_size):

@@ -306,20 +306,18 @@ def train(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor, *,
           precision: Precision | None = None) -> Concept:
     """Train `subject` on `pipe` (left as it was found) and return the concept."""
     state = ConceptState(caching=False)
-    run = _prepare(pipe, subject, recipe, cinv)
-    run.precision = precision
-    installed = install(pipe.unet, state)
-    started = time.perf_counter()
-    try:
-        optimiser = _optimiser(run)
-        with torch.enable_grad():
+    try:  # _prepare already adds the token: a failure there must take it out again
+        run = _prepare(pipe, subject, recipe, cinv)
+        run.precision = precision
+        started = time.perf_counter()
+        with install(pipe.unet, state), torch.enable_grad():
+            optimiser = _optimiser(run)
             for step in range(1, recipe.steps + 1):
                 run.losses.append(_step(run, state, optimiser, step))
                 if progress is not None:
                     progress(Progress(step, recipe.steps, run.losses[-1],
                                       time.perf_counter() - started))
     finally:
-        installed.restore()
         remove_extension(pipe.text_encoder)
     return _concept(run, cinv_fingerprint, base_fingerprint, options or {})
 

@@ -1,0 +1,227 @@
+"""End to end on the CPU: a spec written in tmp_path, compiled to a plan, run by run_plan with
+the built-in random tiny model (`tiny:random`); M2 and M7 at the run_plan level."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from perfusion_dsl.compiler import compile_paths
+from perfusion_dsl.plan import Plan
+from perfusion_runtime import artifact
+from perfusion_runtime import run_plan as run_plan_module
+from perfusion_runtime.covariance import cinv_for
+from perfusion_runtime.device import choose
+from perfusion_runtime.fingerprint import base_fingerprint
+from perfusion_runtime.processor import PerfusionAttnProcessor
+from perfusion_runtime.run_plan import ModelUnavailable, RunResult, load_pipeline, run_plan
+from perfusion_runtime.tiny import tiny_pipeline
+from perfusion_runtime.trainer import NonFiniteLoss, Recipe
+
+SPEC = """\
+model "tiny:random"
+
+learn images/*.png as teddy* <teddy bear> adjectives: [brown] {
+  steps: 3
+  batch: 2
+  mask: masks/*.png
+}
+
+generate "a photo of teddy* {on a beach|in the snow}" x 2 {
+  steps: 2
+  out: renders
+}
+
+# the same concepts and steps with another guidance (None beside 1.0 when grouping)
+generate "a photo of teddy* at night" {
+  steps: 2
+  guidance: 1
+  out: renders
+}
+
+generate "a plain red cube" {
+  steps: 2
+}
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Two cores shared with other jobs: one torch thread is several times faster here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_project(root: Path) -> Path:
+    """The spec, three photos (40×48, cropped to 32×32 by training) and their masks."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(3):
+        photo = Image.new("RGB", (40, 48), (40 + 60 * i, 110, 170))
+        ImageDraw.Draw(photo).ellipse((6, 10 + 2 * i, 32, 40), fill=(200, 140, 40))
+        photo.save(root / "images" / f"photo{i}.png")
+        mask = Image.new("L", (40, 48), 0)
+        ImageDraw.Draw(mask).ellipse((6, 10 + 2 * i, 32, 40), fill=255 - 60 * i)
+        mask.save(root / "masks" / f"photo{i}.png")
+    (root / "project.concept").write_text(SPEC, encoding="utf-8")
+    return root
+
+
+def compile_plan(root: Path) -> Plan:
+    compilation = compile_paths([root], root)
+    assert compilation.ok, compilation.diagnostics
+    return compilation.plan()
+
+
+def fresh_cache(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """An empty cache folder holding only the shipped corpus' C⁻¹ for the tiny model, which
+    is estimated once per session (a folder shared by the runtime test files)."""
+    shared = tmp_path_factory.getbasetemp() / "cinv-cache"
+    cinv_for(tiny_pipeline(0), shared)
+    cache = tmp_path_factory.mktemp(name)
+    shutil.copytree(shared / "cinv", cache / "cinv")
+    return cache
+
+
+def spy_pipelines(patch: pytest.MonkeyPatch) -> list[Any]:
+    """The pipelines run_plan loads from now on (the real load_pipeline is called)."""
+    loaded: list[Any] = []
+    real = run_plan_module.load_pipeline
+
+    def spy(source: str, precision: Any) -> Any:
+        loaded.append(real(source, precision))
+        return loaded[-1]
+
+    patch.setattr(run_plan_module, "load_pipeline", spy)
+    return loaded
+
+
+@pytest.fixture
+def pipes(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    return spy_pipelines(monkeypatch)
+
+
+def assert_pristine(pipe: Any) -> None:
+    """Bit-identical to a fresh `tiny:random`, with diffusers' own processors and embedding."""
+    fresh = tiny_pipeline(0)
+    for name in ("unet", "vae", "text_encoder"):
+        mine, theirs = getattr(pipe, name).state_dict(), getattr(fresh, name).state_dict()
+        assert list(mine) == list(theirs), name
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), name
+    assert type(pipe.text_encoder.get_input_embeddings()) is nn.Embedding
+    assert [type(p) for p in pipe.unet.attn_processors.values()] == \
+        [type(p) for p in fresh.unet.attn_processors.values()]
+
+
+@dataclasses.dataclass
+class FirstRun:
+    root: Path
+    cache: Path
+    plan: Plan
+    result: RunResult
+    rendered: dict[Path, bytes]
+    pipes: list[Any]  # the pipeline it trained and rendered with
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> FirstRun:
+    root = write_project(tmp_path_factory.mktemp("project"))
+    cache = fresh_cache(tmp_path_factory, "cache")
+    plan = compile_plan(root)
+    with pytest.MonkeyPatch.context() as patch:
+        pipes = spy_pipelines(patch)
+        result = run_plan(plan, root=root, cache_dir=cache, device="cpu", batch_size=4)
+    rendered = {path: path.read_bytes() for path in result.rendered}
+    return FirstRun(root, cache, plan, result, rendered, pipes)
+
+
+def test_e2e_cpu_train_save_reload_render(first_run: FirstRun, pipes: list[Any]) -> None:
+    root, cache, plan, result = first_run.root, first_run.cache, first_run.plan, first_run.result
+    (step,) = plan.concepts
+    assert step.options["mask"] == [f"masks/photo{i}.png" for i in range(3)]  # files, per image
+    assert result.trained == ["teddy*"] and result.reused == []
+    (pipe,) = first_run.pipes
+    assert_pristine(pipe)  # after training, saving, loading the concept and rendering
+    # one PNG per planned render, at its planned path, and nothing else
+    planned = {root / r.out for r in plan.renders}
+    assert len(planned) == len(plan.renders) == 6
+    assert set(result.rendered) == planned and len(result.rendered) == len(planned)
+    assert set((root / "renders").rglob("*.png")) == planned
+    for path in planned:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size == (32, 32)
+    # the concept artifact, in the cache, valid for this base model
+    path = cache / "concepts" / f"{step.key}.safetensors"
+    assert sorted(p.name for p in (cache / "concepts").iterdir()) == [path.name]
+    concept = artifact.load(path, expect_base_fingerprint=base_fingerprint(tiny_pipeline(0)))
+    assert concept.token == "teddy*" and concept.key == step.key
+    assert concept.options["mask"] == step.options["mask"]
+
+    # a second run reuses the artifact, and renders the same bytes
+    for out in planned:
+        out.unlink()
+    again = run_plan(plan, root=root, cache_dir=cache, device="cpu", batch_size=1)
+    assert again.trained == [] and again.reused == ["teddy*"]
+    assert {p: p.read_bytes() for p in again.rendered} == first_run.rendered
+    (pipe,) = pipes
+    assert_pristine(pipe)
+
+
+def test_M2_run_plan_publishes_nothing_when_training_fails(
+        tmp_path_factory: pytest.TempPathFactory, pipes: list[Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real NaN loss inside run_plan: the spec's lr is raised to 1e37 on its way to the
+    trainer (the compiler caps `lr` at 10); no artifact, no temp file and no image appear."""
+    root = write_project(tmp_path_factory.mktemp("nan-project"))
+    cache = fresh_cache(tmp_path_factory, "nan-cache")
+    real = run_plan_module.train
+
+    def huge_lr(pipe: Any, subject: Any, recipe: Recipe, *args: Any, **kwargs: Any) -> Any:
+        return real(pipe, subject, dataclasses.replace(recipe, lr=1e37), *args, **kwargs)
+
+    monkeypatch.setattr(run_plan_module, "train", huge_lr)
+    with pytest.raises(NonFiniteLoss) as caught:
+        run_plan(compile_plan(root), root=root, cache_dir=cache, device="cpu")
+    assert caught.value.step == 2
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()) \
+        == sorted(p.relative_to(cache).as_posix() for p in (cache / "cinv").iterdir())
+    assert not (root / "renders").exists()
+    (pipe,) = pipes
+    assert_pristine(pipe)
+
+
+def test_M7_missing_base_model_is_a_clear_error_within_a_second(tmp_path: Path) -> None:
+    cpu = choose("cpu")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for source in (str(tmp_path / "no-such-model"), "runwayml/stable-diffusion-v1-5", str(empty)):
+        started = time.perf_counter()
+        with pytest.raises(ModelUnavailable, match="never downloads") as caught:
+            load_pipeline(source, cpu)
+        assert time.perf_counter() - started < 1.0
+        assert source in str(caught.value)
+
+
+def test_M7_local_diffusers_folder_loads_and_broken_one_is_unavailable(tmp_path: Path) -> None:
+    original = tiny_pipeline(0)
+    folder = tmp_path / "tiny-sd"
+    original.save_pretrained(folder, safe_serialization=True)
+    pipe = load_pipeline(str(folder), choose("cpu"))
+    assert base_fingerprint(pipe) == base_fingerprint(original)
+    assert not any(isinstance(p, PerfusionAttnProcessor)
+                   for p in pipe.unet.attn_processors.values())
+    for weights in (folder / "unet").glob("*.safetensors"):  # S8: no other format is tried
+        weights.unlink()
+    with pytest.raises(ModelUnavailable, match="tiny-sd"):
+        load_pipeline(str(folder), choose("cpu"))

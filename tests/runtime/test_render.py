@@ -1,0 +1,226 @@
+"""Rendering with trained concepts on the real tiny diffusers pipeline: invariants 7 and 8 of
+PERFUSION.md, M4, global key locking and several concepts in one prompt."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from perfusion_runtime import artifact
+from perfusion_runtime.artifact import Concept
+from perfusion_runtime.covariance import cinv_for
+from perfusion_runtime.fingerprint import base_fingerprint
+from perfusion_runtime.processor import SUPER_KWARG
+from perfusion_runtime.render import Applied, apply_concepts
+from perfusion_runtime.tiny import tiny_pipeline
+from perfusion_runtime.trainer import Recipe, Subject, train
+
+RECIPE = Recipe(steps=8, batch=2, seed=0, templates=("a photo of a {}", "a close-up of a {}"))
+RENDER = {"num_inference_steps": 3, "output_type": "np"}  # float images in [0, 1]
+PLAIN = "a red car on a beach"  # names no concept
+LEAK_LIMIT = 2 / 255  # invariant 7: mean |Δ| of a concept-free image next to a concept one
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Two cores shared with other jobs: one torch thread is several times faster here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_photos(folder: Path, count: int, colour: tuple[int, int, int]) -> tuple[Path, ...]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        image = Image.new("RGB", (40, 40), (20 + 50 * i, 120, 60))
+        ImageDraw.Draw(image).rectangle((6 + 2 * i, 6, 30, 34 - 3 * i), fill=colour)
+        paths.append(folder / f"{i}.png")
+        image.save(paths[-1])
+    return tuple(paths)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("render")
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Any:
+    return tiny_pipeline(0)
+
+
+@pytest.fixture(scope="module")
+def base() -> Any:
+    """The plain pipeline, never touched by a concept."""
+    return tiny_pipeline(0)
+
+
+@pytest.fixture(scope="module")
+def cinv(tmp_path_factory: pytest.TempPathFactory, base: Any) -> Tensor:
+    """C⁻¹ of the tiny text encoder on the shipped caption corpus, estimated once per session
+    (a cache folder shared by the runtime test files); the leak of invariant 7 depends on it."""
+    return cinv_for(base, tmp_path_factory.getbasetemp() / "cinv-cache")[0]
+
+
+def _train(pipe: Any, cinv: Tensor, folder: Path, token: str, supers: tuple[str, ...],
+           colour: tuple[int, int, int]) -> Concept:
+    subject = Subject(token, supers, ("small",), write_photos(folder, 2, colour),
+                      base_model="tiny:random")
+    return train(pipe, subject, RECIPE, cinv, cinv_fingerprint="c" * 64,
+                 base_fingerprint=base_fingerprint(pipe), options={"lock": "local"})
+
+
+@pytest.fixture(scope="module")
+def teddy(pipe: Any, cinv: Tensor, workdir: Path) -> Concept:
+    return _train(pipe, cinv, workdir / "teddy", "teddy*", ("teddy bear",), (150, 90, 30))
+
+
+@pytest.fixture(scope="module")
+def mug(pipe: Any, cinv: Tensor, workdir: Path) -> Concept:
+    return _train(pipe, cinv, workdir / "mug", "mug*", ("coffee mug", "cup"), (30, 60, 220))
+
+
+def plain_render(pipe: Any, prompt: str, seed: int) -> np.ndarray:
+    """The stock pipeline, no Perfusion anywhere."""
+    image: np.ndarray = pipe(prompt, generator=torch.Generator().manual_seed(seed),
+                             **RENDER).images[0]
+    return image
+
+
+def test_invariant_7_prompt_without_concept_renders_like_base(
+        pipe: Any, base: Any, teddy: Concept, cinv: Tensor) -> None:
+    expected = plain_render(base, PLAIN, seed=3)
+    with apply_concepts(pipe, [teddy], cinv=cinv) as applied:
+        alone = applied(PLAIN, seed=3, **RENDER)[0]
+        concept, beside = applied(["a photo of teddy* on a beach", PLAIN], seed=[3, 3],
+                                  **RENDER)
+    # no concept token: the state is off and the processors are diffusers' own maths
+    assert np.array_equal(alone, expected)
+    # the concept is active for the whole batch: only the gate's leak reaches PLAIN
+    leak = float(np.abs(beside - expected).mean())
+    print(f"invariant 7 leak: mean {leak * 255:.3f}/255, "  # shown by pytest -rP
+          f"max {float(np.abs(beside - expected).max()) * 255:.3f}/255")
+    assert 0 < leak <= LEAK_LIMIT, f"leak {leak * 255:.3f}/255"
+    assert np.isfinite(concept).all()
+    # while the concept itself does change its own image
+    assert float(np.abs(concept - plain_render(base, "a photo of teddy bear on a beach", 3))
+                 .mean()) > LEAK_LIMIT
+
+
+def test_invariant_8_reload_reproduces_outputs_exactly(
+        pipe: Any, teddy: Concept, cinv: Tensor, tmp_path: Path) -> None:
+    prompts = ["a photo of teddy*", "teddy* in the snow", PLAIN]
+    with apply_concepts(pipe, [teddy], cinv=cinv) as applied:
+        in_memory = applied(prompts, seed=[0, 1, 2], **RENDER)
+    path = tmp_path / "teddy.safetensors"
+    artifact.save(teddy, path)
+    fresh = tiny_pipeline(0)
+    with apply_concepts(fresh, [path], cinv=cinv) as applied:
+        loaded = applied.concepts["teddy*"]
+        reloaded = applied(prompts, seed=[0, 1, 2], **RENDER)
+    assert artifact.encode(loaded) == artifact.encode(teddy)
+    for name in ("embedding", "i_star"):
+        assert torch.equal(getattr(loaded, name), getattr(teddy, name))
+    for a, b in zip(in_memory, reloaded, strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_M4_image_k_same_alone_in_batch_and_any_order(
+        pipe: Any, teddy: Concept, mug: Concept, cinv: Tensor) -> None:
+    """The same concept set in every call (the state is per call): image k depends only on
+    its prompt and seed, not on its batch or its place in it."""
+    prompts = ["mug* and teddy* on a table", "mug* on a table", "teddy* in the snow", PLAIN]
+    seeds = [5, 6, 7, 5]
+    with apply_concepts(pipe, [teddy, mug], cinv=cinv) as applied:
+        batch = applied(prompts, seed=seeds, **RENDER)
+        reverse = applied(prompts[::-1], seed=seeds[::-1], **RENDER)[::-1]
+        alone = [applied([prompts[0], p], seed=[seeds[0], s], **RENDER)[1]
+                 for p, s in zip(prompts, seeds, strict=True)]
+    for k in range(len(prompts)):
+        assert np.isfinite(batch[k]).all()
+        assert np.array_equal(batch[k], reverse[k]), k
+        assert np.array_equal(batch[k], alone[k]), k
+    assert not np.array_equal(batch[0], batch[3])  # the seeds and prompts do matter
+
+
+def test_global_locking_renders_through_the_supercategory_prompt(
+        pipe: Any, teddy: Concept, cinv: Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    prompts = ["a photo of teddy*", "teddy* on a beach"]
+    with apply_concepts(pipe, [teddy], cinv=cinv) as applied:
+        local = applied(prompts, seed=[0, 1], **RENDER)
+    global_teddy = dataclasses.replace(teddy, options={**teddy.options, "lock": "global"})
+    built: list[dict[str, Any]] = []
+    seen: list[Tensor | None] = []
+    with apply_concepts(pipe, [global_teddy], cinv=cinv) as applied:
+        spy_embeddings(applied, built, monkeypatch)
+        for processor in applied.installed.processors.values():
+            spy_key_value(processor, seen, monkeypatch)
+        glob = applied(prompts, seed=[0, 1], **RENDER)
+        supers = [applied.pipe.encode_prompt([applied.supercategory_prompt(p)], "cpu", 1,
+                                             False)[0] for p in prompts]
+    assert applied.supercategory_prompt(prompts[1]) == "teddy bear on a beach"
+    assert len(built) == len(prompts)  # one pipeline call per image on the CPU (M4)
+    for kwargs, expected in zip(built, supers, strict=True):
+        both = kwargs["cross_attention_kwargs"][SUPER_KWARG]
+        # guided: [unconditional, supercategory prompt], like prompt_embeds' [uncond, cond]
+        assert both.shape == (2, *kwargs["prompt_embeds"].shape[1:])
+        assert torch.equal(both[1:], expected)
+        assert torch.equal(both[:1], kwargs["negative_prompt_embeds"])
+    assert seen and all(s is not None for s in seen)  # every attn2 got the super encodings
+    for a, b in zip(local, glob, strict=True):
+        assert np.isfinite(b).all()
+        assert not np.array_equal(a, b)
+
+
+def spy_embeddings(applied: Applied, built: list[dict[str, Any]],
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    real = applied._embeddings
+
+    def spy(*args: Any) -> dict[str, Any]:
+        built.append(real(*args))
+        return built[-1]
+
+    monkeypatch.setattr(applied, "_embeddings", spy)
+
+
+def spy_key_value(processor: Any, seen: list[Tensor | None],
+                  monkeypatch: pytest.MonkeyPatch) -> None:
+    real = processor.key_value
+
+    def spy(attn: Any, context: Tensor, super_context: Tensor | None) -> tuple[Tensor, Tensor]:
+        seen.append(super_context)
+        result: tuple[Tensor, Tensor] = real(attn, context, super_context)
+        return result
+
+    monkeypatch.setattr(processor, "key_value", spy)
+
+
+def test_two_concepts_in_one_prompt(pipe: Any, teddy: Concept, mug: Concept, cinv: Tensor
+                                    ) -> None:
+    with apply_concepts(pipe, [teddy, mug], cinv=cinv) as applied:
+        both = applied("teddy* next to mug*", seed=0, **RENDER)[0]
+        assert applied.state.basis is not None and applied.state.basis.size == 2
+        only_teddy = applied("teddy* next to a cup", seed=0, **RENDER)[0]
+    assert np.isfinite(both).all()
+    assert not np.array_equal(both, only_teddy)
+
+
+def test_two_identical_concepts_are_a_clear_error(pipe: Any, teddy: Concept, cinv: Tensor
+                                                  ) -> None:
+    twin = dataclasses.replace(teddy, token="twin*")
+    embedding = pipe.text_encoder.get_input_embeddings()
+    with apply_concepts(pipe, [teddy, twin], cinv=cinv) as applied:
+        assert applied("a photo of teddy*", seed=0, **RENDER)[0] is not None  # one is fine
+        with pytest.raises(ValueError, match=r"linearly dependent.*same concept twice"):
+            applied("teddy* and twin*", seed=0, **RENDER)
+    assert pipe.text_encoder.get_input_embeddings() is embedding

@@ -1,0 +1,272 @@
+"""The trainer on the real tiny diffusers pipeline: invariants 4 and 5 of PERFUSION.md, M2 (a
+non-finite loss), seeded determinism (the basis of M3) and the per-image loss mask."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from perfusion_runtime import artifact, trainer
+from perfusion_runtime.artifact import Concept
+from perfusion_runtime.covariance import cinv_for
+from perfusion_runtime.fingerprint import base_fingerprint
+from perfusion_runtime.processor import PerfusionAttnProcessor
+from perfusion_runtime.render import apply_concepts
+from perfusion_runtime.tiny import cross_attention_layers, tiny_pipeline
+from perfusion_runtime.trainer import (
+    NonFiniteLoss,
+    Progress,
+    Recipe,
+    Subject,
+    masked_mse,
+    super_encoding,
+    train,
+)
+
+RECIPE = Recipe(steps=6, batch=2, seed=0, templates=("a photo of a {}", "a close-up of a {}"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Two cores shared with other jobs: one torch thread is several times faster here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_photos(folder: Path, count: int, seed: int = 0) -> tuple[Path, ...]:
+    """`count` distinct 40×48 RGB PNGs (a coloured ellipse on a background), made with PIL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        image = Image.new("RGB", (40, 48), (30 + 40 * i, 90, 200 - 30 * seed))
+        ImageDraw.Draw(image).ellipse((5 + 3 * i, 8, 30, 40 - 2 * i), fill=(220, 180 - 50 * i, 40))
+        paths.append(folder / f"photo{i}.png")
+        image.save(paths[-1])
+    return tuple(paths)
+
+
+def write_masks(folder: Path, count: int, value: int) -> tuple[Path, ...]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = tuple(folder / f"photo{i}.png" for i in range(count))
+    for path in paths:
+        Image.new("L", (40, 48), value).save(path)
+    return paths
+
+
+def state_dicts(pipe: Any) -> dict[str, dict[str, Tensor]]:
+    return {name: {k: v.detach().clone() for k, v in getattr(pipe, name).state_dict().items()}
+            for name in ("unet", "vae", "text_encoder")}
+
+
+def assert_bit_identical(before: dict[str, dict[str, Tensor]], pipe: Any) -> None:
+    after = state_dicts(pipe)
+    for name, tensors in before.items():
+        assert list(after[name]) == list(tensors), f"{name}: parameters added or removed"
+        changed = [k for k, v in tensors.items() if not torch.equal(v, after[name][k])]
+        assert not changed, f"{name}: changed {changed[:5]}"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("trainer")
+
+
+@pytest.fixture(scope="module")
+def cinv(tmp_path_factory: pytest.TempPathFactory) -> tuple[Tensor, str]:
+    """(C⁻¹, its fingerprint) on the shipped caption corpus, estimated once per session (a
+    cache folder shared by the runtime test files)."""
+    return cinv_for(tiny_pipeline(0), tmp_path_factory.getbasetemp() / "cinv-cache")
+
+
+@pytest.fixture(scope="module")
+def subject(workdir: Path) -> Subject:
+    return Subject("teddy*", ("teddy bear", "toy"), ("brown",),
+                   write_photos(workdir / "photos", 3), base_model="tiny:random")
+
+
+@dataclasses.dataclass
+class Trained:
+    pipe: Any
+    concept: Concept
+    before: dict[str, dict[str, Tensor]]
+    embedding: Any  # the text encoder's nn.Embedding before training
+    processors: dict[str, Any]
+    optimisers: list[torch.optim.Optimizer]
+    runs: list[Any]  # trainer._Run of the training
+
+
+@pytest.fixture(scope="module")
+def trained(subject: Subject, cinv: tuple[Tensor, str]) -> Trained:
+    """One training on a fresh tiny pipeline, with a spy on the optimiser it builds."""
+    pipe = tiny_pipeline(0)
+    before = state_dicts(pipe)
+    embedding = pipe.text_encoder.get_input_embeddings()
+    processors = dict(pipe.unet.attn_processors)
+    optimisers: list[torch.optim.Optimizer] = []
+    runs: list[Any] = []
+    real = trainer._optimiser
+
+    def spy(run: Any) -> torch.optim.Optimizer:
+        runs.append(run)
+        optimisers.append(real(run))
+        return optimisers[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "_optimiser", spy)
+        concept = train(pipe, subject, RECIPE, cinv[0], cinv_fingerprint=cinv[1],
+                        base_fingerprint=base_fingerprint(pipe), options={"steps": 6})
+    return Trained(pipe, concept, before, embedding, processors, optimisers, runs)
+
+
+def test_invariant_4_key_targets_locked(trained: Trained, subject: Subject) -> None:
+    pipe, concept = trained.pipe, trained.concept
+    i_super = super_encoding(pipe, subject, RECIPE.templates)  # recomputed after training
+    layers = cross_attention_layers(pipe.unet)
+    assert list(concept.o_k) == list(layers) and list(concept.o_v) == list(layers)
+    for name, attn in layers.items():
+        # one target per layer and projection, not one per token position
+        assert concept.o_k[name].shape == (attn.to_k.out_features,)
+        assert torch.equal(concept.o_k[name], attn.to_k.weight.float() @ i_super), name
+        start = attn.to_v.weight.float() @ i_super
+        assert not torch.equal(concept.o_v[name], start), f"{name}: o*_V was not trained"
+
+    (optimiser,), (run,) = trained.optimisers, trained.runs
+    optimised = [p for group in optimiser.param_groups for p in group["params"]]
+    assert {id(p) for p in optimised} == {id(p) for p in run.o_v.values()} | {id(run.embedding)}
+    assert len(optimised) == len(layers) + 1
+    for name, o_k in run.o_k.items():
+        assert not o_k.requires_grad and o_k.grad is None, name
+        assert all(o_k is not p for p in optimised), name
+        assert torch.equal(o_k, concept.o_k[name])  # never changed during training
+    assert all(p.requires_grad for p in optimised)
+
+
+def test_invariant_5_base_weights_bit_identical(trained: Trained, cinv: tuple[Tensor, str]
+                                                ) -> None:
+    pipe = trained.pipe
+    assert_bit_identical(trained.before, pipe)  # after training
+    assert pipe.text_encoder.get_input_embeddings() is trained.embedding
+    assert dict(pipe.unet.attn_processors) == trained.processors
+    ids_before = pipe.tokenizer("a photo of a brown teddy bear").input_ids
+
+    with apply_concepts(pipe, [trained.concept], cinv=cinv[0]) as applied:
+        assert any(isinstance(p, PerfusionAttnProcessor)
+                   for p in pipe.unet.attn_processors.values())
+        applied(["a photo of teddy*", "a cat"], seed=[0, 1], num_inference_steps=2,
+                output_type="np")
+    assert_bit_identical(trained.before, pipe)  # after rendering with the concept
+    assert pipe.text_encoder.get_input_embeddings() is trained.embedding
+    assert dict(pipe.unet.attn_processors) == trained.processors
+    assert pipe.tokenizer("a photo of a brown teddy bear").input_ids == ids_before
+
+
+def test_M2_nonfinite_loss_stops_within_a_step_and_publishes_nothing(
+        subject: Subject, cinv: tuple[Tensor, str], tmp_path: Path) -> None:
+    """lr 1e37: the first AdamW step moves o*_V by ~1e37 per value (finite in float32), the
+    attention output then overflows and the next loss is NaN. The compiler caps `lr` at 10,
+    so this goes through train() directly; test_e2e checks that run_plan publishes nothing."""
+    pipe = tiny_pipeline(0)
+    before = state_dicts(pipe)
+    embedding = pipe.text_encoder.get_input_embeddings()
+    processors = dict(pipe.unet.attn_processors)
+    seen: list[Progress] = []
+    with pytest.raises(NonFiniteLoss) as caught:
+        train(pipe, subject, dataclasses.replace(RECIPE, steps=20, lr=1e37), cinv[0],
+              cinv_fingerprint=cinv[1], base_fingerprint=base_fingerprint(pipe),
+              progress=seen.append)
+    # every reported loss was finite, and it stopped at the first step that was not
+    assert seen and all(math.isfinite(p.loss) for p in seen)
+    assert caught.value.step == len(seen) + 1 == 2
+    assert f"at step {caught.value.step}" in str(caught.value)
+    assert "nothing was saved" in str(caught.value)
+    # the pipeline is as it was: processors, token embedding, weights
+    assert dict(pipe.unet.attn_processors) == processors
+    assert pipe.text_encoder.get_input_embeddings() is embedding
+    assert_bit_identical(before, pipe)
+    assert list(tmp_path.iterdir()) == []  # train() itself never writes files
+
+
+def test_failure_while_preparing_leaves_the_pipeline_as_it_was(
+        subject: Subject, cinv: tuple[Tensor, str]) -> None:
+    """_prepare adds the token before it reads i_super; a supercategory that cannot be found
+    in its own (truncated) caption fails there, and the embedding must still be restored."""
+    pipe = tiny_pipeline(0)
+    embedding = pipe.text_encoder.get_input_embeddings()
+    long = dataclasses.replace(subject, adjectives=tuple(f"word{i}" for i in range(80)))
+    with pytest.raises(trainer.TrainingError, match="supercategory"):
+        train(pipe, long, dataclasses.replace(RECIPE, steps=1), cinv[0],
+              cinv_fingerprint=cinv[1], base_fingerprint=base_fingerprint(pipe))
+    assert pipe.text_encoder.get_input_embeddings() is embedding
+    assert not any(isinstance(p, PerfusionAttnProcessor)
+                   for p in pipe.unet.attn_processors.values())
+
+
+def test_M3_basis_seeded_training_is_bit_deterministic(
+        trained: Trained, subject: Subject, cinv: tuple[Tensor, str]) -> None:
+    """Two trainings with the same seed give the same artifact bytes (resume exactness, M3,
+    builds on this); another seed gives other bytes."""
+    def bytes_for(recipe: Recipe) -> bytes:
+        pipe = tiny_pipeline(0)
+        concept = train(pipe, subject, recipe, cinv[0], cinv_fingerprint=cinv[1],
+                        base_fingerprint=base_fingerprint(pipe), options={"steps": 6})
+        return artifact.encode(concept)
+
+    first = artifact.encode(trained.concept)
+    assert bytes_for(RECIPE) == first
+    assert bytes_for(dataclasses.replace(RECIPE, seed=1)) != first
+
+
+def test_masked_mse_normalises_per_image() -> None:
+    """[B=3, C=1, 2, 2]. Image 0: squared errors [[1, 4], [9, 0]] under the mask
+    [[1, 1], [0, .5]] -> (1 + 4) / 2.5 = 2. Image 1: an all-zero mask -> 0, not NaN.
+    Image 2: errors all 4 under a full mask -> 4. The loss is the mean over images, 2.
+    Normalising per row would give 1.25 for image 0; over the whole batch, 21 / 6.5."""
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 0.0]]], [[[5.0, 5.0], [5.0, 5.0]]],
+                         [[[2.0, -2.0], [2.0, -2.0]]]], requires_grad=True)
+    target = torch.zeros_like(pred)
+    masks = torch.tensor([[[[1.0, 1.0], [0.0, 0.5]]], [[[0.0, 0.0], [0.0, 0.0]]],
+                          [[[1.0, 1.0], [1.0, 1.0]]]])
+    loss = masked_mse(pred, target, masks)
+    assert loss.item() == 2.0
+    loss.backward()
+    assert pred.grad is not None and bool(torch.isfinite(pred.grad).all())
+    assert bool((pred.grad[1] == 0).all())  # a fully masked-out image teaches nothing
+    assert masked_mse(pred, target, None).item() == float((pred.detach() ** 2).mean())
+    # the mask broadcasts over channels: two identical channels give the same value
+    assert masked_mse(pred.repeat(1, 2, 1, 1), target.repeat(1, 2, 1, 1), masks).item() == 2.0
+
+
+def test_mask_files_weigh_the_loss_per_image(subject: Subject, cinv: tuple[Tensor, str],
+                                             tmp_path: Path) -> None:
+    """Mask files go through load_masks into the loss: all-zero masks make every loss 0 (and
+    o*_V never moves), all-white masks give the unmasked losses."""
+    recipe = dataclasses.replace(RECIPE, steps=3)
+
+    def losses(masks: tuple[Path, ...] | None) -> tuple[list[float], Concept]:
+        pipe = tiny_pipeline(0)
+        seen: list[Progress] = []
+        concept = train(pipe, dataclasses.replace(subject, masks=masks), recipe, cinv[0],
+                        cinv_fingerprint=cinv[1], base_fingerprint=base_fingerprint(pipe),
+                        progress=seen.append)
+        return [p.loss for p in seen], concept
+
+    count = len(subject.images)
+    plain, _ = losses(None)
+    white, _ = losses(write_masks(tmp_path / "white", count, 255))
+    black, concept = losses(write_masks(tmp_path / "black", count, 0))
+    assert white == pytest.approx(plain, rel=1e-5)
+    assert black == [0.0] * recipe.steps
+    pipe = tiny_pipeline(0)
+    i_super = super_encoding(pipe, subject, recipe.templates)
+    for name, attn in cross_attention_layers(pipe.unet).items():
+        assert torch.equal(concept.o_v[name], attn.to_v.weight.float() @ i_super), name
