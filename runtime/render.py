@@ -130,17 +130,20 @@ def _load_all(items: Sequence[Path | Concept], base_fingerprint: str) -> dict[st
 
 
 def apply_concepts(pipe: Any, concepts: Sequence[str | os.PathLike[str] | Concept], *,
-                   cache_dir: Path | None = None, cinv: Tensor | None = None) -> Applied:
+                   cache_dir: Path | None = None, captions: Path | None = None,
+                   cinv: Tensor | None = None) -> Applied:
     """Load concept files (or Concepts) into a stock diffusers StableDiffusionPipeline.
 
     Validates each file against this pipeline (base model fingerprint, layers, sizes), adds
     the tokens to its tokenizer, and installs the Perfusion processors. The pipeline's base
-    weights are never modified; `Applied.remove()` undoes the rest."""
+    weights are never modified; `Applied.remove()` undoes the rest. C⁻¹ comes from the cache
+    (estimated on the shipped caption corpus, or on `captions`) unless given as `cinv`."""
     base = base_fingerprint(pipe)
-    if cinv is None:
-        cinv, cinv_print = cinv_for(pipe, cache_dir or default_cache_dir())
-    else:
-        cinv_print = None
+    cinv_print = None
+    if not concepts:  # nothing to gate: C⁻¹ (minutes to estimate on a CPU) is not needed
+        cinv = torch.zeros(0, 0)
+    elif cinv is None:
+        cinv, cinv_print = cinv_for(pipe, cache_dir or default_cache_dir(), captions)
     loaded = _load_all([c if isinstance(c, Concept) else Path(c) for c in concepts], base)
     layers = {n: int(a.to_k.out_features) for n, a in cross_attention_layers(pipe.unet).items()}
     for concept in loaded.values():

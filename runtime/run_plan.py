@@ -64,24 +64,44 @@ def _subject(step: ConceptStep, root: Path) -> Subject:
                    tuple(root / i for i in step.images), masks, step.key, step.model)
 
 
-def _concept_file(step: ConceptStep, root: Path, cache_dir: Path, pipe: Any, base: str,
-                  progress: Callable[[str, Progress], None] | None, result: RunResult,
-                  precision: Precision | None = None) -> Path:
-    path = cache_dir / "concepts" / f"{step.key}.safetensors"
+@dataclass
+class _ModelRun:
+    """One base model's share of a plan run."""
+
+    pipe: Any
+    root: Path
+    cache: Path
+    precision: Precision
+    captions: Path | None
+    progress: Callable[[str, Progress], None] | None
+    result: RunResult
+    base: str = ""
+    cinv: tuple[Any, str] | None = None  # (C⁻¹, its fingerprint), computed when first needed
+
+    def cinv_for(self) -> tuple[Any, str]:
+        if self.cinv is None:
+            self.cinv = cinv_for(self.pipe, self.cache, self.captions)
+        return self.cinv
+
+
+def _concept_file(run: _ModelRun, step: ConceptStep) -> Path:
+    """The artifact of `step`: reused when a valid one made with this model's C⁻¹ exists."""
+    path = run.cache / "concepts" / f"{step.key}.safetensors"
+    cinv, cinv_print = run.cinv_for()
     try:
-        load(path, expect_base_fingerprint=base)
-        result.reused.append(step.token)
-        return path
+        if load(path, expect_base_fingerprint=run.base).cinv_fingerprint == cinv_print:
+            run.result.reused.append(step.token)
+            return path
     except ArtifactError:
         pass  # missing or unusable: (re)train
-    cinv, cinv_print = cinv_for(pipe, cache_dir)
-    concept = train(pipe, _subject(step, root), Recipe.from_options(step.options), cinv,
-                    cinv_fingerprint=cinv_print, base_fingerprint=base, options=step.options,
-                    progress=None if progress is None else lambda p: progress(step.token, p),
-                    precision=precision)
+    progress = run.progress
+    concept = train(run.pipe, _subject(step, run.root), Recipe.from_options(step.options), cinv,
+                    cinv_fingerprint=cinv_print, base_fingerprint=run.base,
+                    options=step.options, precision=run.precision,
+                    progress=None if progress is None else lambda p: progress(step.token, p))
     path.parent.mkdir(parents=True, exist_ok=True)
     save(concept, path)
-    result.trained.append(step.token)
+    run.result.trained.append(step.token)
     return path
 
 
@@ -103,9 +123,10 @@ def _pipe_options(r: RenderStep) -> dict[str, Any]:
     return out
 
 
-def _render_all(pipe: Any, renders: Sequence[RenderStep], files: dict[str, Path], root: Path,
-                cache_dir: Path, batch_size: int, result: RunResult) -> None:
-    with apply_concepts(pipe, list(files.values()), cache_dir=cache_dir) as applied:
+def _render_all(run: _ModelRun, renders: Sequence[RenderStep], files: dict[str, Path],
+                batch_size: int) -> None:
+    with apply_concepts(run.pipe, list(files.values()), cache_dir=run.cache,
+                        captions=run.captions) as applied:
         # repr: the keys mix None with numbers (an option left to the model's default)
         ordered = sorted(renders, key=lambda r: repr(_render_key(r)))
         for _, group in groupby(ordered, key=_render_key):
@@ -118,28 +139,29 @@ def _render_all(pipe: Any, renders: Sequence[RenderStep], files: dict[str, Path]
                                  negative_prompt=first.options.get("negative", ""),
                                  **_pipe_options(first))
                 for render, image in zip(batch, images, strict=True):
-                    out = root / render.out
+                    out = run.root / render.out
                     out.parent.mkdir(parents=True, exist_ok=True)
                     image.save(out)
-                    result.rendered.append(out)
+                    run.result.rendered.append(out)
 
 
 def run_plan(plan: Plan, *, root: Path, cache_dir: Path | None = None, device: str = "auto",
-             batch_size: int = 8,
+             batch_size: int = 8, captions: Path | None = None,
              progress: Callable[[str, Progress], None] | None = None) -> RunResult:
     """Train every concept of `plan` that has no artifact yet, then render every image.
 
-    Paths in the plan are relative to `root` (the run root)."""
+    Paths in the plan are relative to `root` (the run root). `captions` replaces the shipped
+    caption corpus for C⁻¹ (it changes C⁻¹'s fingerprint, so concepts are retrained)."""
     cache = cache_dir or default_cache_dir()
     precision = choose(device)
     result = RunResult()
     models = sorted({c.model for c in plan.concepts} | {r.options["model"] for r in plan.renders})
     for model in models:
         pipe = load_pipeline(model, precision)
-        base = base_fingerprint(pipe)
-        files = {c.token: _concept_file(c, root, cache, pipe, base, progress, result, precision)
-                 for c in plan.concepts if c.model == model}
+        run = _ModelRun(pipe, root, cache, precision, captions, progress, result,
+                        base_fingerprint(pipe))
+        files = {c.token: _concept_file(run, c) for c in plan.concepts if c.model == model}
         renders = [r for r in plan.renders if r.options["model"] == model]
         if renders:
-            _render_all(pipe, renders, files, root, cache, batch_size, result)
+            _render_all(run, renders, files, batch_size)
     return result

@@ -178,6 +178,23 @@ def test_e2e_cpu_train_save_reload_render(first_run: FirstRun, pipes: list[Any])
     assert_pristine(pipe)
 
 
+def test_user_caption_file_changes_cinv_so_the_concept_is_retrained(
+        first_run: FirstRun, tmp_path: Path) -> None:
+    """A caption file of the user's own replaces the shipped corpus: another C⁻¹ (another
+    fingerprint), so the artifact trained with the shipped one is not reused."""
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a photo of a dog\na red car on a road\nan old house in the snow\n",
+                        encoding="utf-8")
+    cache = shutil.copytree(first_run.cache, tmp_path / "cache")  # leave the shared one alone
+    shipped = artifact.load(cache / "concepts" / f"{first_run.plan.concepts[0].key}.safetensors")
+    again = run_plan(first_run.plan, root=first_run.root, cache_dir=cache, device="cpu",
+                     captions=captions)
+    assert again.trained == ["teddy*"] and again.reused == []
+    mine = artifact.load(cache / "concepts" / f"{first_run.plan.concepts[0].key}.safetensors")
+    assert mine.cinv_fingerprint != shipped.cinv_fingerprint
+    assert len(list((cache / "cinv").iterdir())) == 2
+
+
 def test_M2_run_plan_publishes_nothing_when_training_fails(
         tmp_path_factory: pytest.TempPathFactory, pipes: list[Any],
         monkeypatch: pytest.MonkeyPatch) -> None:
