@@ -19,6 +19,11 @@ from .processor import SUPER_KWARG, ConceptState, Installed, install
 from .tiny import cross_attention_layers
 from .tokens import TOKEN, add_concepts, remove_extension, rewrite
 
+# Images per pipeline call when none is given: one on the CPU, where torch's kernels give
+# different bits for different batch sizes and even for different places in one batch (M4);
+# on CUDA a batch of 8, where throughput matters more (and M4 is not promised).
+CPU_BATCH, CUDA_BATCH = 1, 8
+
 
 def default_cache_dir() -> Path:
     base = os.environ.get("PERFUSION_CACHE")
@@ -37,6 +42,7 @@ class Applied:
     cinv: Tensor
     installed: Installed
     state: ConceptState = field(default_factory=ConceptState)
+    batch_size: int = CPU_BATCH  # images per pipeline call, always exactly this many
 
     def __enter__(self) -> Applied:
         return self
@@ -83,22 +89,25 @@ class Applied:
                  **pipe_kwargs: Any) -> list[Any]:
         """Images for the prompts (one per prompt), image i seeded by its own generator.
 
-        Every concept any prompt names is active for the whole call. On the CPU each image is
-        rendered by its own pipeline call: torch's CPU kernels (oneDNN convolutions, GroupNorm)
-        give slightly different bits for different batch sizes, and image k must not depend on
-        what else is in the batch (RELIABILITY.md M4)."""
+        Every concept any prompt names is active for the whole call. Prompts go through the
+        pipeline in chunks of exactly `batch_size`, the last one padded with copies (their
+        images dropped), so every call has the same shape. On the CPU the default is one
+        image per call: torch's CPU kernels (oneDNN convolutions, GroupNorm) give slightly
+        different bits for different batch sizes and for different places in a batch, and
+        image k must not depend on what else is rendered with it (RELIABILITY.md M4)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
         if len(seeds) != len(prompts):
             raise ValueError("give one seed per prompt")
         lock = self.activate(self.tokens_in(prompts), strength)
-        step = 1 if self.pipe.unet.device.type == "cpu" else max(len(prompts), 1)
         images: list[Any] = []
-        for start in range(0, len(prompts), step):
-            kwargs = self._embeddings(prompts[start:start + step], negative_prompt, lock,
-                                      pipe_kwargs)
-            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + step]]
-            images += list(self.pipe(generator=generators, **kwargs, **pipe_kwargs).images)
+        for start in range(0, len(prompts), self.batch_size):
+            chunk, chunk_seeds = _padded(prompts[start:start + self.batch_size],
+                                         seeds[start:start + self.batch_size], self.batch_size)
+            kwargs = self._embeddings(chunk, negative_prompt, lock, pipe_kwargs)
+            generators = [torch.Generator("cpu").manual_seed(s) for s in chunk_seeds]
+            done = list(self.pipe(generator=generators, **kwargs, **pipe_kwargs).images)
+            images += done[:len(prompts[start:start + self.batch_size])]
         return images
 
     def _embeddings(self, prompts: list[str], negative: str, lock: str,
@@ -118,6 +127,12 @@ class Applied:
         return out
 
 
+def _padded(prompts: list[str], seeds: list[int], size: int) -> tuple[list[str], list[int]]:
+    """The chunk filled up to `size` with copies of its last prompt and seed."""
+    pad = size - len(prompts)
+    return prompts + prompts[-1:] * pad, seeds + seeds[-1:] * pad
+
+
 def _load_all(items: Sequence[Path | Concept], base_fingerprint: str) -> dict[str, Concept]:
     concepts: dict[str, Concept] = {}
     for item in items:
@@ -131,13 +146,17 @@ def _load_all(items: Sequence[Path | Concept], base_fingerprint: str) -> dict[st
 
 def apply_concepts(pipe: Any, concepts: Sequence[str | os.PathLike[str] | Concept], *,
                    cache_dir: Path | None = None, captions: Path | None = None,
-                   cinv: Tensor | None = None) -> Applied:
+                   cinv: Tensor | None = None, batch_size: int | None = None) -> Applied:
     """Load concept files (or Concepts) into a stock diffusers StableDiffusionPipeline.
 
     Validates each file against this pipeline (base model fingerprint, layers, sizes), adds
     the tokens to its tokenizer, and installs the Perfusion processors. The pipeline's base
     weights are never modified; `Applied.remove()` undoes the rest. C⁻¹ comes from the cache
     (estimated on the shipped caption corpus, or on `captions`) unless given as `cinv`."""
+    if batch_size is None:
+        batch_size = CPU_BATCH if pipe.unet.device.type == "cpu" else CUDA_BATCH
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     base = base_fingerprint(pipe)
     cinv_print = None
     if not concepts:  # nothing to gate: C⁻¹ (minutes to estimate on a CPU) is not needed
@@ -156,4 +175,4 @@ def apply_concepts(pipe: Any, concepts: Sequence[str | os.PathLike[str] | Concep
     add_concepts(pipe.tokenizer, pipe.text_encoder,
                  {t: c.embedding for t, c in loaded.items()})
     state = ConceptState()
-    return Applied(pipe, loaded, cinv.float(), install(pipe.unet, state), state)
+    return Applied(pipe, loaded, cinv.float(), install(pipe.unet, state), state, batch_size)

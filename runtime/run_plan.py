@@ -124,29 +124,27 @@ def _pipe_options(r: RenderStep) -> dict[str, Any]:
 
 
 def _render_all(run: _ModelRun, renders: Sequence[RenderStep], files: dict[str, Path],
-                batch_size: int) -> None:
+                batch_size: int | None) -> None:
     with apply_concepts(run.pipe, list(files.values()), cache_dir=run.cache,
-                        captions=run.captions) as applied:
+                        captions=run.captions, batch_size=batch_size) as applied:
         # repr: the keys mix None with numbers (an option left to the model's default)
         ordered = sorted(renders, key=lambda r: repr(_render_key(r)))
         for _, group in groupby(ordered, key=_render_key):
-            items = list(group)
-            for start in range(0, len(items), batch_size):
-                batch = items[start:start + batch_size]
-                first = batch[0]
-                images = applied([r.prompt for r in batch], seed=[r.seed for r in batch],
-                                 strength=first.strength,
-                                 negative_prompt=first.options.get("negative", ""),
-                                 **_pipe_options(first))
-                for render, image in zip(batch, images, strict=True):
-                    out = run.root / render.out
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    image.save(out)
-                    run.result.rendered.append(out)
+            batch = list(group)
+            first = batch[0]
+            images = applied([r.prompt for r in batch], seed=[r.seed for r in batch],
+                             strength=first.strength,
+                             negative_prompt=first.options.get("negative", ""),
+                             **_pipe_options(first))
+            for render, image in zip(batch, images, strict=True):
+                out = run.root / render.out
+                out.parent.mkdir(parents=True, exist_ok=True)
+                image.save(out)
+                run.result.rendered.append(out)
 
 
 def run_plan(plan: Plan, *, root: Path, cache_dir: Path | None = None, device: str = "auto",
-             batch_size: int = 8, captions: Path | None = None,
+             batch_size: int | None = None, captions: Path | None = None,
              progress: Callable[[str, Progress], None] | None = None) -> RunResult:
     """Train every concept of `plan` that has no artifact yet, then render every image.
 
