@@ -188,8 +188,8 @@ class PerfusionAttnProcessor:
         if state.basis is None:
             return attn.to_k(context), attn.to_v(context)
         if state.lock == "local":
-            key = self._edited(attn.to_k, context, state.o_k, "o_k")
-        elif state.lock == "global":
+            return self._edited_pair(attn, context)
+        if state.lock == "global":
             if super_context is None:
                 raise ValueError(
                     f"global key locking needs the supercategory prompt's encodings: pass "
@@ -203,6 +203,28 @@ class PerfusionAttnProcessor:
         else:
             raise ValueError(f"lock must be 'local' or 'global', got {state.lock!r}")
         return key, self._edited(attn.to_v, context, state.o_v, "o_v")
+
+    def _edited_pair(self, attn: Any, e: Tensor) -> tuple[Tensor, Tensor]:
+        """Local locking: K and V edited together. Both read the same coefficients a(e) and
+        gates, so one edit of the stacked weight [W_K; W_V] with targets [o*_K | o*_V] gives
+        both at the cost of one (each output column of eq. 3 is independent of the others)."""
+        state = self.state
+        assert state.basis is not None and state.beta is not None
+        for name, layers in (("o_k", state.o_k), ("o_v", state.o_v)):
+            if self.layer not in layers:
+                raise KeyError(f"the concept state has no {name} for layer {self.layer!r}")
+        to_k, to_v = attn.to_k, attn.to_v
+        device = to_k.weight.device
+        weight = torch.cat([to_k.weight, to_v.weight])  # [O_k + O_v, D]
+        targets = torch.cat([state.o_k[self.layer], state.o_v[self.layer]], dim=1).to(device)
+        h = edited_projection(e, weight, state.basis.to(device), targets,
+                              state.beta.to(device), state.tau)
+        key, value = torch.split(h, [to_k.out_features, to_v.out_features], dim=-1)
+        if to_k.bias is not None:
+            key = key + to_k.bias.to(key.dtype)
+        if to_v.bias is not None:
+            value = value + to_v.bias.to(value.dtype)
+        return key, value
 
     def _edited(self, linear: nn.Linear, e: Tensor, targets: Mapping[str, Tensor], name: str
                 ) -> Tensor:

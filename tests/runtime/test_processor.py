@@ -151,7 +151,8 @@ def test_edited_kv_computed_once_per_prompt(pipe: Any, encode: Encode,
     monkeypatch.setattr(processor_module, "edited_projection", spy)
     with install(pipe.unet, state):
         render(pipe, steps=5)
-    assert len(calls) == 2 * len(cross_attention_layers(pipe.unet))  # K and V, once per layer
+    # K and V together (local locking edits the stacked [W_K; W_V]), once per layer
+    assert len(calls) == len(cross_attention_layers(pipe.unet))
 
 
 def test_closed_gate_and_orthogonal_input_stay_at_the_base(
@@ -267,3 +268,15 @@ def test_concept_state_versions_and_validation(pipe: Any, encode: Encode,
         state.activate(basis, {}, {}, beta=0.7, lock="sideways")
     with pytest.raises(ValueError, match=r"o_v\['x'\]"):
         state.activate(basis, {}, {"x": torch.zeros(2, 32)}, beta=0.7)
+
+
+def test_local_lock_edits_k_and_v_together_as_two_separate_edits_would(
+        pipe: Any, encode: Encode, concept_state: MakeState) -> None:
+    """The fused [W_K; W_V] edit is eq. 3 applied to each projection on its own."""
+    encodings = encode([PROMPT, SUPER])
+    state = concept_state(encodings[0, 5:6], encodings, beta=0.7)
+    for name, attn in cross_attention_layers(pipe.unet).items():
+        proc = PerfusionAttnProcessor(state, name)
+        key, value = proc._edited_pair(attn, encodings)
+        torch.testing.assert_close(key, proc._edited(attn.to_k, encodings, state.o_k, "o_k"))
+        torch.testing.assert_close(value, proc._edited(attn.to_v, encodings, state.o_v, "o_v"))
