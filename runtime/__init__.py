@@ -1,1 +1,1 @@
-"""Runtime: trains and renders a compiled plan (arrives in a later issue)."""
+"""perfusion_runtime: trains concepts with Perfusion and renders a compiled plan (see README.md)."""
