@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -21,6 +21,15 @@ else:
     from perfusion_runtime.tiny import cross_attention_layers, tiny_pipeline
 
     Encode = Callable[[list[str]], Tensor]
+
+    @pytest.fixture(scope="module", autouse=True)
+    def one_thread() -> Iterator[None]:
+        """Two cores often shared with other jobs: one torch thread is several times faster
+        here than two contending ones."""
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(before)
 
     @pytest.fixture
     def pipe() -> Any:

@@ -4,7 +4,6 @@ PERFUSION.md, M4, global key locking and several concepts in one prompt."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +26,6 @@ RECIPE = Recipe(steps=8, batch=2, seed=0, templates=("a photo of a {}", "a close
 RENDER = {"num_inference_steps": 3, "output_type": "np"}  # float images in [0, 1]
 PLAIN = "a red car on a beach"  # names no concept
 LEAK_LIMIT = 2 / 255  # invariant 7: mean |Δ| of a concept-free image next to a concept one
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Two cores shared with other jobs: one torch thread is several times faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_photos(folder: Path, count: int, colour: tuple[int, int, int]) -> tuple[Path, ...]:

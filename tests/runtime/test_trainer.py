@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,6 @@ from perfusion_runtime.trainer import (
 )
 
 RECIPE = Recipe(steps=6, batch=2, seed=0, templates=("a photo of a {}", "a close-up of a {}"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Two cores shared with other jobs: one torch thread is several times faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_photos(folder: Path, count: int, seed: int = 0) -> tuple[Path, ...]:
