@@ -10,7 +10,7 @@ from typing import Any
 from perfusion_dsl.config import ProjectConfig
 from perfusion_dsl.diagnostics import Diagnostic
 from perfusion_dsl.fsutil import ImageInfo
-from perfusion_dsl.nodes import Generate, Learn, Let, Module, Span
+from perfusion_dsl.nodes import Generate, Learn, Let, Module
 from perfusion_dsl.source import Source
 
 
@@ -101,10 +101,6 @@ class Context:
             for i, stmt in enumerate(unit.module.statements)
             if isinstance(stmt, kind)
         ]
-
-
-def at(unit: Unit, span: Span | None) -> tuple[str, Span | None]:
-    return unit.file, span
 
 
 def use_target(unit_path: Path, value: str) -> Path:

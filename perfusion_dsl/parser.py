@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lark import Lark, Token, Transformer, Tree, UnexpectedInput
+from lark import Lark, Token, Transformer, UnexpectedInput
 
 from perfusion_dsl import nodes as n
 from perfusion_dsl.diagnostics import Diagnostic, error
@@ -307,4 +307,4 @@ def _error_offset(exc: UnexpectedInput, text: str) -> int:
     return int(pos)
 
 
-__all__ = ["Parsed", "Tree", "comments", "parse", "parser"]
+__all__ = ["Parsed", "comments", "parse", "parser"]
