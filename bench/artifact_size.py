@@ -17,7 +17,8 @@ import safetensors.torch
 import torch
 
 from perfusion_runtime.artifact import Concept, load, save, size_for
-from perfusion_runtime.tiny import cross_attention_layers, sd15_unet_and_text_encoder
+from perfusion_runtime.layers import cross_attention_layers
+from perfusion_runtime.tiny import sd15_unet_and_text_encoder
 
 BUDGET_KIB = 106
 EXPECTED_PER_PROJECTION = 12_480  # PERFUSION.md, "The concept artifact"

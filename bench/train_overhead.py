@@ -55,8 +55,9 @@ from torch import Tensor, nn
 from perfusion_runtime import trainer
 from perfusion_runtime.covariance import CAPTIONS_PATH, estimate_cinv, load_captions
 from perfusion_runtime.key_locking import inverse_covariance, make_basis, second_moment
+from perfusion_runtime.layers import cross_attention_layers
 from perfusion_runtime.processor import ConceptState, install
-from perfusion_runtime.tiny import cross_attention_layers, sd15_unet_and_text_encoder, tiny_pipeline
+from perfusion_runtime.tiny import sd15_unet_and_text_encoder, tiny_pipeline
 from perfusion_runtime.tokens import extended_embedding, positions
 
 SEED = 0

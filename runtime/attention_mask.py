@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .tiny import cross_attention_layers
+from .layers import cross_attention_layers
 
 NOISE_LEVEL = 0.5  # the timestep, as a fraction of the schedule, at which attention is read
 THRESHOLD = 0.3  # a latent pixel is in the mask where attention ≥ 30 % of the image's peak

@@ -6,7 +6,7 @@ import hashlib
 from typing import Any
 
 from .covariance import text_encoder_fingerprint
-from .tiny import cross_attention_layers
+from .layers import cross_attention_layers
 
 
 def base_fingerprint(pipe: Any) -> str:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .key_locking import INFERENCE_TAU, LOCK_MODES, Basis, edited_projection
-from .tiny import cross_attention_layers
+from .layers import cross_attention_layers
 
 SUPER_KWARG = "perfusion_super"  # cross_attention_kwargs key of the global-lock encodings
 

@@ -15,8 +15,8 @@ from .artifact import Concept, load
 from .covariance import cinv_for
 from .fingerprint import base_fingerprint
 from .key_locking import make_basis, strength_to_beta
+from .layers import cross_attention_layers
 from .processor import SUPER_KWARG, ConceptState, Installed, install
-from .tiny import cross_attention_layers
 from .tokens import TOKEN, add_concepts, remove_extension, rewrite
 
 # Images per pipeline call when none is given: one on the CPU, where torch's kernels give

@@ -14,8 +14,6 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from diffusers.models.attention_processor import Attention
-from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"  # tools/make_tiny_tokenizer.py
@@ -120,12 +118,3 @@ def sd15_unet_and_text_encoder(device: str | torch.device = "meta", seed: int = 
     for model in (unet, text_encoder):
         model.eval().requires_grad_(False)
     return unet, text_encoder
-
-
-def cross_attention_layers(unet: nn.Module) -> dict[str, Attention]:
-    """Every cross-attention `attn2` module by module path, in model order (SD 1.5: 16)."""
-    return {
-        name: module for name, module in unet.named_modules()
-        if name.rsplit(".", 1)[-1] == "attn2" and isinstance(module, Attention)
-        and module.is_cross_attention
-    }

@@ -17,8 +17,8 @@ from .attention_mask import attention_masks
 from .device import Precision
 from .images import load_images, load_masks
 from .key_locking import make_basis
+from .layers import cross_attention_layers
 from .processor import ConceptState, install
-from .tiny import cross_attention_layers
 from .tokens import add_concepts, extended_embedding, positions, remove_extension, rewrite
 
 EMA_DECAY = 0.99  # i* is an exponential moving average (PERFUSION.md)

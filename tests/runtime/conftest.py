@@ -17,8 +17,9 @@ else:
     from torch import Tensor
 
     from perfusion_runtime.key_locking import inverse_covariance, make_basis, second_moment
+    from perfusion_runtime.layers import cross_attention_layers
     from perfusion_runtime.processor import ConceptState
-    from perfusion_runtime.tiny import cross_attention_layers, tiny_pipeline
+    from perfusion_runtime.tiny import tiny_pipeline
 
     Encode = Callable[[list[str]], Tensor]
 

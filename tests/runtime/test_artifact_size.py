@@ -6,7 +6,8 @@ import torch
 
 from perfusion_dsl.options import LEARN, defaults_for
 from perfusion_runtime.artifact import Concept, encode, size_for
-from perfusion_runtime.tiny import cross_attention_layers, sd15_unet_and_text_encoder
+from perfusion_runtime.layers import cross_attention_layers
+from perfusion_runtime.tiny import sd15_unet_and_text_encoder
 
 BUDGET = 106 * 1024
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from perfusion_runtime.attention_mask import THRESHOLD, _binarise, _to_grid, attention_masks
-from perfusion_runtime.tiny import cross_attention_layers, tiny_pipeline
+from perfusion_runtime.layers import cross_attention_layers
+from perfusion_runtime.tiny import tiny_pipeline
 from perfusion_runtime.tokens import positions
 from perfusion_runtime.trainer import captions, encode
 

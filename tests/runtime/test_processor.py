@@ -14,8 +14,8 @@ from torch import Tensor
 
 from perfusion_runtime import processor as processor_module
 from perfusion_runtime.key_locking import gate
+from perfusion_runtime.layers import cross_attention_layers
 from perfusion_runtime.processor import ConceptState, PerfusionAttnProcessor, install
-from perfusion_runtime.tiny import cross_attention_layers
 
 PROMPT = "a photo of a teddy bear on the beach"
 SUPER = "a photo of a toy on the beach"

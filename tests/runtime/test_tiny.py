@@ -14,9 +14,9 @@ import pytest
 import regex
 import torch
 
+from perfusion_runtime.layers import cross_attention_layers
 from perfusion_runtime.tiny import (
     TOKENIZER_DIR,
-    cross_attention_layers,
     sd15_unet_and_text_encoder,
     tiny_pipeline,
     tiny_tokenizer,

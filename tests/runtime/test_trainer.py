@@ -17,9 +17,10 @@ from perfusion_runtime import artifact, trainer
 from perfusion_runtime.artifact import Concept
 from perfusion_runtime.covariance import cinv_for
 from perfusion_runtime.fingerprint import base_fingerprint
+from perfusion_runtime.layers import cross_attention_layers
 from perfusion_runtime.processor import PerfusionAttnProcessor
 from perfusion_runtime.render import apply_concepts
-from perfusion_runtime.tiny import cross_attention_layers, tiny_pipeline
+from perfusion_runtime.tiny import tiny_pipeline
 from perfusion_runtime.trainer import (
     NonFiniteLoss,
     Progress,
