@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,10 +198,26 @@ def _targets(pipe: Any, i_super: Tensor) -> tuple[dict[str, Tensor], dict[str, n
     return o_k, o_v
 
 
+@contextlib.contextmanager
+def _frozen(pipe: Any) -> Iterator[None]:
+    """The base modules in eval mode with no parameter requiring grad, for the duration; then
+    each module's mode and each parameter's flag as they were."""
+    modules = (pipe.unet, pipe.vae, pipe.text_encoder)
+    modes = [m.training for m in modules]
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    try:
+        for module in modules:
+            module.requires_grad_(False)
+            module.eval()
+        yield
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
+        for param, wanted in flags:  # the parameters that were there (not a concept's own)
+            param.requires_grad_(wanted)
+
+
 def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor) -> _Run:
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
     resolution = recipe.resolution or native_resolution(pipe)
     pixels = load_images(subject.images, resolution, recipe.flip)
     latents = encode_latents(pipe, pixels)
@@ -307,19 +323,27 @@ def train(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor, *,
     """Train `subject` on `pipe` (left as it was found) and return the concept."""
     state = ConceptState(caching=False)
     try:  # _prepare already adds the token: a failure there must take it out again
-        run = _prepare(pipe, subject, recipe, cinv)
-        run.precision = precision
-        started = time.perf_counter()
-        with install(pipe.unet, state), torch.enable_grad():
-            optimiser = _optimiser(run)
-            for step in range(1, recipe.steps + 1):
-                run.losses.append(_step(run, state, optimiser, step))
-                if progress is not None:
-                    progress(Progress(step, recipe.steps, run.losses[-1],
-                                      time.perf_counter() - started))
+        with _frozen(pipe):
+            run = _prepare(pipe, subject, recipe, cinv)
+            run.precision = precision
+            started = time.perf_counter()
+            _loop(run, state, progress, started)
     finally:
         remove_extension(pipe.text_encoder)
     return _concept(run, cinv_fingerprint, base_fingerprint, options or {})
+
+
+def _loop(run: _Run, state: ConceptState, progress: Callable[[Progress], None] | None,
+          started: float) -> None:
+    """The optimisation steps, with the Perfusion processors installed for their duration."""
+    recipe = run.recipe
+    with install(run.pipe.unet, state), torch.enable_grad():
+        optimiser = _optimiser(run)
+        for step in range(1, recipe.steps + 1):
+            run.losses.append(_step(run, state, optimiser, step))
+            if progress is not None:
+                progress(Progress(step, recipe.steps, run.losses[-1],
+                                  time.perf_counter() - started))
 
 
 def _concept(run: _Run, cinv_fingerprint: str, base_fingerprint: str,

@@ -261,3 +261,20 @@ def test_mask_files_weigh_the_loss_per_image(subject: Subject, cinv: tuple[Tenso
     i_super = super_encoding(pipe, subject, recipe.templates)
     for name, attn in cross_attention_layers(pipe.unet).items():
         assert torch.equal(concept.o_v[name], attn.to_v.weight.float() @ i_super), name
+
+
+def test_training_restores_module_modes_and_grad_flags(tmp_path: Path) -> None:
+    """The trainer freezes the base modules while it runs and puts their modes and
+    requires_grad flags back afterwards, whatever they were."""
+    pipe = tiny_pipeline(0)
+    pipe.unet.train()
+    first = next(pipe.vae.parameters())
+    first.requires_grad_(True)
+    subject = Subject("teddy*", ("teddy bear",), (), write_photos(tmp_path, 2))
+    cinv = torch.eye(pipe.text_encoder.config.hidden_size)
+    train(pipe, subject, Recipe(steps=1, batch=1, seed=0), cinv,
+          cinv_fingerprint="c" * 64, base_fingerprint="b" * 64)
+    assert pipe.unet.training and not pipe.vae.training and not pipe.text_encoder.training
+    assert first.requires_grad
+    assert sum(p.requires_grad for p in pipe.vae.parameters()) == 1
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
