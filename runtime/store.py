@@ -1,0 +1,325 @@
+"""Content-addressed store of concept artifacts: atomic publish, digest checked on every hit."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import stat
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+# Layout, one folder per key, published whole by one rename (R1/R2):
+#   <root>/concepts/<key>/artifact.safetensors
+#   <root>/concepts/<key>/manifest.json
+#   <root>/tmp/<key>.<random>/     staging, same filesystem as concepts/
+#   <root>/trash/<key>.<time>.<random>/   corrupt entries moved aside (R6)
+FORMAT = "perfusion-store"
+FORMAT_VERSION = 1
+ARTIFACT = "artifact.safetensors"
+MANIFEST = "manifest.json"
+GRACE_SECONDS = 3600.0  # gc leaves younger tmp/ and trash/ leftovers: a put may be staging
+MAX_MANIFEST_BYTES = 1 << 16
+
+_KEY = re.compile(r"[0-9A-Za-z_-]{1,128}")  # no dots or slashes: a key is never a path
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+               | getattr(os, "O_CLOEXEC", 0))
+_UNSYNCABLE = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(Exception):
+    """The store could not be written or cleaned; names the path and the reason."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = Path(path)
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad store entry: where, and what is wrong (with expected and actual digests)."""
+
+    path: Path
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class _Bad(Exception):
+    """Internal: an entry check failed at `path`."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(message)
+        self.problem = Problem(path, message)
+
+
+def default_root() -> Path:
+    """`$PERFUSION_CACHE` when set, else `.perfusion/` in the current directory."""
+    env = os.environ.get("PERFUSION_CACHE")
+    return Path(env) if env else Path.cwd() / ".perfusion"
+
+
+class Store:
+    """Concept artifacts by cache key; every hit is re-hashed, corrupt entries are misses."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.concepts = self.root / "concepts"
+        self.tmp = self.root / "tmp"
+        self.trash = self.root / "trash"
+
+    def entry(self, key: str) -> Path:
+        """The folder of `key`'s entry (it may not exist)."""
+        if not _KEY.fullmatch(key):
+            raise ValueError(f"not a store key: {key!r}")
+        return self.concepts / key
+
+    def get(self, key: str) -> Path | None:
+        """The artifact of `key` when its entry is complete and its digest matches, else None.
+
+        A corrupt or partial entry is logged (path and both digests), moved to trash/ and
+        reported as a miss, so the caller rebuilds it (R6).
+        """
+        folder = self.entry(key)
+        if not os.path.lexists(folder):
+            return None
+        try:
+            _check_entry(folder, key)
+        except _Bad as bad:
+            log.warning("corrupt cache entry, rebuilding it: %s", bad.problem)
+            try:
+                self._move_aside(folder)
+            except OSError as exc:
+                log.warning("could not move %s aside: %s", folder, _reason(exc))
+            return None
+        return folder / ARTIFACT
+
+    def put(self, key: str, data: bytes, *, token: str, tool_version: str) -> Path:
+        """Publish `data` as `key`'s artifact atomically and return its path.
+
+        Staged complete and fsynced in tmp/, then one rename of the folder: no final-named
+        entry is ever incomplete (R1/R2). A valid existing entry is kept. On any OSError the
+        staging folder is removed and a StoreError names the entry (R11).
+        """
+        existing = self.get(key)
+        if existing is not None:
+            return existing
+        folder = self.entry(key)
+        manifest = _manifest(key, data, token, tool_version)
+        temp: Path | None = None
+        try:
+            temp = self._stage(key, data, manifest)
+            self._publish(key, temp)
+            _fsync_folder(self.concepts)
+        except OSError as exc:
+            raise StoreError(folder, f"cannot save the concept artifact: {_reason(exc)}") from exc
+        finally:
+            if temp is not None:
+                shutil.rmtree(temp, ignore_errors=True)  # gone already once published
+        return folder / ARTIFACT
+
+    def verify(self) -> list[Problem]:
+        """Check every entry (read-only): one Problem per bad entry, sorted by path."""
+        problems: list[Problem] = []
+        for child in _children(self.concepts):
+            if not _KEY.fullmatch(child.name):
+                problems.append(Problem(child, "not a store entry (unexpected name)"))
+                continue
+            try:
+                _check_entry(child, child.name)
+            except _Bad as bad:
+                problems.append(bad.problem)
+        return problems
+
+    def gc(self, keep: set[str], *, grace: float = GRACE_SECONDS) -> list[str]:
+        """Remove entries whose key is not in `keep`, and tmp/ and trash/ leftovers older
+        than `grace` seconds; return the removed paths. A key in `keep` is never removed."""
+        cutoff = time.time() - grace
+        doomed = [c for c in _children(self.concepts)
+                  if c.name not in keep and (_KEY.fullmatch(c.name) or _older(c, cutoff))]
+        doomed += [c for c in _children(self.tmp) + _children(self.trash) if _older(c, cutoff)]
+        removed: list[str] = []
+        for path in doomed:
+            try:
+                _remove(path)
+            except OSError as exc:
+                raise StoreError(path, f"cannot remove: {_reason(exc)}") from exc
+            removed.append(str(path))
+        return removed
+
+    def _stage(self, key: str, data: bytes, manifest: bytes) -> Path:
+        """A complete, fsynced copy of the entry in tmp/ (same filesystem as concepts/)."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        temp = self.tmp / f"{key}.{secrets.token_hex(8)}"
+        os.mkdir(temp, 0o777)  # not mkdtemp: its 0700 would ignore the user's umask
+        try:
+            _write_file(temp / ARTIFACT, data)
+            _write_file(temp / MANIFEST, manifest)
+            _fsync_folder(temp)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        return temp
+
+    def _publish(self, key: str, temp: Path) -> None:
+        """Rename `temp` to the entry's name; keep a valid entry that appeared meanwhile."""
+        folder = self.entry(key)
+        self.concepts.mkdir(parents=True, exist_ok=True)
+        if os.path.lexists(folder):
+            if _is_valid(folder, key):
+                return  # another writer won: same key, same content
+            self._move_aside(folder)
+        try:
+            os.rename(temp, folder)
+        except OSError as exc:
+            lost_race = exc.errno in (errno.EEXIST, errno.ENOTEMPTY)
+            if not (lost_race and _is_valid(folder, key)):
+                raise
+
+    def _move_aside(self, folder: Path) -> None:
+        """Move a bad entry to trash/ (a rename, so it is never seen half-removed)."""
+        self.trash.mkdir(parents=True, exist_ok=True)
+        os.rename(folder, self.trash / f"{folder.name}.{time.time_ns()}.{secrets.token_hex(4)}")
+
+
+def _manifest(key: str, data: bytes, token: str, tool_version: str) -> bytes:
+    fields = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "token": token,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "tool_version": tool_version,
+    }
+    return (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _is_valid(folder: Path, key: str) -> bool:
+    try:
+        _check_entry(folder, key)
+    except _Bad:
+        return False
+    return True
+
+
+def _check_entry(folder: Path, key: str) -> None:
+    """Raise _Bad unless `folder` holds a manifest for `key` and an artifact matching it."""
+    if folder.is_symlink() or not folder.is_dir():
+        raise _Bad(folder, "not a folder")
+    path = folder / ARTIFACT
+    actual, actual_size = _digest(path)
+    try:
+        manifest = _read_manifest(folder / MANIFEST, key)
+    except _Bad as bad:
+        where, why = bad.problem.path, bad.problem.message
+        raise _Bad(where, f"{why}; sha256 expected unknown, actual {actual}") from None
+    expected, size = manifest["sha256"], manifest["size"]
+    if actual_size != size or actual != expected:
+        raise _Bad(path, f"{actual_size} bytes (manifest: {size}); "
+                         f"sha256 expected {expected}, actual {actual}")
+
+
+def _read_manifest(path: Path, key: str) -> dict[str, Any]:
+    try:
+        manifest = json.loads(_read_small(path))
+    except OSError as exc:
+        raise _Bad(path, f"manifest unreadable: {_reason(exc)}") from exc
+    except ValueError as exc:
+        raise _Bad(path, f"manifest is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise _Bad(path, "manifest is not a JSON object")
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise _Bad(path, f"unknown manifest format {manifest.get('format')!r} "
+                         f"version {manifest.get('format_version')!r}")
+    if manifest.get("key") != key:
+        raise _Bad(path, f"manifest is for key {manifest.get('key')!r}, not {key!r}")
+    sha, size = manifest.get("sha256"), manifest.get("size")
+    if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise _Bad(path, f"manifest sha256 is not a digest: {sha!r}")
+    if not (type(size) is int and size >= 0):
+        raise _Bad(path, f"manifest size is not a byte count: {size!r}")
+    return manifest
+
+
+def _read_small(path: Path) -> bytes:
+    fd = os.open(path, _READ_FLAGS)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return f.read(MAX_MANIFEST_BYTES + 1)[:MAX_MANIFEST_BYTES]
+
+
+def _digest(path: Path) -> tuple[str, int | None]:
+    """sha256 and size of the regular file at `path` (never through a symlink), or why not."""
+    try:
+        fd = os.open(path, _READ_FLAGS)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return "none (artifact is not a regular file)", None
+            return hashlib.file_digest(f, "sha256").hexdigest(), f.tell()
+    except OSError as exc:
+        return f"none (artifact unreadable: {_reason(exc)})", None
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, _CREATE_FLAGS, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make renames and new names in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _UNSYNCABLE:  # filesystems that cannot sync a folder
+            raise
+    finally:
+        os.close(fd)
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _older(path: Path, cutoff: float) -> bool:
+    with contextlib.suppress(FileNotFoundError):
+        return os.lstat(path).st_mtime < cutoff
+    return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
+
+
+def _reason(exc: OSError) -> str:
+    code = errno.errorcode.get(exc.errno or 0)
+    return f"{exc.strerror or exc}" + (f" ({code})" if code else "")

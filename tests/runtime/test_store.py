@@ -1,0 +1,243 @@
+"""The concept store: digest checked on every hit (R6), atomic publish (R1, R2), disk full (R11).
+
+The store is format-agnostic, so artifacts here are small byte strings; all files are real.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from perfusion_runtime.store import (
+    ARTIFACT,
+    MANIFEST,
+    Store,
+    StoreError,
+    default_root,
+)
+
+DATA = b"concept artifact bytes \x00\x01\x02" * 8
+OTHER = b"another concept's artifact bytes" * 8
+
+
+def key_of(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+KEY, KEY2, KEY3 = key_of("teddy"), key_of("cat"), key_of("dog")
+
+
+def put(store: Store, key: str = KEY, data: bytes = DATA) -> Path:
+    return store.put(key, data, token="teddy*", tool_version="perfusion 0.1.0")
+
+
+def entries(store: Store) -> list[str]:
+    return sorted(p.name for p in store.concepts.iterdir()) if store.concepts.exists() else []
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def assert_miss_reported_and_rebuilt(store: Store, caplog: pytest.LogCaptureFixture,
+                                     bad_path: Path, actual: str) -> None:
+    """The corrupt entry is a miss, logged with path and both digests, trashed, then rebuilt."""
+    with caplog.at_level(logging.WARNING, logger="perfusion_runtime.store"):
+        assert store.get(KEY) is None
+    [record] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    message = record.getMessage()
+    assert str(bad_path) in message
+    assert actual in message
+    assert "expected" in message
+    assert not store.entry(KEY).exists()
+    assert len(leftovers(store.trash)) == 1
+    path = put(store)
+    assert store.get(KEY) == path
+    assert path.read_bytes() == DATA
+
+
+def test_R6_flipped_byte_is_a_miss_and_reported(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    store = Store(tmp_path)
+    path = put(store)
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0x01
+    path.write_bytes(data)
+    assert_miss_reported_and_rebuilt(store, caplog, path, hashlib.sha256(data).hexdigest())
+    assert hashlib.sha256(DATA).hexdigest() in caplog.text
+
+
+def test_R6_truncated(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = Store(tmp_path)
+    path = put(store)
+    path.write_bytes(DATA[:-7])
+    assert_miss_reported_and_rebuilt(store, caplog, path, hashlib.sha256(DATA[:-7]).hexdigest())
+    assert f"{len(DATA) - 7} bytes (manifest: {len(DATA)})" in caplog.text
+
+
+def test_R6_zeroed_tail(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Same size, wrong content: what a safetensors loader cannot see (RELIABILITY.md)."""
+    store = Store(tmp_path)
+    path = put(store)
+    zeroed = DATA[:-16] + bytes(16)
+    path.write_bytes(zeroed)
+    assert path.stat().st_size == len(DATA)
+    assert_miss_reported_and_rebuilt(store, caplog, path, hashlib.sha256(zeroed).hexdigest())
+
+
+def test_R6_swapped_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = Store(tmp_path)
+    path = put(store)
+    other = put(store, KEY2, OTHER)
+    shutil.copyfile(other, path)
+    assert_miss_reported_and_rebuilt(store, caplog, path, hashlib.sha256(OTHER).hexdigest())
+    assert store.get(KEY2) == other  # the other entry is untouched
+
+
+def test_R6_missing_manifest(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = Store(tmp_path)
+    put(store)
+    manifest = store.entry(KEY) / MANIFEST
+    manifest.unlink()
+    assert_miss_reported_and_rebuilt(store, caplog, manifest, hashlib.sha256(DATA).hexdigest())
+
+
+def crash_in_rename(tmp_path: Path, *, after: bool) -> None:
+    """A real process dies (os._exit, no cleanup) just before or just after the rename."""
+    script = (
+        "import os, sys\n"
+        "from perfusion_runtime.store import Store\n"
+        "real = os.rename\n"
+        "def crash(src, dst):\n"
+        f"    if {after}: real(src, dst)\n"
+        "    os._exit(137)\n"
+        "os.rename = crash\n"
+        f"Store(sys.argv[1]).put({KEY!r}, {DATA!r}, token='t', tool_version='v')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], timeout=60)
+    assert done.returncode == 137
+
+
+def test_R2_crash_before_rename_leaves_no_entry(tmp_path: Path) -> None:
+    crash_in_rename(tmp_path, after=False)
+    store = Store(tmp_path)
+    assert entries(store) == []
+    assert len(leftovers(store.tmp)) == 1  # the staged copy a real crash leaves behind
+    assert store.get(KEY) is None
+    assert store.gc(set()) == []  # too young: it might be another process staging
+    assert len(store.gc(set(), grace=0)) == 1
+    assert leftovers(store.tmp) == []
+    assert put(store).read_bytes() == DATA
+
+
+def test_R2_crash_after_rename_is_a_complete_entry(tmp_path: Path) -> None:
+    crash_in_rename(tmp_path, after=True)
+    store = Store(tmp_path)
+    assert entries(store) == [KEY]
+    assert leftovers(store.tmp) == []
+    path = store.get(KEY)
+    assert path is not None and path.read_bytes() == DATA
+    assert store.verify() == []
+
+
+@pytest.mark.parametrize("call", ["write", "fsync", "rename"])
+def test_R11_enospc_cleans_temp_and_keeps_old_entry(tmp_path: Path, call: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path)
+    old = put(store, KEY2, OTHER)
+
+    def disk_full(*args: Any) -> Any:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, call, disk_full)
+    with pytest.raises(StoreError) as caught:
+        put(store)
+    monkeypatch.undo()
+    assert str(store.entry(KEY)) in str(caught.value)
+    assert "ENOSPC" in str(caught.value)
+    assert caught.value.path == store.entry(KEY)
+    assert leftovers(store.tmp) == []
+    assert entries(store) == [KEY2]
+    assert store.get(KEY2) == old and old.read_bytes() == OTHER
+    assert store.get(KEY) is None
+
+
+def test_put_is_idempotent(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    first = put(store)
+    manifest = (store.entry(KEY) / MANIFEST).read_bytes()
+    second = put(store)
+    assert first == second == store.get(KEY)
+    assert (store.entry(KEY) / MANIFEST).read_bytes() == manifest  # kept, not rewritten
+    assert entries(store) == [KEY]
+    assert leftovers(store.tmp) == [] and leftovers(store.trash) == []
+    assert sorted(p.name for p in store.entry(KEY).iterdir()) == [ARTIFACT, MANIFEST]
+
+
+def test_put_replaces_an_invalid_entry(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.entry(KEY).mkdir(parents=True)
+    (store.entry(KEY) / ARTIFACT).write_bytes(b"half")
+    assert put(store).read_bytes() == DATA
+    assert store.verify() == []
+    assert len(leftovers(store.trash)) == 1
+
+
+def test_verify_lists_every_problem(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    keys = [key_of(str(i)) for i in range(5)]
+    paths = [put(store, k, DATA + bytes([i])) for i, k in enumerate(keys)]
+    assert store.verify() == []
+    corrupt: list[Callable[[Path], Any]] = [
+        lambda p: p.write_bytes(b"x" + p.read_bytes()[1:]),
+        lambda p: p.write_bytes(p.read_bytes()[:3]),
+        lambda p: (p.parent / MANIFEST).write_text("{not json"),
+    ]
+    for damage, path in zip(corrupt, paths[1:4], strict=True):
+        damage(path)
+    (store.concepts / "stray.txt").write_text("?")
+    problems = store.verify()
+    assert [p.path.parent.name for p in problems[:3]] == sorted(keys[1:4])
+    assert problems[3].path == store.concepts / "stray.txt"
+    for problem in problems[:3]:
+        assert "expected" in problem.message and "actual" in problem.message
+    assert entries(store) == sorted([*keys, "stray.txt"])  # verify only reports
+
+
+def test_gc_keeps_referenced_keys(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for key in (KEY, KEY2, KEY3):
+        put(store, key, key.encode())
+    (store.entry(KEY3) / ARTIFACT).write_bytes(b"corrupt, but referenced")
+    store.tmp.mkdir(exist_ok=True)
+    (store.tmp / "stale.0123").mkdir()
+    removed = store.gc({KEY, KEY3, key_of("not built yet")}, grace=0)
+    assert sorted(removed) == sorted([str(store.entry(KEY2)), str(store.tmp / "stale.0123")])
+    assert entries(store) == sorted([KEY, KEY3])
+    assert store.get(KEY) is not None
+    assert store.gc({KEY, KEY3}) == []
+
+
+def test_keys_are_never_paths(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for bad in ("", "..", "a/b", ".hidden", "x" * 200):
+        with pytest.raises(ValueError):
+            put(store, bad)
+
+
+def test_default_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PERFUSION_CACHE", raising=False)
+    assert default_root() == tmp_path / ".perfusion"
+    monkeypatch.setenv("PERFUSION_CACHE", str(tmp_path / "elsewhere"))
+    assert default_root() == tmp_path / "elsewhere"
