@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from _images import make_images
 from torch import Tensor
 
 from perfusion_runtime.artifact import Concept
@@ -102,18 +102,6 @@ Times = dict[str, list[tuple[float, float]]]
 
 
 # ---- part 1: whole renders on the tiny pipelines --------------------------------------------
-
-
-def make_images(folder: Path, count: int, side: int) -> tuple[Path, ...]:
-    """`count` seeded noise PNGs for the few training steps."""
-    rng = np.random.default_rng(SEED)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in range(count):
-        path = folder / f"{k}.png"
-        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
-    return tuple(paths)
 
 
 def trained_concept(width: int, folder: Path) -> tuple[Concept, Tensor]:

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from _images import make_images
 from torch import Tensor, nn
 
 from perfusion_runtime import trainer
@@ -182,18 +182,6 @@ def trainer_text_bare_unet(run: Any, optimiser: torch.optim.Optimizer) -> float:
 
 
 # ---- the models ------------------------------------------------------------------------------
-
-
-def make_images(folder: Path, count: int, side: int) -> tuple[Path, ...]:
-    """`count` seeded noise PNGs (the content does not change the cost of a step)."""
-    rng = np.random.default_rng(SEED)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in range(count):
-        path = folder / f"{k}.png"
-        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
-    return tuple(paths)
 
 
 def processors(unet: Any, state: ConceptState) -> tuple[dict[str, Any], dict[str, Any]]:

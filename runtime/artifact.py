@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors  # bytes in, tensors out; no pickle
 from torch import Tensor
 
 FORMAT = "perfusion-concept"
@@ -590,7 +591,7 @@ def _check_expected(
 
 def _decode(data: bytes) -> dict[str, Tensor]:
     try:
-        tensors: dict[str, Tensor] = safetensors.torch.load(data)
+        tensors: dict[str, Tensor] = load_safetensors(data)
     except Exception as exc:  # the header passed our checks, so this is unexpected
         raise _Problem(f"safetensors could not decode it: {exc}") from None
     return tensors

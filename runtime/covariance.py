@@ -28,6 +28,7 @@ from typing import Any
 import safetensors.torch
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors  # bytes in, tensors out; no pickle
 from torch import Tensor, nn
 
 from .key_locking import DEFAULT_RIDGE, inverse_covariance, second_moment
@@ -283,7 +284,7 @@ def _read_cache(path: Path, fingerprint: str, width: int) -> Tensor:
         raise _CacheProblem(f"unreadable: {exc.strerror}") from None
     metadata = _header_metadata(data)
     try:
-        tensors = safetensors.torch.load(data)
+        tensors = load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
         raise _CacheProblem(f"not a valid safetensors file: {exc}") from None
     expected = {"format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION,
