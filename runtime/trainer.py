@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .artifact import Concept
+from . import checkpoint as checkpoints
+from .artifact import ArtifactError, Concept
 from .attention_mask import attention_masks
 from .device import Precision
 from .images import load_images, load_masks
@@ -22,6 +26,9 @@ from .processor import ConceptState, install
 from .tokens import add_concepts, extended_embedding, positions, remove_extension, rewrite
 
 EMA_DECAY = 0.99  # i* is an exponential moving average (PERFUSION.md)
+ADAMW_SLOTS = ("step", "exp_avg", "exp_avg_sq")  # AdamW's state per parameter (no amsgrad)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,15 +77,29 @@ class Progress:
     step: int
     steps: int
     loss: float
-    elapsed: float
+    elapsed: float  # seconds since this call's first step (after a resume: since resuming)
+    resumed_from: int = 0  # the steps a checkpoint already held
 
     @property
     def eta(self) -> float:
-        return self.elapsed / max(self.step, 1) * (self.steps - self.step)
+        done = self.step - self.resumed_from
+        return self.elapsed / max(done, 1) * (self.steps - self.step)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on; nothing is published."""
+
+
+class TrainingInterrupted(Exception):  # not a TrainingError: the caller asked for it
+    """stop() asked training to end after `step` completed steps. `checkpoint`: the file that
+    resumes it from there (pass it to train() again), or None when none was written."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        how = (f"rerun to resume from the checkpoint {checkpoint}" if checkpoint is not None
+               else "no checkpoint was saved, so a rerun starts over")
+        super().__init__(f"training stopped after step {step}; {how}")
+        self.step = step
+        self.checkpoint = checkpoint
 
 
 class NonFiniteLoss(TrainingError):
@@ -319,31 +340,146 @@ def _step(run: _Run, state: ConceptState, optimiser: torch.optim.Optimizer, step
 def train(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor, *,
           cinv_fingerprint: str, base_fingerprint: str, options: Mapping[str, Any] | None = None,
           progress: Callable[[Progress], None] | None = None,
-          precision: Precision | None = None) -> Concept:
-    """Train `subject` on `pipe` (left as it was found) and return the concept."""
+          precision: Precision | None = None, checkpoint: Path | None = None,
+          checkpoint_every: int = 50, stop: Callable[[], bool] | None = None) -> Concept:
+    """Train `subject` on `pipe` (left as it was found, whatever happens) and return the concept.
+
+    checkpoint: a file to resume from and save to (None: no checkpoints). A valid checkpoint of
+    this very run (same subject key and words, recipe, C⁻¹ and base fingerprints, format
+    version) resumes it, and the concept is bit-identical to an uninterrupted run's (M3); an
+    invalid or foreign one is ignored with a warning and training starts from step 0. It is
+    saved atomically every `checkpoint_every` completed steps (a failed save is a warning) and
+    left in place on success: the caller deletes it once the artifact is published.
+    stop: polled after every completed step but the last; when it returns True the checkpoint
+    is saved and TrainingInterrupted raised (R10).
+    """
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
+    identity = _identity(subject, recipe, cinv_fingerprint, base_fingerprint)
+    keeper = _Checkpoints(checkpoint, checkpoint_every, identity, stop)
     state = ConceptState(caching=False)
     try:  # _prepare already adds the token: a failure there must take it out again
         with _frozen(pipe):
             run = _prepare(pipe, subject, recipe, cinv)
             run.precision = precision
-            started = time.perf_counter()
-            _loop(run, state, progress, started)
+            _loop(run, state, progress, keeper)
     finally:
         remove_extension(pipe.text_encoder)
     return _concept(run, cinv_fingerprint, base_fingerprint, options or {})
 
 
 def _loop(run: _Run, state: ConceptState, progress: Callable[[Progress], None] | None,
-          started: float) -> None:
+          keeper: _Checkpoints) -> None:
     """The optimisation steps, with the Perfusion processors installed for their duration."""
     recipe = run.recipe
     with install(run.pipe.unet, state), torch.enable_grad():
         optimiser = _optimiser(run)
-        for step in range(1, recipe.steps + 1):
+        first = keeper.resume(run, optimiser) + 1
+        started = time.perf_counter()
+        for step in range(first, recipe.steps + 1):
             run.losses.append(_step(run, state, optimiser, step))
             if progress is not None:
                 progress(Progress(step, recipe.steps, run.losses[-1],
-                                  time.perf_counter() - started))
+                                  time.perf_counter() - started, first - 1))
+            keeper.after(run, optimiser, step)
+
+
+def _identity(subject: Subject, recipe: Recipe, cinv_fingerprint: str,
+              base_fingerprint: str) -> dict[str, str]:
+    """What a checkpoint must match to resume this run (not image paths: projects move)."""
+    words = [subject.token, subject.supercategories, subject.adjectives, subject.base_model,
+             len(subject.images), subject.masks is not None]
+    return {"key": subject.key, "subject": json.dumps(words),
+            "recipe": json.dumps(dataclasses.asdict(recipe), sort_keys=True),
+            "steps": str(recipe.steps), "cinv_fingerprint": cinv_fingerprint,
+            "base_fingerprint": base_fingerprint}
+
+
+@dataclass
+class _Checkpoints:
+    """When to save, where, and whether to stop."""
+
+    path: Path | None
+    every: int
+    identity: dict[str, str]
+    stop: Callable[[], bool] | None
+
+    def resume(self, run: _Run, optimiser: torch.optim.Optimizer) -> int:
+        """Load a valid checkpoint into `run` and `optimiser`; the steps it holds (or 0)."""
+        if self.path is None:
+            return 0
+        saved = checkpoints.resume(self.path, self.identity, _layout(run), run.recipe.steps)
+        if saved is None:
+            return 0
+        try:
+            torch.Generator().set_state(saved.tensors["generator"])
+        except RuntimeError as exc:
+            log.warning("ignoring the training checkpoint %s: its generator state is invalid "
+                        "(%s); training starts over", self.path, exc)
+            return 0
+        _restore(run, optimiser, saved)
+        log.info("resuming the training of %s at step %d from %s", run.subject.token,
+                 saved.step, self.path)
+        return saved.step
+
+    def after(self, run: _Run, optimiser: torch.optim.Optimizer, step: int) -> None:
+        """Save every `every` steps; save and raise TrainingInterrupted when stop() says so."""
+        stopping = self.stop is not None and step < run.recipe.steps and self.stop()
+        saved = False
+        if self.path is not None and (stopping or step % self.every == 0):
+            try:
+                checkpoints.save(self.path, self.identity,
+                                 checkpoints.Saved(step, tuple(run.losses),
+                                                   _snapshot(run, optimiser)))
+                saved = True
+            except ArtifactError as exc:
+                log.warning("could not save the training checkpoint (%s); training goes on "
+                            "without it", exc)
+        if stopping:
+            raise TrainingInterrupted(step, self.path if saved else None)
+
+
+def _trainable(run: _Run) -> dict[str, nn.Parameter]:
+    """The optimised parameters by stable name: the embedding, then o*_V per layer."""
+    return {"embedding": run.embedding, **{f"o_v.{n}": p for n, p in run.o_v.items()}}
+
+
+def _layout(run: _Run) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Name -> (dtype, shape) of every tensor in this run's checkpoint."""
+    layout = {"generator": (torch.uint8, tuple(run.generator.get_state().shape)),
+              "i_star": (torch.float32, (int(run.cinv.shape[-1]),))}
+    for name, param in _trainable(run).items():
+        layout[f"param.{name}"] = (torch.float32, tuple(param.shape))
+        for slot in ADAMW_SLOTS:
+            layout[f"adamw.{slot}.{name}"] = (torch.float32,
+                                              () if slot == "step" else tuple(param.shape))
+    return layout
+
+
+def _snapshot(run: _Run, optimiser: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """Everything that decides the rest of the run (the losses so far go in the metadata)."""
+    assert run.i_star is not None  # set by the first step
+    tensors = {"generator": run.generator.get_state(), "i_star": run.i_star.detach()}
+    for name, param in _trainable(run).items():
+        tensors[f"param.{name}"] = param.detach()
+        for slot in ADAMW_SLOTS:
+            tensors[f"adamw.{slot}.{name}"] = optimiser.state[param][slot].detach()
+    return tensors
+
+
+@torch.no_grad()
+def _restore(run: _Run, optimiser: torch.optim.Optimizer, saved: checkpoints.Saved) -> None:
+    """Put a checkpoint's state into a freshly prepared run and its unused optimiser."""
+    tensors = saved.tensors
+    run.generator.set_state(tensors["generator"])
+    run.i_star = tensors["i_star"].to(run.embedding.device)
+    for name, param in _trainable(run).items():
+        param.copy_(tensors[f"param.{name}"])
+        optimiser.state[param] = {
+            "step": tensors[f"adamw.step.{name}"].clone(),  # AdamW keeps it on the CPU
+            "exp_avg": tensors[f"adamw.exp_avg.{name}"].to(param.device, copy=True),
+            "exp_avg_sq": tensors[f"adamw.exp_avg_sq.{name}"].to(param.device, copy=True)}
+    run.losses = list(saved.losses)
 
 
 def _concept(run: _Run, cinv_fingerprint: str, base_fingerprint: str,
