@@ -1,4 +1,5 @@
-"""The `perfusion` command line: check, plan, fmt (exit 0 ok, 1 spec errors, 2 usage, 70 bug)."""
+"""The `perfusion` command line: check, plan, run, fmt, cache (exit 0 ok, 1 spec errors or
+failed jobs, 2 usage, 70 bug, 128+N stopped by signal N)."""
 
 from __future__ import annotations
 
@@ -26,14 +27,24 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=f"perfusion {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     check = sub.add_parser("check", help="parse and validate specs; loads no model")
-    plan = sub.add_parser("plan", help="show what would be trained and rendered")
+    plan = sub.add_parser("plan", help="show what would be trained and rendered, and why")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    run = sub.add_parser("run", help="train what is missing or changed, render images, skip "
+                         "what is up to date")
     fmt = sub.add_parser("fmt", help="rewrite specs in canonical form (comments kept)")
     fmt.add_argument("--check", action="store_true", help="only report files that would change")
-    for p in (check, plan, fmt):
+    cache = sub.add_parser("cache", help="check or clean the concept store")
+    actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
+    verify = actions.add_parser("verify", help="re-hash every stored concept (exit 1 on "
+                                "corruption)")
+    gc = actions.add_parser("gc", help="remove stored concepts the specs under PATH do not "
+                            "reference")
+    for p in (check, plan, run, fmt):
         p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
                        help="spec files or folders (searched for *.concept)")
-    for p in (check, plan):
+    gc.add_argument("paths", nargs="*", type=Path, metavar="PATH", default=[Path(".")],
+                    help="the specs whose concepts to keep (default: the current folder)")
+    for p in (check, plan, run, gc):
         p.add_argument("--root", type=Path, default=None,
                        help="run root (default: the nearest folder with perfusion.toml "
                             "above the current folder or the given paths, else the current "
@@ -41,7 +52,36 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=None, metavar="SOURCE",
                        help="default base model for specs without a `model` line "
                             "(overrides perfusion.toml)")
+    for p in (plan, run, verify, gc):
+        p.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                       help="the concept store (default: $PERFUSION_CACHE, else .perfusion/ "
+                            "in the run root)")
+    _run_options(run)
+    gc.add_argument("--wait", action="store_true", help="wait for a running build instead of "
+                    "exiting")
     return top
+
+
+def _run_options(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--quiet", "-q", action="store_true", help="print only the results")
+    run.add_argument("--wait", action="store_true", help="if another run holds the cache "
+                     "lock, wait for it (default: exit 1 naming its pid)")
+    going = run.add_mutually_exclusive_group()
+    going.add_argument("--keep-going", dest="keep_going", action="store_true", default=True,
+                       help="after a failed job, go on with the work that does not need it "
+                            "(default)")
+    going.add_argument("--fail-fast", dest="keep_going", action="store_false",
+                       help="stop at the first failed job")
+    run.add_argument("--device", default="auto", help='"auto" (default: CUDA when present), '
+                     '"cpu", "cuda" or "cuda:N"')
+    run.add_argument("--batch-size", type=int, default=None, metavar="N",
+                     help="images per pipeline call (default: 1 on the CPU, which keeps every "
+                          "image independent of the others; 8 on CUDA)")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="run jobs in this process (default) or as Ray tasks "
+                          "(`pip install 'perfusion-concepts[ray]'`)")
+    run.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                     help="the Ray cluster to join (default: start a local one)")
 
 
 def _report(comp: Compilation, quiet_ok: bool = False) -> int:
@@ -66,19 +106,52 @@ def cmd_check(args: argparse.Namespace) -> int:
     return status
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
+def _compiled(args: argparse.Namespace) -> tuple[Compilation, int]:
     comp = compile_paths(args.paths, args.root, args.model)
-    status = _report(comp)
+    return comp, _report(comp)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    comp, status = _compiled(args)
     if status != EXIT_OK:
         return status
-    plan = comp.plan()
-    if args.json:
-        print(plan.to_json())
-        return EXIT_OK
-    from perfusion_dsl.show_plan import describe
+    from perfusion_runtime.command import describe, with_status
 
-    print(describe(plan))
+    plan, states = with_status(comp.plan(), comp.context.root, args.cache)
+    print(plan.to_json() if args.json else describe(plan, states))
     return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    comp, status = _compiled(args)
+    if status != EXIT_OK:
+        return status
+    from perfusion_runtime.build import RunOptions
+    from perfusion_runtime.command import run_command, store_root
+
+    root = comp.context.root
+    options = RunOptions(store_root(args.cache, root), device=args.device,
+                         batch_size=args.batch_size, keep_going=args.keep_going,
+                         wait=args.wait, executor=args.executor, ray_address=args.ray_address)
+    return int(run_command(comp.plan(), root, options, quiet=args.quiet))
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from perfusion_runtime import command
+
+    if args.action == "verify":
+        root = args.cache or command.store_root(None, Path.cwd())
+        return int(command.verify_command(root))
+    comp, status = _compiled(args)
+    if status != EXIT_OK:
+        print("perfusion: error: not collecting garbage while the specs have errors (they "
+              "decide what is kept)", file=sys.stderr)
+        return status
+    root = comp.context.root
+    return int(command.gc_command(command.store_root(args.cache, root),
+                                  command.keys_of(comp.plan()), wait=args.wait))
 
 
 def cmd_fmt(args: argparse.Namespace) -> int:
@@ -87,7 +160,8 @@ def cmd_fmt(args: argparse.Namespace) -> int:
     return format_files(args.paths, check=args.check)
 
 
-COMMANDS = {"check": cmd_check, "plan": cmd_plan, "fmt": cmd_fmt}
+COMMANDS = {"check": cmd_check, "plan": cmd_plan, "run": cmd_run, "fmt": cmd_fmt,
+            "cache": cmd_cache}
 
 
 def _crash(exc: BaseException) -> int:

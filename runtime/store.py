@@ -23,6 +23,8 @@ from typing import Any
 #   <root>/concepts/<key>/manifest.json
 #   <root>/tmp/<key>.<random>/     staging, same filesystem as concepts/
 #   <root>/trash/<key>.<time>.<random>/   corrupt entries moved aside (R6)
+#   <root>/renders/<render key>/<sha256>.png   rendered images by render key (R5: a revert
+#                                             restores them without loading a model)
 FORMAT = "perfusion-store"
 FORMAT_VERSION = 1
 ARTIFACT = "artifact.safetensors"
@@ -108,6 +110,42 @@ class Store:
             return None
         return folder / ARTIFACT
 
+    def peek(self, key: str) -> Path | None:
+        """The artifact of `key` when its entry is valid, else None; changes nothing."""
+        folder = self.entry(key)
+        return folder / ARTIFACT if _is_valid(folder, key) else None
+
+    def checkpoint(self, key: str) -> Path:
+        """Where an unfinished training of `key` keeps its checkpoint."""
+        return self.root / "checkpoints" / f"{self.entry(key).name}.safetensors"
+
+    def render(self, key: str) -> bytes | None:
+        """The cached PNG of a render key when its bytes still hash to its name, else None."""
+        folder = self.root / "renders" / self.entry(key).name
+        for child in _children(folder):
+            data = _read_regular(child)
+            if data is not None and child.name == f"{hashlib.sha256(data).hexdigest()}.png":
+                return data
+            log.warning("ignoring a corrupt cached render: %s", child)
+        return None
+
+    def put_render(self, key: str, data: bytes) -> None:
+        """Keep `data` as the render of `key` (staged in tmp/, then renamed: never partial)."""
+        folder = self.root / "renders" / self.entry(key).name
+        final = folder / f"{hashlib.sha256(data).hexdigest()}.png"
+        if final.exists():
+            return
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        temp = self.tmp / f"render.{secrets.token_hex(8)}"
+        try:
+            _write_file(temp, data)
+            folder.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, final)
+        except OSError as exc:
+            raise StoreError(final, f"cannot save the render: {_reason(exc)}") from exc
+        finally:
+            temp.unlink(missing_ok=True)
+
     def put(self, key: str, data: bytes, *, token: str, tool_version: str) -> Path:
         """Publish `data` as `key`'s artifact atomically and return its path.
 
@@ -145,13 +183,22 @@ class Store:
                 problems.append(bad.problem)
         return problems
 
-    def gc(self, keep: set[str], *, grace: float = GRACE_SECONDS) -> list[str]:
-        """Remove entries whose key is not in `keep`, and tmp/ and trash/ leftovers older
-        than `grace` seconds; return the removed paths. A key in `keep` is never removed."""
+    def gc(self, keep: set[str], *, keep_renders: set[str] | None = None,
+           grace: float = GRACE_SECONDS) -> list[str]:
+        """Remove entries whose key is not in `keep`, and tmp/, trash/ and checkpoints/
+        leftovers older than `grace` seconds (checkpoints only of keys not in `keep`); return
+        the removed paths. A key in `keep` is never removed. Cached renders are removed when
+        their key is not in `keep_renders` (None: every cached render is kept)."""
         cutoff = time.time() - grace
+        if keep_renders is None:
+            keep_renders = {c.name for c in _children(self.root / "renders")}
         doomed = [c for c in _children(self.concepts)
                   if c.name not in keep and (_KEY.fullmatch(c.name) or _older(c, cutoff))]
         doomed += [c for c in _children(self.tmp) + _children(self.trash) if _older(c, cutoff)]
+        doomed += [c for c in _children(self.root / "renders")
+                   if c.name not in keep_renders and _older(c, cutoff)]
+        doomed += [c for c in _children(self.root / "checkpoints")
+                   if c.name.split(".")[0] not in keep and _older(c, cutoff)]
         removed: list[str] = []
         for path in doomed:
             try:
@@ -194,6 +241,17 @@ class Store:
         """Move a bad entry to trash/ (a rename, so it is never seen half-removed)."""
         self.trash.mkdir(parents=True, exist_ok=True)
         os.rename(folder, self.trash / f"{folder.name}.{time.time_ns()}.{secrets.token_hex(4)}")
+
+
+def write_json_atomically(path: Path, value: Any) -> None:
+    """`value` as JSON at `path`, written to a temp file and renamed (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        _write_file(temp, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def _manifest(key: str, data: bytes, token: str, tool_version: str) -> bytes:
@@ -263,6 +321,15 @@ def _read_small(path: Path) -> bytes:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
         return f.read(MAX_MANIFEST_BYTES + 1)[:MAX_MANIFEST_BYTES]
+
+
+def _read_regular(path: Path) -> bytes | None:
+    try:
+        fd = os.open(path, _READ_FLAGS)
+        with os.fdopen(fd, "rb") as f:
+            return f.read() if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else None
+    except OSError:
+        return None
 
 
 def _digest(path: Path) -> tuple[str, int | None]:

@@ -66,7 +66,7 @@ def test_runtime_entry_point_loads_no_parser() -> None:
     code = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {str(REPO)!r})
-        import perfusion_runtime.run_plan, perfusion_runtime.render
+        import perfusion_runtime.build, perfusion_runtime.jobs, perfusion_runtime.command
         print(json.dumps(sorted(m for m in sys.modules
                                 if m == "lark" or m.startswith(("lark.", "perfusion_dsl.")))))
     """)

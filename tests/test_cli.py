@@ -99,11 +99,11 @@ def test_plan_text(project: Project, run_cli: Run) -> None:
     result = run_cli(project(GOOD), "plan", ".")
     assert result.code == EXIT_OK
     lines = result.out.splitlines()
-    assert lines[0] == "concepts to train: 1"
-    assert lines[1].split()[:3] == ["teddy*", "new", "1"]
-    assert "(a.concept:2, key " in lines[1]
-    assert lines[2:] == ["images to render: 4",
-                         "  a.concept:3: 4 image(s) from 2 prompt(s) → renders/a/"]
+    assert lines[0] == "concepts: 1 (1 to train)"
+    assert lines[1].split() == ["teddy*", "new"]
+    assert lines[2].split()[:2] == ["1", "image(s),"] and "(a.concept:2, key " in lines[2]
+    assert lines[3:] == ["images: 4 (4 to render)",
+                         "  a.concept:3: 4 image(s) → renders/a/ (4 new)"]
 
 
 def test_plan_json_matches_check(project: Project, run_cli: Run) -> None:

@@ -1,5 +1,5 @@
-"""End to end on the CPU: a spec written in tmp_path, compiled to a plan, run by run_plan with
-the built-in random tiny model (`tiny:random`); M2 and M7 at the run_plan level."""
+"""End to end on the CPU: a spec written in tmp_path, compiled to a plan, built by build.run
+with the built-in random tiny model (`tiny:random`); M2 and M7 at the build level."""
 
 from __future__ import annotations
 
@@ -17,14 +17,16 @@ from torch import nn
 from perfusion_dsl.compiler import compile_paths
 from perfusion_dsl.plan import Plan
 from perfusion_runtime import artifact
-from perfusion_runtime import run_plan as run_plan_module
+from perfusion_runtime import jobs as jobs_module
+from perfusion_runtime.build import RunOptions, Summary, run
 from perfusion_runtime.covariance import cinv_for
 from perfusion_runtime.device import choose
 from perfusion_runtime.fingerprint import base_fingerprint
+from perfusion_runtime.jobs import ModelUnavailable, load_pipeline
 from perfusion_runtime.processor import PerfusionAttnProcessor
-from perfusion_runtime.run_plan import ModelUnavailable, RunResult, load_pipeline, run_plan
+from perfusion_runtime.progress import Reporter
 from perfusion_runtime.tiny import tiny_pipeline
-from perfusion_runtime.trainer import NonFiniteLoss, Recipe
+from perfusion_runtime.trainer import Recipe
 
 SPEC = """\
 model "tiny:random"
@@ -68,6 +70,14 @@ def write_project(root: Path) -> Path:
     return root
 
 
+def build(plan: Plan, root: Path, cache: Path, **options: Any) -> Summary:
+    return run(plan, root, RunOptions(store=cache, device="cpu", **options), Reporter(quiet=True))
+
+
+def artifact_path(cache: Path, key: str) -> Path:
+    return cache / "concepts" / key / "artifact.safetensors"
+
+
 def compile_plan(root: Path) -> Plan:
     compilation = compile_paths([root], root)
     assert compilation.ok, compilation.diagnostics
@@ -85,15 +95,15 @@ def fresh_cache(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
 
 
 def spy_pipelines(patch: pytest.MonkeyPatch) -> list[Any]:
-    """The pipelines run_plan loads from now on (the real load_pipeline is called)."""
+    """The pipelines a build loads from now on (the real load_pipeline is called)."""
     loaded: list[Any] = []
-    real = run_plan_module.load_pipeline
+    real = jobs_module.load_pipeline
 
     def spy(source: str, precision: Any) -> Any:
         loaded.append(real(source, precision))
         return loaded[-1]
 
-    patch.setattr(run_plan_module, "load_pipeline", spy)
+    patch.setattr(jobs_module, "load_pipeline", spy)
     return loaded
 
 
@@ -119,7 +129,7 @@ class FirstRun:
     root: Path
     cache: Path
     plan: Plan
-    result: RunResult
+    result: Summary
     rendered: dict[Path, bytes]
     pipes: list[Any]  # the pipeline it trained and rendered with
 
@@ -131,8 +141,8 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> FirstRun:
     plan = compile_plan(root)
     with pytest.MonkeyPatch.context() as patch:
         pipes = spy_pipelines(patch)
-        result = run_plan(plan, root=root, cache_dir=cache, device="cpu", batch_size=4)
-    rendered = {path: path.read_bytes() for path in result.rendered}
+        result = build(plan, root, cache, batch_size=4)
+    rendered = {root / out: (root / out).read_bytes() for out in result.rendered}
     return FirstRun(root, cache, plan, result, rendered, pipes)
 
 
@@ -146,24 +156,29 @@ def test_e2e_cpu_train_save_reload_render(first_run: FirstRun, pipes: list[Any])
     # one PNG per planned render, at its planned path, and nothing else
     planned = {root / r.out for r in plan.renders}
     assert len(planned) == len(plan.renders) == 6
-    assert set(result.rendered) == planned and len(result.rendered) == len(planned)
-    assert set((root / "renders").rglob("*.png")) == planned
+    assert {root / out for out in result.rendered} == planned
+    assert len(result.rendered) == len(planned)
+    sheets = {root / sheet for sheet in result.sheets}  # one per generate statement
+    assert len(sheets) == 3 and set(root.rglob("contact-sheet_*.png")) == sheets
+    assert set(root.rglob("*.png")) - sheets - set(root.glob("[im]*/*.png")) == planned
     for path in planned:
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size == (32, 32)
     # the concept artifact, in the cache, valid for this base model
-    path = cache / "concepts" / f"{step.key}.safetensors"
-    assert sorted(p.name for p in (cache / "concepts").iterdir()) == [path.name]
+    path = artifact_path(cache, step.key)
+    assert sorted(p.name for p in (cache / "concepts").iterdir()) == [step.key]
     concept = artifact.load(path, expect_base_fingerprint=base_fingerprint(tiny_pipeline(0)))
     assert concept.token == "teddy*" and concept.key == step.key
     assert concept.options["mask"] == step.options["mask"]
 
-    # a second run reuses the artifact, and renders the same bytes
+    # a second run reuses the artifact, and renders the same bytes (the render cache is
+    # emptied too, or the images would be copied out of it)
     for out in planned:
         out.unlink()
-    again = run_plan(plan, root=root, cache_dir=cache, device="cpu", batch_size=1)
+    shutil.rmtree(cache / "renders")
+    again = build(plan, root, cache, batch_size=1)
     assert again.trained == [] and again.reused == ["teddy*"]
-    assert {p: p.read_bytes() for p in again.rendered} == first_run.rendered
+    assert {root / p: (root / p).read_bytes() for p in again.rendered} == first_run.rendered
     (pipe,) = pipes
     assert_pristine(pipe)
 
@@ -176,34 +191,39 @@ def test_user_caption_file_changes_cinv_so_the_concept_is_retrained(
     captions.write_text("a photo of a dog\na red car on a road\nan old house in the snow\n",
                         encoding="utf-8")
     cache = shutil.copytree(first_run.cache, tmp_path / "cache")  # leave the shared one alone
-    shipped = artifact.load(cache / "concepts" / f"{first_run.plan.concepts[0].key}.safetensors")
-    again = run_plan(first_run.plan, root=first_run.root, cache_dir=cache, device="cpu",
-                     captions=captions)
+    key = first_run.plan.concepts[0].key
+    shipped = artifact.load(artifact_path(cache, key))
+    again = build(first_run.plan, first_run.root, cache, captions=captions)
     assert again.trained == ["teddy*"] and again.reused == []
-    mine = artifact.load(cache / "concepts" / f"{first_run.plan.concepts[0].key}.safetensors")
+    (entry,) = {p.name for p in (cache / "concepts").iterdir()} - {key}  # its own store key
+    mine = artifact.load(artifact_path(cache, entry))
     assert mine.cinv_fingerprint != shipped.cinv_fingerprint
     assert len(list((cache / "cinv").iterdir())) == 2
 
 
-def test_M2_run_plan_publishes_nothing_when_training_fails(
+def test_M2_build_publishes_nothing_when_training_fails(
         tmp_path_factory: pytest.TempPathFactory, pipes: list[Any],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A real NaN loss inside run_plan: the spec's lr is raised to 1e37 on its way to the
-    trainer (the compiler caps `lr` at 10); no artifact, no temp file and no image appear."""
+    """A real NaN loss inside a build: the spec's lr is raised to 1e37 on its way to the
+    trainer (the compiler caps `lr` at 10); the failure names the concept, its spec line and
+    the step; no artifact, no temp file and no image appear."""
     root = write_project(tmp_path_factory.mktemp("nan-project"))
     cache = fresh_cache(tmp_path_factory, "nan-cache")
-    real = run_plan_module.train
+    real = jobs_module.train
 
     def huge_lr(pipe: Any, subject: Any, recipe: Recipe, *args: Any, **kwargs: Any) -> Any:
         return real(pipe, subject, dataclasses.replace(recipe, lr=1e37), *args, **kwargs)
 
-    monkeypatch.setattr(run_plan_module, "train", huge_lr)
-    with pytest.raises(NonFiniteLoss) as caught:
-        run_plan(compile_plan(root), root=root, cache_dir=cache, device="cpu")
-    assert caught.value.step == 2
-    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()) \
-        == sorted(p.relative_to(cache).as_posix() for p in (cache / "cinv").iterdir())
-    assert not (root / "renders").exists()
+    monkeypatch.setattr(jobs_module, "train", huge_lr)
+    summary = build(compile_plan(root), root, cache)
+    (failure,) = summary.failures
+    assert failure.startswith("while training `teddy*` (project.concept:3): the loss became")
+    assert "at step 2" in failure and summary.skipped == 5  # keep-going: the rest is built
+    assert summary.rendered == ["renders/project/a-plain-red-cube_seed0_s0.5.png"]
+    kept = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*")
+                  if p.is_file() and not p.is_relative_to(cache / "renders"))
+    assert kept == sorted(["lock"] + [f"cinv/{p.name}" for p in (cache / "cinv").iterdir()])
+    assert not any((root / "renders").rglob("*teddy*"))
     (pipe,) = pipes
     assert_pristine(pipe)
 

@@ -165,7 +165,7 @@ def test_M2_nonfinite_loss_stops_within_a_step_and_publishes_nothing(
         subject: Subject, cinv: tuple[Tensor, str], tmp_path: Path) -> None:
     """lr 1e37: the first AdamW step moves o*_V by ~1e37 per value (finite in float32), the
     attention output then overflows and the next loss is NaN. The compiler caps `lr` at 10,
-    so this goes through train() directly; test_e2e checks that run_plan publishes nothing."""
+    so this goes through train() directly; test_e2e checks that a build publishes nothing."""
     pipe = tiny_pipeline(0)
     before = state_dicts(pipe)
     embedding = pipe.text_encoder.get_input_embeddings()

@@ -1,0 +1,199 @@
+"""The runtime's side of the command line: `run`, `cache verify|gc`, and `plan`'s statuses."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path, PurePosixPath
+from types import FrameType
+
+from perfusion_dsl.plan import Plan
+
+from .build import RunOptions, Summary, run
+from .lock import LockHeld, build_lock
+from .progress import Reporter
+from .status import PlanStatus, plan_status, store_key
+from .store import Store, StoreError
+
+EXIT_OK, EXIT_FAILED = 0, 1
+STORE_DIR = ".perfusion"
+
+
+def store_root(cache: Path | None, root: Path) -> Path:
+    """--cache, else $PERFUSION_CACHE, else .perfusion/ in the run root."""
+    if cache is not None:
+        return cache
+    env = os.environ.get("PERFUSION_CACHE")
+    return Path(env) if env else root / STORE_DIR
+
+
+# ---------------------------------------------------------------- plan
+
+
+def with_status(plan: Plan, root: Path, cache: Path | None) -> tuple[Plan, PlanStatus]:
+    """The plan with `up_to_date` filled in from the store, and every step's status."""
+    status = plan_status(plan, root, Store(store_root(cache, root)))
+    concepts = [c.model_copy(update={"up_to_date": status.concepts[c.token].state ==
+                                     "up to date"}) for c in plan.concepts]
+    return plan.model_copy(update={"concepts": concepts}), status
+
+
+def describe(plan: Plan, status: PlanStatus) -> str:
+    """`perfusion plan` for people: each concept and each generate statement, with why."""
+    train, render = status.counts()
+    lines = [f"concepts: {len(plan.concepts)} ({train} to train)"]
+    for c in plan.concepts:
+        lines.append(f"  {c.token:<16} {status.concepts[c.token]}")
+        lines.append(f"  {'':<16} {len(c.images)} image(s), {c.options['steps']} steps, lock "
+                     f"{c.options['lock']} ({c.file}:{c.line}, key {c.key[:12]})")
+    lines.append(f"images: {len(plan.renders)} ({render} to render)")
+    indexed = list(enumerate(plan.renders))
+    for (file, line), group in groupby(indexed, key=lambda p: (p[1].file, p[1].line)):
+        items = list(group)
+        folders = sorted({str(PurePosixPath(r.out).parent) for _, r in items})
+        states = [status.renders[i] for i, _ in items]
+        counts = {s: sum(x.state == s for x in states) for s in ("new", "changed", "up to date")}
+        shown = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        lines.append(f"  {file}:{line}: {len(items)} image(s) → {', '.join(folders)}/ "
+                     f"({shown})")
+        reasons = sorted({r for s in states for r in s.reasons})
+        lines += [f"      {reason}" for reason in reasons[:5]]
+        if len(reasons) > 5:
+            lines.append(f"      … and {len(reasons) - 5} more")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- run
+
+
+@dataclass
+class StopFlag:
+    """Set by the first Ctrl-C or SIGTERM: work stops at the next step, cleanly; a second
+    one stops at once (KeyboardInterrupt)."""
+
+    signum: int = 0
+
+    def __call__(self) -> bool:
+        return self.signum != 0
+
+
+@contextmanager
+def stop_on_signals(flag: StopFlag, reporter: Reporter) -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if flag.signum:
+            raise KeyboardInterrupt
+        flag.signum = signum
+        reporter.error(f"{signal.Signals(signum).name}: stopping after the current step "
+                       "(send it again to stop now)")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class _Warnings(logging.Handler):
+    """The runtime's logged warnings (corrupt cache entries, manifests) as user warnings."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        super().__init__(logging.WARNING)
+        self.reporter = reporter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.reporter.warn(record.getMessage())
+
+
+@contextmanager
+def warnings_to(reporter: Reporter) -> Iterator[None]:
+    logger = logging.getLogger("perfusion_runtime")
+    handler = _Warnings(reporter)
+    logger.addHandler(handler)
+    old, logger.propagate = logger.propagate, False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = old
+
+
+def run_command(plan: Plan, root: Path, options: RunOptions, *, quiet: bool = False) -> int:
+    reporter = Reporter(quiet=quiet)
+    flag = StopFlag()
+    try:
+        with warnings_to(reporter), stop_on_signals(flag, reporter):
+            summary = run(plan, root, options, reporter, flag)
+    except LockHeld as exc:
+        reporter.error(str(exc))
+        return EXIT_FAILED
+    except StoreError as exc:
+        reporter.error(str(exc))
+        return EXIT_FAILED
+    report(summary, reporter, root)
+    if summary.stopped:
+        reporter.error("stopped; run the same command again to resume (finished concepts and "
+                       "images are kept, training resumes from its last checkpoint)")
+        return 128 + (flag.signum or signal.SIGINT)
+    return EXIT_FAILED if summary.failures else EXIT_OK
+
+
+def report(summary: Summary, reporter: Reporter, root: Path) -> None:
+    restored = f", {len(summary.restored)} from the cache" if summary.restored else ""
+    skipped = f", {summary.skipped} skipped" if summary.skipped else ""
+    reporter.result(f"trained {len(summary.trained)} concept(s), {len(summary.reused)} up to "
+                    f"date; rendered {len(summary.rendered)} image(s){restored}, "
+                    f"{summary.up_to_date} up to date{skipped}")
+    for folder in summary.folders:
+        reporter.result(f"  images:  {_shown(root, folder)}/")
+    for sheet in summary.sheets:
+        reporter.result(f"  contact sheet: {_shown(root, sheet)}")
+    if summary.failures:
+        reporter.result(f"{len(summary.failures)} job(s) failed:")
+        for failure in summary.failures:
+            reporter.result(f"  {failure}")
+
+
+def _shown(root: Path, rel: str) -> str:
+    path = root / rel
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------- cache
+
+
+def verify_command(store: Path) -> int:
+    problems = Store(store).verify()
+    for problem in problems:
+        print(f"corrupt: {problem}", file=sys.stderr)
+    print(f"{store}: {len(problems)} problem(s)")
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def gc_command(store: Path, keep: set[str], *, wait: bool = False) -> int:
+    """Remove what `keep` (the keys the current specs reference) does not name, under the
+    build lock so a running build's new entries are safe."""
+    try:
+        with build_lock(store, wait=wait):
+            removed = Store(store).gc(keep)
+    except (LockHeld, StoreError) as exc:
+        print(f"perfusion: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for path in removed:
+        print(f"removed {path}")
+    print(f"{store}: removed {len(removed)}, kept {len(keep)} referenced concept(s)")
+    return EXIT_OK
+
+
+def keys_of(plan: Plan) -> set[str]:
+    """The store keys a plan references (with the shipped caption corpus)."""
+    return {store_key(c) for c in plan.concepts}

@@ -1,0 +1,91 @@
+"""Executors run train and render jobs; the local one runs them in this process, in order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from .progress import Reporter
+
+if TYPE_CHECKING:
+    from .jobs import Pipelines, Rendered, RenderJob, Trained, TrainJob
+
+TrainDone = Callable[["TrainJob", "Trained | BaseException"], None]
+Emit = Callable[["RenderJob", "list[Rendered]"], None]
+RenderFailed = Callable[["RenderJob", BaseException], None]
+Stop = Callable[[], bool]
+
+# What a job may fail with and the run goes on (keep-going); anything else stops the run.
+# Stopped and KeyboardInterrupt are never a job's failure.
+JOB_ERRORS: tuple[type[BaseException], ...] = (Exception,)
+
+
+class Stopped(BaseException):  # a signal like KeyboardInterrupt
+    """The run was asked to stop (Ctrl-C, SIGTERM) between two pieces of work."""
+
+
+class Executor(Protocol):
+    """Runs jobs and reports each result through callbacks (which may raise to abort)."""
+
+    def train_all(self, jobs: Sequence[TrainJob], done: TrainDone) -> None: ...
+
+    def render_all(self, jobs: Sequence[RenderJob], emit: Emit, failed: RenderFailed) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """One job at a time in this process, base models loaded once, with progress bars."""
+
+    def __init__(self, device: str, reporter: Reporter, stop: Stop) -> None:
+        from .jobs import Pipelines
+
+        self.pipes: Pipelines = Pipelines(device)
+        self.reporter = reporter
+        self.stop = stop
+
+    def train_all(self, jobs: Sequence[TrainJob], done: TrainDone) -> None:
+        from .jobs import train_job
+        from .trainer import TrainingInterrupted
+
+        for job in jobs:
+            if self.stop():
+                raise Stopped
+            bar = self.reporter.bar(f"training {job.step.token}", int(job.step.options["steps"]),
+                                    "step")
+            try:
+                result: Trained | BaseException = train_job(
+                    job, self.pipes, stop=self.stop,
+                    progress=lambda p, bar=bar: bar.update(p.step, loss=p.loss))  # type: ignore[misc]
+            except TrainingInterrupted:
+                raise Stopped from None
+            except JOB_ERRORS as exc:
+                result = exc
+            finally:
+                bar.close()
+            done(job, result)
+
+    def render_all(self, jobs: Sequence[RenderJob], emit: Emit, failed: RenderFailed) -> None:
+        from .jobs import render_job
+
+        bar = self.reporter.bar("rendering", sum(len(j.renders) for j in jobs), "image")
+        count = 0
+
+        def emitted(job: RenderJob, images: list[Rendered]) -> None:
+            nonlocal count
+            emit(job, images)
+            count += len(images)
+            bar.update(count)
+
+        try:
+            for job in jobs:
+                try:
+                    render_job(job, self.pipes, lambda images, job=job: emitted(job, images),  # type: ignore[misc]
+                               stop=self.stop)
+                except JOB_ERRORS as exc:
+                    failed(job, exc)
+        finally:
+            bar.close()
+
+    def close(self) -> None:
+        self.pipes.loaded.clear()

@@ -1,0 +1,274 @@
+"""The two kinds of work an executor runs: train one concept, render a group of images."""
+
+from __future__ import annotations
+
+import os
+import time
+
+# transformers warns on import that torchvision is absent (on purpose: it pulls CUDA builds)
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from perfusion_dsl.plan import ConceptStep, RenderStep
+
+from .artifact import encode
+from .covariance import cinv_for
+from .device import Precision, choose
+from .executor import Stopped
+from .fingerprint import base_fingerprint
+from .render import apply_concepts
+from .status import tool_version
+from .store import Store
+from .trainer import Progress, Recipe, Subject, train
+
+BUILTIN_TEST_MODEL = "tiny:random"  # a random tiny pipeline, for tests and CPU benches
+
+Stop = Callable[[], bool]
+
+
+class ModelUnavailable(RuntimeError):
+    """The base model cannot be loaded (never downloaded: M7)."""
+
+
+class OutOfMemory(RuntimeError):
+    """Out of memory even at the smallest batch; the message says what to try."""
+
+
+def load_pipeline(source: str, precision: Precision) -> Any:
+    """A StableDiffusionPipeline for a plan's model name, from local files only."""
+    if source == BUILTIN_TEST_MODEL:
+        from .tiny import tiny_pipeline
+
+        return tiny_pipeline(0).to(precision.device)
+    if source.startswith("toy:"):
+        raise ModelUnavailable(f"the built-in model {source!r} is not bundled yet; use "
+                               f"{BUILTIN_TEST_MODEL!r} or a local diffusers folder")
+    folder = Path(source).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise ModelUnavailable(f"model {source!r} is not a local diffusers folder (no "
+                               "model_index.json); perfusion never downloads weights: download "
+                               "it yourself and give its path")
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, local_files_only=True, use_safetensors=True, safety_checker=None,
+            requires_safety_checker=False, dtype=precision.dtype)
+    except (OSError, ValueError) as exc:  # missing or unusable files; nothing is downloaded
+        raise ModelUnavailable(f"cannot load the diffusers folder {str(folder)!r}: {exc}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(precision.device)
+
+
+@dataclass
+class Pipelines:
+    """Loaded base models, kept for the jobs of one process (a worker keeps its own)."""
+
+    device: str = "auto"
+    loaded: dict[str, tuple[Any, str]] = field(default_factory=dict)  # model → (pipe, print)
+
+    @property
+    def precision(self) -> Precision:
+        return choose(self.device)
+
+    def get(self, model: str) -> tuple[Any, str]:
+        """(pipeline, base fingerprint) for `model`, loading it on first use."""
+        if model not in self.loaded:
+            pipe = load_pipeline(model, self.precision)
+            self.loaded[model] = (pipe, base_fingerprint(pipe))
+        return self.loaded[model]
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    step: ConceptStep
+    key: str  # the store key
+    root: str  # the run root: the step's paths are relative to it
+    store: str
+    captions: str | None = None
+
+
+@dataclass(frozen=True)
+class Trained:
+    token: str
+    key: str
+    seconds: float
+    resumed_from: int = 0  # the step a checkpoint resumed from
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    renders: tuple[RenderStep, ...]
+    concepts: tuple[tuple[str, str], ...]  # (token, store key) of every concept they use
+    store: str
+    batch_size: int | None = None
+    captions: str | None = None
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One image of a RenderJob (by index into its renders) and the settings really used."""
+
+    index: int
+    image: Any  # a PIL image
+    steps: int
+    guidance: float
+    width: int
+    height: int
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text
+                                              or "can't allocate memory" in text)
+
+
+def _subject(step: ConceptStep, root: Path, key: str) -> Subject:
+    mask = step.options.get("mask", "none")
+    masks = tuple(root / m for m in mask) if isinstance(mask, list) else None
+    return Subject(step.token, tuple(step.supercategories), tuple(step.adjectives),
+                   tuple(root / i for i in step.images), masks, key, step.model)
+
+
+def _halve(size: int, what: str, advice: str) -> int:
+    if size <= 1:
+        raise OutOfMemory(f"out of memory even with {what} of 1 image; {advice}")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return size // 2
+
+
+def train_job(job: TrainJob, pipes: Pipelines, *, progress: Callable[[Progress], None] | None
+              = None, stop: Stop | None = None) -> Trained:
+    """Train the job's concept and publish it in the store (unless a valid entry exists).
+
+    Resumes from the store's checkpoint of this key when there is one (M3). On out of memory
+    it retries with half the micro-batch (the same batch, by gradient accumulation) down to
+    one image, then stops with advice (M6); nothing is published by a failed attempt."""
+    store = Store(job.store)
+    started = time.monotonic()
+    if store.get(job.key) is not None:
+        return Trained(job.step.token, job.key, 0.0)
+    pipe, base = pipes.get(job.step.model)
+    cinv, cinv_print = cinv_for(pipe, Path(job.store), Path(job.captions) if job.captions
+                                else None)
+    micro = Recipe.from_options(job.step.options).batch
+    checkpoint = store.checkpoint(job.key)
+    first: list[int] = []  # the first step reported: past 1 when a checkpoint was resumed
+
+    def report(p: Progress) -> None:
+        if not first:
+            first.append(p.step)
+        if progress is not None:
+            progress(p)
+
+    while True:
+        try:
+            concept = train(pipe, _subject(job.step, Path(job.root), job.key),
+                            Recipe.from_options(job.step.options, micro_batch=micro), cinv,
+                            cinv_fingerprint=cinv_print, base_fingerprint=base,
+                            options=job.step.options, precision=pipes.precision,
+                            progress=report, checkpoint=checkpoint, stop=stop)
+            break
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            micro = _halve(micro, "micro-batches", "lower `resolution`, train on a "
+                           "machine with more memory, or use a smaller base model")
+    store.put(job.key, encode(concept), token=job.step.token, tool_version=tool_version())
+    checkpoint.unlink(missing_ok=True)
+    resumed = first[0] - 1 if first else 0
+    return Trained(job.step.token, job.key, time.monotonic() - started, resumed)
+
+
+def _group_key(r: RenderStep) -> tuple[Any, ...]:
+    o = r.options
+    return (tuple(r.concepts), r.strength, o.get("steps"), o.get("guidance"), o.get("size"),
+            o.get("negative", ""))
+
+
+def pipe_options(r: RenderStep) -> dict[str, Any]:
+    o, out = r.options, dict[str, Any]()
+    if o.get("steps") is not None:
+        out["num_inference_steps"] = int(o["steps"])
+    if o.get("guidance") is not None:
+        out["guidance_scale"] = float(o["guidance"])
+    if o.get("size"):
+        width, height = (int(x) for x in str(o["size"]).split("x"))
+        out["width"], out["height"] = width, height
+    return out
+
+
+def _effective(pipe: Any, options: dict[str, Any]) -> tuple[int, float, int, int]:
+    """(steps, guidance, width, height) the pipeline uses for these call options."""
+    native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    return (int(options.get("num_inference_steps", 50)),
+            float(options.get("guidance_scale", 7.5)),
+            int(options.get("width", native)), int(options.get("height", native)))
+
+
+def render_job(job: RenderJob, pipes: Pipelines, emit: Callable[[list[Rendered]], None], *,
+               stop: Stop | None = None) -> None:
+    """Render the job's images (all with one base model), handing each finished group of
+    images to `emit` at once, so a stop or a failure keeps what is done.
+
+    `stop()` is polled between groups (Stopped). On out of memory the batch is halved down
+    to one image, then OutOfMemory says what to try (M6)."""
+    store = Store(job.store)
+    pipe, _ = pipes.get(job.renders[0].options["model"])
+    files = [_concept_file(store, token, key) for token, key in job.concepts]
+    batch = job.batch_size or applied_batch(pipe)
+    captions = Path(job.captions) if job.captions else None
+    order = sorted(range(len(job.renders)), key=lambda i: repr(_group_key(job.renders[i])))
+    with apply_concepts(pipe, files, cache_dir=Path(job.store), captions=captions,
+                        batch_size=batch) as applied:
+        for _, group in groupby(order, key=lambda i: repr(_group_key(job.renders[i]))):
+            if stop is not None and stop():
+                raise Stopped
+            emit(_render_with_retry(applied, job.renders, list(group)))
+
+
+def _render_with_retry(applied: Any, renders: Sequence[RenderStep],
+                       indices: list[int]) -> list[Rendered]:
+    while True:
+        try:
+            return _render_group(applied, renders, indices)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            applied.batch_size = _halve(applied.batch_size, "batches", "lower `size`, or "
+                                        "render on a machine with more memory")
+
+
+def applied_batch(pipe: Any) -> int:
+    from .render import CPU_BATCH, CUDA_BATCH
+
+    return CPU_BATCH if pipe.unet.device.type == "cpu" else CUDA_BATCH
+
+
+def _concept_file(store: Store, token: str, key: str) -> Path:
+    path = store.get(key)
+    if path is None:
+        raise ModelUnavailable(f"the artifact of {token} (key {key[:12]}) is not in the store "
+                               f"{store.root}")
+    return path
+
+
+def _render_group(applied: Any, renders: Sequence[RenderStep],
+                  indices: list[int]) -> list[Rendered]:
+    first = renders[indices[0]]
+    options = pipe_options(first)
+    images = applied([renders[i].prompt for i in indices], seed=[renders[i].seed for i in indices],
+                     strength=first.strength, negative_prompt=first.options.get("negative", ""),
+                     **options)
+    steps, guidance, width, height = _effective(applied.pipe, options)
+    return [Rendered(i, image, steps, guidance, width, height)
+            for i, image in zip(indices, images, strict=True)]

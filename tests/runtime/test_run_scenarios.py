@@ -1,0 +1,349 @@
+"""`perfusion run` as a user meets it: the CLI on a real project with the tiny model, and the
+RELIABILITY.md scenarios of the build (R3–R8, R10, M6, S2), with subprocesses for locks,
+kills and signals."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from perfusion_dsl.cli import main
+from perfusion_runtime import jobs
+from perfusion_runtime.covariance import cinv_for
+from perfusion_runtime.outputs import read_png_text
+from perfusion_runtime.store import Store
+from perfusion_runtime.tiny import tiny_pipeline
+
+SPEC = """\
+model "tiny:random"
+
+learn images/*.png as teddy* <teddy bear> adjectives: [brown] {
+  steps: 3
+  batch: 2
+}
+
+generate "a photo of teddy* {on a beach|in the snow}" {
+  steps: 2
+  seed: 5
+}
+
+generate "a plain red cube" x 2 {
+  steps: 2
+}
+"""
+TEDDY_LINE = 3
+
+
+def write_project(root: Path, spec: str = SPEC) -> Path:
+    (root / "images").mkdir(parents=True)
+    for i in range(2):
+        photo = Image.new("RGB", (40, 48), (40 + 60 * i, 110, 170))
+        ImageDraw.Draw(photo).ellipse((6, 10 + 2 * i, 32, 40), fill=(200, 140, 40))
+        photo.save(root / "images" / f"photo{i}.png")
+    (root / "project.concept").write_text(spec, encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def project(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project whose store (.perfusion/) already holds the tiny model's C⁻¹."""
+    root = write_project(tmp_path / "project")
+    shared = tmp_path_factory.getbasetemp() / "cinv-cache"
+    cinv_for(tiny_pipeline(0), shared)
+    shutil.copytree(shared / "cinv", root / ".perfusion" / "cinv")
+    return root
+
+
+def cli(root: Path, *args: str) -> tuple[int, str, str]:
+    """`perfusion ARGS` in-process, in `root`; (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        os.chdir(cwd)
+    return code, out.getvalue(), err.getvalue()
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted((root / "renders").rglob("*")) if p.is_file()}
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_run_builds_everything_with_provenance_and_contact_sheets(project: Path) -> None:
+    code, out, err = cli(project, "run", ".", "--quiet")
+    assert code == 0, err
+    assert "trained 1 concept(s), 0 up to date; rendered 4 image(s), 0 up to date" in out
+    assert "contact sheet: renders/project/contact-sheet_project_line8.png" in out
+    assert err == ""  # --quiet: no progress
+    folder = project / "renders" / "project"
+    manifest = json.loads((folder / "manifest.json").read_text("utf-8"))
+    beach = "a-photo-of-teddy-on-a-beach_seed5_s0.5.png"
+    record = manifest["images"][beach]
+    assert record["spec"] == "project.concept:8" and record["steps"] == 2
+    assert record["sha256"] == __import__("hashlib").sha256((folder / beach).read_bytes()) \
+        .hexdigest()
+    text = read_png_text(folder / beach)
+    (key,) = [p.name for p in (project / ".perfusion" / "concepts").iterdir()]
+    assert text["prompt"] == "a photo of teddy* on a beach" and text["seed"] == "5"
+    assert text["strength"] == "0.5" and text["steps"] == "2" and text["size"] == "32x32"
+    assert json.loads(text["concepts"]) == {"teddy*": key}
+    assert text["base_model"] == "tiny:random" and text["spec"] == "project.concept:8"
+    assert text["tool"].startswith("perfusion ") and text["render_key"] == record["render_key"]
+    assert set(manifest["sheets"]) == {"contact-sheet_project_line8.png",
+                                       "contact-sheet_project_line13.png"}
+    with Image.open(folder / "contact-sheet_project_line8.png") as sheet:
+        assert sheet.width >= 2 * 128  # two tiles, upscaled to be seen
+
+
+def test_R4_noop_rerun_trains_0_renders_0_and_imports_no_torch(project: Path) -> None:
+    assert cli(project, "run", ".", "--quiet")[0] == 0
+    before = outputs(project)
+    code = textwrap.dedent("""
+        import sys, time
+        started = time.perf_counter()
+        from perfusion_dsl.cli import main
+        code = main(["run", "."])
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in
+                       {"torch", "diffusers", "transformers", "numpy", "ray", "tqdm"})
+        print("RESULT", code, heavy, f"{time.perf_counter() - started:.2f}")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True,
+                          text=True, env=subprocess_env(), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "trained 0 concept(s), 1 up to date; rendered 0 image(s), 4 up to date" in done.stdout
+    assert "RESULT 0 [] " in done.stdout  # no model library was imported
+    assert outputs(project) == before
+
+
+def test_R3_plan_says_what_changed_and_why(project: Path) -> None:
+    assert cli(project, "run", ".", "--quiet")[0] == 0
+    code, out, _ = cli(project, "plan", ".")
+    assert code == 0 and "teddy*           up to date" in out and "(0 to render)" in out
+    spec = project / "project.concept"
+    spec.write_text(SPEC.replace("steps: 3", "steps: 4"), encoding="utf-8")
+    image = project / "images" / "photo1.png"
+    Image.new("RGB", (40, 48), (1, 2, 3)).save(image)
+    code, out, _ = cli(project, "plan", ".")
+    assert code == 0
+    assert "teddy*           changed: image images/photo1.png changed; `steps` 3 → 4" in out
+    assert "concept teddy* changed" in out and "(2 changed)" in out and "(2 up to date)" in out
+    code, out, _ = cli(project, "plan", "--json", ".")
+    assert json.loads(out)["concepts"][0]["up_to_date"] is False
+
+
+def test_R3_whitespace_comments_and_option_order_do_not_rebuild(project: Path) -> None:
+    assert cli(project, "run", ".", "--quiet")[0] == 0
+    (project / "project.concept").write_text(
+        "# a comment\n" + SPEC.replace("  steps: 3\n  batch: 2", "  batch: 2   # two\n"
+                                       "  steps: 3\n  lr: 3e-2")  # 0.03, the default
+        .replace("steps: 2\n", "steps:  2\n"),
+        encoding="utf-8")
+    code, out, err = cli(project, "run", ".", "--quiet")
+    assert code == 0, err
+    assert "trained 0 concept(s), 1 up to date; rendered 0 image(s), 4 up to date" in out
+
+
+def test_R5_edit_then_revert_is_a_pure_cache_hit(project: Path) -> None:
+    assert cli(project, "run", ".", "--quiet")[0] == 0
+    first = outputs(project)
+    spec = project / "project.concept"
+    spec.write_text(SPEC.replace("steps: 3", "steps: 4"), encoding="utf-8")
+    code, out, _ = cli(project, "run", ".", "--quiet")
+    assert code == 0 and "trained 1 concept(s)" in out and "rendered 2 image(s)" in out
+    spec.write_text(SPEC, encoding="utf-8")
+    code, out, _ = cli(project, "plan", ".")
+    assert "its image is in the cache (no model needed)" in out
+    code, out, _ = cli(project, "run", ".", "--quiet")
+    assert code == 0
+    assert "trained 0 concept(s), 1 up to date; rendered 0 image(s), 2 from the cache, 2 up to " \
+           "date" in out
+    assert outputs(project) == first
+
+
+def test_R6_corrupt_artifact_is_reported_then_rebuilt(project: Path) -> None:
+    assert cli(project, "run", ".", "--quiet")[0] == 0
+    (entry,) = (project / ".perfusion" / "concepts").iterdir()
+    artifact = entry / "artifact.safetensors"
+    data = bytearray(artifact.read_bytes())
+    data[-5] ^= 0x40
+    artifact.write_bytes(bytes(data))
+    code, out, err = cli(project, "cache", "verify")
+    assert code == 1 and str(artifact) in err and "sha256 expected" in err
+    code, out, err = cli(project, "run", ".", "--quiet")
+    assert code == 0 and "trained 1 concept(s)" in out
+    assert "corrupt cache entry, rebuilding it" in err and str(artifact) in err
+    assert cli(project, "cache", "verify")[0] == 0
+
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from perfusion_runtime.lock import build_lock
+    with build_lock(Path(sys.argv[1])):
+        print("held", flush=True)
+        time.sleep(float(sys.argv[2]))
+""")
+
+
+@contextlib.contextmanager
+def lock_holder(store: Path, seconds: float) -> Iterator[subprocess.Popen[str]]:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(store), str(seconds)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
+def test_R7_second_run_names_the_holder_and_exits_1(project: Path) -> None:
+    with lock_holder(project / ".perfusion", 60) as holder:
+        code, _out, err = cli(project, "run", ".")
+        assert code == 1 and f"process {holder.pid} is already running a build" in err
+        assert "--wait" in err
+    assert not (project / ".perfusion" / "concepts").exists()  # nothing was trained
+
+
+def test_R7_wait_waits_for_the_holder_then_builds(project: Path) -> None:
+    with lock_holder(project / ".perfusion", 2) as holder:
+        started = time.monotonic()
+        code, _out, err = cli(project, "run", ".", "--wait")
+        assert code == 0, err
+        assert f"waiting for process {holder.pid}" in err
+        assert time.monotonic() - started > 1.0 and holder.poll() is not None
+
+
+def test_R8_a_killed_lock_holder_leaves_no_lock(project: Path) -> None:
+    with lock_holder(project / ".perfusion", 60) as holder:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        code, out, err = cli(project, "run", ".", "--quiet")
+    assert code == 0, err and "trained 1 concept(s)" in out
+
+
+def test_R10_sigterm_during_training_stops_cleanly_and_the_rerun_resumes(project: Path) -> None:
+    spec = SPEC.replace("steps: 3\n  batch: 2", "steps: 400\n  batch: 1")
+    (project / "project.concept").write_text(spec, encoding="utf-8")
+    run = subprocess.Popen([sys.executable, "-m", "perfusion_dsl", "run", "."], cwd=project,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=subprocess_env())
+    checkpoints = project / ".perfusion" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not any(checkpoints.glob("*.safetensors")):  # the first one: step 50
+        assert time.monotonic() < deadline and run.poll() is None, run.communicate()
+        time.sleep(0.02)
+    signal_at = time.monotonic()
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert time.monotonic() - signal_at < 10  # promptly: after the current step
+    assert run.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM: stopping after the current step" in err
+    assert "run the same command again to resume" in err
+    store = Store(project / ".perfusion")
+    assert store.verify() == [] and not store.concepts.exists()  # nothing half-published
+    assert not list(project.rglob("*.tmp")) and not (project / "renders").exists()
+    code, out, err = cli(project, "run", ".")
+    assert code == 0 and "trained 1 concept(s)" in out
+    assert "trained teddy* in" in err and ", resumed at step " in err
+    assert not any(checkpoints.iterdir())  # removed once the artifact was published
+
+
+def oom_above(limit: int) -> Any:
+    """A pre-hook raising a real torch OutOfMemoryError when the UNet batch exceeds `limit`."""
+
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if args[0].shape[0] > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    return hook
+
+
+def test_M6_out_of_memory_retries_with_a_smaller_batch_then_advises(project: Path) -> None:
+    spec = SPEC.replace("batch: 2", "batch: 4")
+    (project / "project.concept").write_text(spec, encoding="utf-8")
+    pipes = jobs.Pipelines("cpu")
+    pipe, _ = pipes.get("tiny:random")
+    handle = pipe.unet.register_forward_pre_hook(oom_above(1), with_kwargs=True)
+    try:
+        jobs_module_pipelines = pipes
+        from perfusion_dsl.compiler import compile_paths
+        from perfusion_runtime.status import store_key
+
+        plan = compile_paths([project], project).plan()
+        (step,) = plan.concepts
+        job = jobs.TrainJob(step, store_key(step), str(project), str(project / ".perfusion"))
+        trained = jobs.train_job(job, jobs_module_pipelines)  # micro-batch 4 → 2 → 1
+        assert trained.token == "teddy*"
+        assert Store(project / ".perfusion").get(step.key) is not None
+        handle.remove()
+        handle = pipe.unet.register_forward_pre_hook(oom_above(0), with_kwargs=True)
+        other = jobs.TrainJob(step, "f" * 64, str(project), str(project / ".perfusion"))
+        with pytest.raises(jobs.OutOfMemory, match="even with micro-batches of 1 image"):
+            jobs.train_job(other, pipes)
+        assert Store(project / ".perfusion").get("f" * 64) is None  # cache untouched
+    finally:
+        handle.remove()
+
+
+def test_S2_symlink_at_an_output_path_is_refused_and_the_rest_is_built(
+        project: Path, tmp_path: Path) -> None:
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me", encoding="utf-8")
+    folder = project / "renders" / "project"
+    folder.mkdir(parents=True)
+    (folder / "a-plain-red-cube_seed0_s0.5.png").symlink_to(target)
+    code, _out, err = cli(project, "run", ".", "--quiet")
+    assert code == 1 and "refusing to replace the symbolic link" in err
+    assert "a-plain-red-cube_seed0_s0.5.png" in err and "project.concept:13" in err
+    assert target.read_text(encoding="utf-8") == "keep me"
+    assert (folder / "a-photo-of-teddy-on-a-beach_seed5_s0.5.png").is_file()
+
+
+def test_fail_fast_stops_at_the_first_failure(project: Path) -> None:
+    (project / "project.concept").write_text(SPEC.replace("model \"tiny:random\"",
+                                                          "model \"toy:shapes\""),
+                                             encoding="utf-8")
+    code, out, err = cli(project, "run", ".", "--fail-fast", "--quiet")
+    assert code == 1
+    assert f"while training `teddy*` (project.concept:{TEDDY_LINE}): the built-in model" in err
+    assert "rendering" not in err and "1 job(s) failed" in out
+
+
+def test_cache_gc_keeps_what_the_specs_reference(project: Path) -> None:
+    assert cli(project, "run", ".", "--quiet")[0] == 0
+    (kept,) = [p.name for p in (project / ".perfusion" / "concepts").iterdir()]
+    spec = project / "project.concept"
+    spec.write_text(SPEC.replace("steps: 3", "steps: 4"), encoding="utf-8")
+    assert cli(project, "run", ".", "--quiet")[0] == 0
+    assert len(list((project / ".perfusion" / "concepts").iterdir())) == 2
+    spec.write_text(SPEC, encoding="utf-8")
+    code, out, _ = cli(project, "cache", "gc", ".")
+    assert code == 0 and "removed 1" in out
+    assert [p.name for p in (project / ".perfusion" / "concepts").iterdir()] == [kept]
+    code, out, _ = cli(project, "run", ".", "--quiet")
+    assert "trained 0 concept(s)" in out
