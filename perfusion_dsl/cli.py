@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="spec files or folders (searched for *.concept)")
     gc.add_argument("paths", nargs="*", type=Path, metavar="PATH", default=[Path(".")],
                     help="the specs whose concepts to keep (default: the current folder)")
+    verify.add_argument("paths", nargs="*", type=Path, metavar="PATH", default=[],
+                        help="a project folder or spec paths, to find its store like `run` "
+                             "does (default: the current folder)")
+    verify.add_argument("--root", type=Path, default=None, help="run root, as for `run`")
     for p in (check, plan, run, gc):
         p.add_argument("--root", type=Path, default=None,
                        help="run root (default: the nearest folder with perfusion.toml "
@@ -142,8 +146,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from perfusion_runtime import command
 
     if args.action == "verify":
-        root = args.cache or command.store_root(None, Path.cwd())
-        return int(command.verify_command(root))
+        from perfusion_dsl.compiler import run_root
+
+        store = command.store_root(args.cache, run_root(args.paths, args.root))
+        return int(command.verify_command(store))
     comp, status = _compiled(args)
     if status != EXIT_OK:
         print("perfusion: error: not collecting garbage while the specs have errors (they "

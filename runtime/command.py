@@ -172,10 +172,14 @@ def _shown(root: Path, rel: str) -> str:
 
 
 def verify_command(store: Path) -> int:
+    if not store.is_dir():
+        print(f"{store}: no store here (nothing to verify)")
+        return EXIT_OK
     problems = Store(store).verify()
     for problem in problems:
         print(f"corrupt: {problem}", file=sys.stderr)
-    print(f"{store}: {len(problems)} problem(s)")
+    entries = len(list(Store(store).concepts.glob("*")))
+    print(f"{store}: {entries} concept(s) checked, {len(problems)} problem(s)")
     return EXIT_FAILED if problems else EXIT_OK
 
 

@@ -323,19 +323,21 @@ def _drawable(text: str, font: _Font) -> str:
 
 
 def _wrap(label: str, font: _Font, width: int) -> list[str]:
-    """Greedy word wrap to `width` px; long words are broken; at most 3 lines, then '...'."""
+    """Greedy word wrap to `width` px, a new line at each newline; long words are broken; at
+    most 3 lines, then '...'."""
     lines: list[str] = []
-    current = ""
-    for word in label.split():
-        candidate = f"{current} {word}" if current else word
-        if _width(candidate, font) <= width:
-            current = candidate
-            continue
+    for paragraph in label.splitlines():
+        current = ""
+        for word in paragraph.split():
+            candidate = f"{current} {word}" if current else word
+            if _width(candidate, font) <= width:
+                current = candidate
+                continue
+            if current:
+                lines.append(current)
+            current = _break_word(word, font, width, lines)
         if current:
             lines.append(current)
-        current = _break_word(word, font, width, lines)
-    if current:
-        lines.append(current)
     if len(lines) > MAX_LABEL_LINES:  # the last line shown says that more was cut
         lines = [*lines[:MAX_LABEL_LINES - 1], _ellipsized(lines[MAX_LABEL_LINES - 1], font, width)]
     return [_drawable(text, font) for text in lines]

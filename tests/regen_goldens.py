@@ -32,9 +32,12 @@ SPECS_EXPECTED = PLANS / "specs.expected.json"
 # someone adds above tests/fixtures cannot change the paths shown in the goldens. With
 # no perfusion.toml above, the output is exactly that of `perfusion check .`.
 CHECK_ARGV = ("check", "--root", ".", ".")
-PLAN_ARGV = ("plan", "--json", "--root", ".", ".")
+# An empty store that cannot exist, so `up_to_date` does not depend on a local build (the
+# README's main command builds specs/ into specs/.perfusion/).
+NO_STORE = ("--cache", "/dev/null/no-store")
+PLAN_ARGV = ("plan", "--json", *NO_STORE, "--root", ".", ".")
 # The examples are planned as a user would: from the repository root.
-SPECS_ARGV = ("plan", "--json", "specs")
+SPECS_ARGV = ("plan", "--json", *NO_STORE, "specs")
 
 
 def diagnostic_cases() -> list[Path]:

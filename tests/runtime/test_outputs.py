@@ -312,6 +312,15 @@ def test_contact_sheet_long_labels_stay_within_three_lines() -> None:
     assert sheet.crop(second_tile).tobytes() == short.crop(second_tile).tobytes()
 
 
+def test_contact_sheet_label_newline_starts_a_line() -> None:
+    image = gradient()
+    one = contact_sheet([(image, "seed 7")], "t")
+    two = contact_sheet([(image, "seed 7\nx")], "t")
+    spaced = contact_sheet([(image, "seed 7 x")], "t")
+    assert two.size == one.size  # room for three lines either way
+    assert two.tobytes() != spaced.tobytes()  # "x" went to the second line
+
+
 def test_contact_sheet_handles_transparency_and_unicode() -> None:
     clear = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     sheet = contact_sheet([(clear, "a café ★")], "★ title")
