@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -114,6 +114,16 @@ def concept_reasons(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]
     return out + option_changes(old.get("options", {}), new["options"])
 
 
+def _safely(reasons: Callable[[Any, Any], list[str]], old: Any, new: Any,
+            unreadable: str) -> list[str]:
+    """Reasons against a record read from disk, which a person may have edited: a record of
+    the wrong shape gives the one reason `unreadable`, never a crash."""
+    try:
+        return reasons(old, new)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return [unreadable]
+
+
 def history_path(store: Store, token: str) -> Path:
     return store.root / "history" / f"{hashlib.sha256(token.encode()).hexdigest()[:32]}.json"
 
@@ -143,7 +153,8 @@ def concept_status(step: ConceptStep, key: str, store: Store, root: Path) -> Sta
         return Status("new")
     if old.get("key") == key:
         return Status("changed", ("its artifact is missing from the store or corrupt",))
-    reasons = concept_reasons(old["inputs"], concept_inputs(step, root))
+    reasons = _safely(concept_reasons, old["inputs"], concept_inputs(step, root),
+                      "the record of its last build is unreadable")
     return Status("changed", tuple(reasons or ["the cache key's format or caption corpus "
                                                "changed"]))
 
@@ -206,7 +217,8 @@ def render_status(step: RenderStep, key: str, inputs: Mapping[str, Any],
         return Status("new") if not os.path.lexists(path) else \
             Status("changed", ("the file has no manifest record",))
     if record.get("render_key") != key:
-        reasons = render_reasons(record.get("inputs", {}), inputs)
+        reasons = _safely(render_reasons, record.get("inputs", {}), inputs,
+                          "its manifest record is unreadable")
         return Status("changed", tuple(reasons or ["the render format changed"]))
     if file_sha256(path) != record.get("sha256"):
         missing = not os.path.lexists(path)

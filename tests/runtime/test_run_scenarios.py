@@ -347,3 +347,24 @@ def test_cache_gc_keeps_what_the_specs_reference(project: Path) -> None:
     assert [p.name for p in (project / ".perfusion" / "concepts").iterdir()] == [kept]
     code, out, _ = cli(project, "run", ".", "--quiet")
     assert "trained 0 concept(s)" in out
+
+
+def test_plan_survives_a_hand_edited_history_and_manifest(project: Path) -> None:
+    """Records read back from disk are the user's files too: wrong shapes give general
+    reasons, never a crash."""
+    assert cli(project, "run", ".", "--quiet")[0] == 0
+    (history,) = (project / ".perfusion" / "history").iterdir()
+    record = json.loads(history.read_text("utf-8"))
+    record["inputs"]["images"] = [1, 2, 3]
+    history.write_text(json.dumps(record), encoding="utf-8")
+    manifest = project / "renders" / "project" / "manifest.json"
+    data = json.loads(manifest.read_text("utf-8"))
+    for image in data["images"].values():
+        image["inputs"] = "not a record"
+        image["render_key"] = "0" * 64
+    manifest.write_text(json.dumps(data), encoding="utf-8")
+    (project / "project.concept").write_text(SPEC.replace("steps: 3", "steps: 4"), "utf-8")
+    code, out, err = cli(project, "plan", ".")
+    assert code == 0, err
+    assert "teddy*           changed: the record of its last build is unreadable" in out
+    assert "its manifest record is unreadable" in out
