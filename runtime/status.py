@@ -58,12 +58,43 @@ def tool_version() -> str:
         return "perfusion (not installed)"
 
 
+_TOY = Path(__file__).resolve().parent / "toy"
+_STAMPS: dict[str, str | None] = {}
+
+
+def model_stamp(model: str) -> str | None:
+    """What identifies a base model's weights beyond its name, read without loading it:
+    a built-in model's training record, or the names, sizes and times of a local folder's
+    files. None for the code-defined `tiny:random`. A model retrained or replaced under the
+    same name thus changes every key made with it."""
+    if model not in _STAMPS:
+        _STAMPS[model] = _stamp(model)
+    return _STAMPS[model]
+
+
+def _stamp(model: str) -> str | None:
+    if model == "tiny:random":
+        return None
+    if model.startswith("toy:"):
+        record = _TOY / model.removeprefix("toy:") / "training.json"
+        return file_sha256(record) or "missing"
+    folder = Path(model).expanduser()
+    try:
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        stats = [(p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                 for p in files]
+    except OSError:
+        return "missing"
+    return _digest(stats) if stats else "missing"
+
+
 def store_key(step: ConceptStep, captions_sha256: str | None = None) -> str:
-    """The store key of a concept: the plan's key, or with a user caption corpus (which
-    changes C⁻¹) a key that also covers the corpus."""
-    if captions_sha256 is None:
+    """The store key of a concept: the plan's key, with the base model's weights stamp and a
+    user caption corpus (which changes C⁻¹) mixed in when there are any."""
+    stamp = model_stamp(step.model)
+    if captions_sha256 is None and stamp is None:
         return step.key
-    return _digest({"concept": step.key, "captions": captions_sha256})
+    return _digest({"concept": step.key, "captions": captions_sha256, "model": stamp})
 
 
 # ---------------------------------------------------------------- concepts
@@ -72,7 +103,8 @@ def store_key(step: ConceptStep, captions_sha256: str | None = None) -> str:
 def concept_inputs(step: ConceptStep, root: Path) -> dict[str, Any]:
     """What a concept was built from, as recorded in the store's history (for "why")."""
     return {
-        "model": step.model, "supercategories": list(step.supercategories),
+        "model": step.model, "model_stamp": model_stamp(step.model),
+        "supercategories": list(step.supercategories),
         "adjectives": list(step.adjectives), "options": dict(step.options),
         "images": [[image, file_sha256(root / image)] for image in step.images],
     }
@@ -107,6 +139,8 @@ def option_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 def concept_reasons(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Human reasons between two `concept_inputs` records."""
     out = _list_changes("model", [old.get("model")], [new.get("model")])
+    if not out and old.get("model_stamp") != new["model_stamp"]:
+        out.append("the base model's weights changed")
     out += _list_changes("supercategories", old.get("supercategories", []),
                          new["supercategories"])
     out += _list_changes("adjectives", old.get("adjectives", []), new["adjectives"])
@@ -168,7 +202,7 @@ def render_inputs(step: RenderStep, concept_keys: Mapping[str, str]) -> dict[str
     return {
         "prompt": step.prompt, "negative": o.get("negative", ""), "seed": step.seed,
         "strength": step.strength, "steps": o.get("steps"), "guidance": o.get("guidance"),
-        "size": o.get("size"), "model": o["model"],
+        "size": o.get("size"), "model": o["model"], "model_stamp": model_stamp(o["model"]),
         "concepts": {token: concept_keys[token] for token in step.concepts},
     }
 
@@ -185,7 +219,9 @@ def render_reasons(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
             continue  # a different prompt says it
         if old_concepts[token] != new_concepts[token]:
             out.append(f"concept {token} changed")
-    rest = {k: v for k, v in new.items() if k != "concepts"}
+    if old.get("model") == new["model"] and old.get("model_stamp") != new["model_stamp"]:
+        out.append("the base model's weights changed")
+    rest = {k: v for k, v in new.items() if k not in ("concepts", "model_stamp")}
     was = {k: old.get(k) for k in rest}
     return out + option_changes(was, rest)
 

@@ -326,11 +326,12 @@ def test_S2_symlink_at_an_output_path_is_refused_and_the_rest_is_built(
 
 def test_fail_fast_stops_at_the_first_failure(project: Path) -> None:
     (project / "project.concept").write_text(SPEC.replace("model \"tiny:random\"",
-                                                          "model \"toy:shapes\""),
+                                                          "model \"toy:missing\""),
                                              encoding="utf-8")
     code, out, err = cli(project, "run", ".", "--fail-fast", "--quiet")
     assert code == 1
-    assert f"while training `teddy*` (project.concept:{TEDDY_LINE}): the built-in model" in err
+    assert f"while training `teddy*` (project.concept:{TEDDY_LINE}): 'toy:missing' is not a " \
+           "built-in model" in err
     assert "rendering" not in err and "1 job(s) failed" in out
 
 
@@ -368,3 +369,22 @@ def test_plan_survives_a_hand_edited_history_and_manifest(project: Path) -> None
     assert code == 0, err
     assert "teddy*           changed: the record of its last build is unreadable" in out
     assert "its manifest record is unreadable" in out
+
+
+def test_R3_base_model_weights_replaced_in_place_rebuild(project: Path) -> None:
+    """A local diffusers folder keeps its path but gets other weights: every key made with it
+    changes (the folder's files are stamped by name, size and time), and plan says why."""
+    folder = project / "model"
+    tiny_pipeline(0).save_pretrained(folder, safe_serialization=True)
+    spec = SPEC.replace('model "tiny:random"', 'model "model"')
+    (project / "project.concept").write_text(spec, encoding="utf-8")
+    code, out, err = cli(project, "run", ".", "--quiet")
+    assert code == 0, err
+    time.sleep(0.01)  # a new mtime even on coarse clocks
+    tiny_pipeline(1).save_pretrained(folder, safe_serialization=True)
+    from perfusion_runtime import status
+
+    status._STAMPS.clear()  # a new run is a new process; this test reuses one
+    code, out, _ = cli(project, "plan", ".")
+    assert "teddy*           changed: the base model's weights changed" in out
+    assert "(0 up to date)" not in out and "(2 changed)" in out
