@@ -1,0 +1,1 @@
+"""The built-in toy:shapes world and model."""
