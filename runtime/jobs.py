@@ -28,6 +28,8 @@ from .store import Store
 from .trainer import Progress, Recipe, Subject, train
 
 BUILTIN_TEST_MODEL = "tiny:random"  # a random tiny pipeline, for tests and CPU benches
+# Pretrained built-in models: diffusers folders shipped as package data (docs/toy.md).
+BUILTIN_MODELS = {"toy:shapes": Path(__file__).resolve().parent / "toy" / "shapes"}
 
 Stop = Callable[[], bool]
 
@@ -47,13 +49,21 @@ def load_pipeline(source: str, precision: Precision) -> Any:
 
         return tiny_pipeline(0).to(precision.device)
     if source.startswith("toy:"):
-        raise ModelUnavailable(f"the built-in model {source!r} is not bundled yet; use "
-                               f"{BUILTIN_TEST_MODEL!r} or a local diffusers folder")
+        folder = BUILTIN_MODELS.get(source, Path("/nonexistent"))
+        if not (folder / "model_index.json").is_file():
+            known = ", ".join(sorted(BUILTIN_MODELS))
+            raise ModelUnavailable(f"{source!r} is not a built-in model here (built in: "
+                                   f"{known}; its weights ship in the package)")
+        return _from_folder(folder, precision)
     folder = Path(source).expanduser()
     if not (folder / "model_index.json").is_file():
         raise ModelUnavailable(f"model {source!r} is not a local diffusers folder (no "
                                "model_index.json); perfusion never downloads weights: download "
                                "it yourself and give its path")
+    return _from_folder(folder, precision)
+
+
+def _from_folder(folder: Path, precision: Precision) -> Any:
     from diffusers import StableDiffusionPipeline
 
     try:

@@ -1,0 +1,245 @@
+"""Trains the built-in `toy:shapes` Stable Diffusion from scratch on the toy world (CPU).
+
+    .venv/bin/python tools/train_toy_model.py                 # the committed model
+    .venv/bin/python tools/train_toy_model.py --quick --out /tmp/toy   # a smoke test
+
+Phases, all seeded: (1) render the training scenes (runtime/toy/world.py), (2) train the
+VAE (AutoencoderKL, 64 px → 16×16×4 latents), (3) encode every image once, (4) train the
+CLIP text encoder and the UNet together (ε-prediction, 10 % empty captions for classifier-
+free guidance, an exponential moving average of the weights), (5) save a diffusers folder
+that `StableDiffusionPipeline.from_pretrained` loads, with TRAINING.md (command, seed,
+time, losses) beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from runtime.toy.world import HELD_OUT_OFFSET, SIZE, training_example  # noqa: E402
+
+TOKENIZER = REPO / "runtime" / "tokenizer"
+OUT = REPO / "runtime" / "toy" / "shapes"
+SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
+    "steps_offset": 1, "prediction_type": "epsilon",
+}
+TEXT_WIDTH = 128
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def make_models(tokenizer: Any) -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH,
+        num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=77,
+        hidden_act="quick_gelu", projection_dim=TEXT_WIDTH,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16)
+    unet = UNet2DConditionModel(
+        sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(48, 96, 96), cross_attention_dim=TEXT_WIDTH, attention_head_dim=8,
+        norm_num_groups=16, down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3)
+    return text, vae, unet
+
+
+def dataset(n: int, seed: int) -> tuple[torch.Tensor, list[int]]:
+    """n images [n, 3, 64, 64] in [-1, 1] and their scene seeds (captions are re-drawn)."""
+    seeds = [seed * 1_000_003 + i for i in range(n)]
+    if seeds[-1] >= HELD_OUT_OFFSET:
+        raise SystemExit(f"--seed {seed} with --images {n} reaches the held-out scenes")
+    arrays = np.stack([np.asarray(training_example(s)[0]) for s in seeds])
+    pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return pixels, seeds
+
+
+def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, steps: int, batch: int,
+              gen: torch.Generator) -> float:
+    """Reconstruction (L1 + L2) with a small KL term; the world's flat colours need few steps."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    vae.train()
+    loss_value = float("nan")
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(pixels), (batch,), generator=gen)
+        x = pixels[idx]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample(generator=gen)
+        recon = vae.decode(z).sample
+        kl = posterior.kl().mean() / (4 * 16 * 16)
+        loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_value = float(loss.detach())
+        if step % 100 == 0 or step == steps:
+            log(f"vae step {step}/{steps} loss {loss_value:.4f}")
+    vae.eval()
+    return loss_value
+
+
+@torch.no_grad()
+def encode_all(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    return torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean
+                      for i in range(0, len(pixels), 256)])
+
+
+def captions_for(seeds: list[int], epoch_rng: random.Random) -> list[str]:
+    out = []
+    for s in seeds:
+        if epoch_rng.random() < 0.1:
+            out.append("")  # classifier-free guidance learns the unconditional prediction
+        else:
+            out.append(training_example(s, random.Random(epoch_rng.getrandbits(32)))[1])
+    return out
+
+
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
+               latents: torch.Tensor, seeds: list[int], args: argparse.Namespace,
+               gen: torch.Generator) -> tuple[CLIPTextModel, UNet2DConditionModel, float]:
+    scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER.items()
+                                 if k not in ("set_alpha_to_one", "steps_offset")})
+    params = list(text.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema_text, ema_unet = copy.deepcopy(text).eval(), copy.deepcopy(unet).eval()
+    rng = random.Random(args.seed)
+    text.train()
+    unet.train()
+    running, losses = 0.0, []
+    for step in range(1, args.steps + 1):
+        for group in opt.param_groups:  # linear warm-up, then cosine to 10 %
+            warm = min(1.0, step / 200)
+            cos = 0.55 + 0.45 * np.cos(np.pi * step / args.steps)
+            group["lr"] = args.lr * warm * cos
+        idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
+        ids = tokenizer(captions_for([seeds[i] for i in idx.tolist()], rng),
+                        padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids
+        z = latents[idx]
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        pred = unet(scheduler.add_noise(z, noise, t), t,
+                    encoder_hidden_states=text(ids)[0]).sample
+        loss = (pred - noise).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        ema_update(ema_text, text, decay)
+        ema_update(ema_unet, unet, decay)
+        running += float(loss.detach())
+        if step % 100 == 0 or step == args.steps:
+            losses.append(running / (100 if step % 100 == 0 else step % 100))
+            log(f"unet step {step}/{args.steps} loss {losses[-1]:.4f}")
+            running = 0.0
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            args.snapshot(ema_text, ema_unet, step, losses[-1])
+    return ema_text, ema_unet, losses[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=20_000)
+    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--vae-batch", type=int, default=8)
+    parser.add_argument("--save-every", type=int, default=1000,
+                        help="also save the pipeline (EMA weights) every N UNet steps")
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test")
+    args = parser.parse_args()
+    if args.quick:
+        args.images, args.vae_steps, args.steps, args.save_every = 256, 20, 30, 20
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    started = time.time()
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER), local_files_only=True)
+    text, vae, unet = make_models(tokenizer)
+    log(f"params: text {sum(p.numel() for p in text.parameters()):,}, vae "
+        f"{sum(p.numel() for p in vae.parameters()):,}, unet "
+        f"{sum(p.numel() for p in unet.parameters()):,}")
+    pixels, seeds = dataset(args.images, args.seed)
+    log(f"rendered {len(pixels)} training images")
+    vae_loss = train_vae(vae, pixels, args.vae_steps, args.vae_batch, gen)
+    latents = encode_all(vae, pixels)
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    latents = latents * scale
+    log(f"latents encoded; scaling factor {scale:.4f}")
+
+    def snapshot(t: CLIPTextModel, u: UNet2DConditionModel, step: int, loss: float) -> None:
+        save(args, tokenizer, t, vae, u, {
+            "vae_loss": vae_loss, "unet_loss": loss, "unet_steps_done": step,
+            "seconds": time.time() - started, "scaling_factor": scale})
+
+    args.snapshot = snapshot
+    text, unet, unet_loss = train_unet(text, unet, tokenizer, latents, seeds, args, gen)
+    snapshot(text, unet, args.steps, unet_loss)
+
+
+def save(args: argparse.Namespace, tokenizer: Any, text: CLIPTextModel, vae: AutoencoderKL,
+         unet: UNet2DConditionModel, result: dict[str, float]) -> None:
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    temp = args.out.with_name(args.out.name + ".saving")
+    shutil.rmtree(temp, ignore_errors=True)
+    pipe.save_pretrained(temp, safe_serialization=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "snapshot")}
+    (temp / "training.json").write_text(json.dumps(
+        {"command": "python tools/train_toy_model.py " + " ".join(sys.argv[1:]),
+         "settings": settings, **result, "torch": torch.__version__}, indent=2) + "\n")
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    temp.rename(args.out)
+    size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 1e6
+    log(f"saved {args.out} ({size:.1f} MB) after {result['seconds'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
