@@ -14,6 +14,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors  # bytes in, tensors out; no pickle
 from torch import Tensor
 
 from .artifact import ArtifactError, _parse_header, _Problem, _read_file, _write_atomically
@@ -106,7 +107,7 @@ def _check_identity(path: Path, metadata: Mapping[str, Any], identity: Mapping[s
 def _tensors(path: Path, data: bytes, metadata: Mapping[str, Any],
              layout: Layout) -> dict[str, Tensor]:
     try:
-        tensors: dict[str, Tensor] = safetensors.torch.load(data)
+        tensors: dict[str, Tensor] = load_safetensors(data)
     except Exception as exc:  # a malformed layout: safetensors says why
         raise CheckpointError(path, f"safetensors could not decode it: {exc}") from None
     if metadata.get("sha256") != _digest(tensors):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
 
 from .progress import Reporter
@@ -68,24 +69,32 @@ class LocalExecutor:
     def render_all(self, jobs: Sequence[RenderJob], emit: Emit, failed: RenderFailed) -> None:
         from .jobs import render_job
 
-        bar = self.reporter.bar("rendering", sum(len(j.renders) for j in jobs), "image")
-        count = 0
-
-        def emitted(job: RenderJob, images: list[Rendered]) -> None:
-            nonlocal count
-            emit(job, images)
-            count += len(images)
-            bar.update(count)
-
-        try:
+        with counted(self.reporter, jobs, emit) as emitted:
             for job in jobs:
                 try:
                     render_job(job, self.pipes, lambda images, job=job: emitted(job, images),  # type: ignore[misc]
                                stop=self.stop)
                 except JOB_ERRORS as exc:
                     failed(job, exc)
-        finally:
-            bar.close()
 
     def close(self) -> None:
         self.pipes.loaded.clear()
+
+
+@contextmanager
+def counted(reporter: Reporter, jobs: Sequence[RenderJob], emit: Emit) -> Iterator[Emit]:
+    """`emit`, advancing one "rendering" bar over every image of `jobs` (closed after)."""
+    bar = reporter.bar("rendering", sum(len(j.renders) for j in jobs), "image")
+    count = 0
+
+    def emitted(job: RenderJob, images: list[Rendered]) -> None:
+        nonlocal count
+        emit(job, images)
+        count += len(images)
+        bar.update(count)
+
+    try:
+        yield emitted
+    finally:
+        bar.close()
+

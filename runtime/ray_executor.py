@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .executor import Emit, RenderFailed, Stop, Stopped, TrainDone
+from .executor import Emit, RenderFailed, Stop, Stopped, TrainDone, counted
 from .progress import Reporter
 
 if TYPE_CHECKING:
@@ -103,19 +103,8 @@ class RayExecutor:
             bar.close()
 
     def render_all(self, jobs: Sequence[RenderJob], emit: Emit, failed: RenderFailed) -> None:
-        bar = self.reporter.bar("rendering", sum(len(j.renders) for j in jobs), "image")
-        count = 0
-
-        def emitted(job: RenderJob, images: list[Rendered]) -> None:
-            nonlocal count
-            emit(job, images)
-            count += len(images)
-            bar.update(count)
-
-        try:
+        with counted(self.reporter, jobs, emit) as emitted:
             self._run(jobs, emitted, failed)
-        finally:
-            bar.close()
 
     def _run(self, jobs: Sequence[J], ok: Callable[[J, Any], None],
              bad: Callable[[J, BaseException], None]) -> None:
