@@ -101,8 +101,7 @@ def _report(comp: Compilation, quiet_ok: bool = False) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    comp = compile_paths(args.paths, args.root, args.model)
-    status = _report(comp)
+    comp, status = _compiled(args)
     if status == EXIT_OK:
         ctx = comp.context
         print(f"checked {len(ctx.requested)} file(s): {len(ctx.concepts)} concept(s), "

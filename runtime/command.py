@@ -22,6 +22,7 @@ from .status import PlanStatus, plan_status, store_key
 from .store import Store, StoreError
 
 EXIT_OK, EXIT_FAILED = 0, 1
+RUNTIME_MODULES = ("torch", "diffusers", "transformers", "safetensors", "numpy", "tqdm")
 STORE_DIR = ".perfusion"
 
 
@@ -135,6 +136,13 @@ def run_command(plan: Plan, root: Path, options: RunOptions, *, quiet: bool = Fa
         return EXIT_FAILED
     except StoreError as exc:
         reporter.error(str(exc))
+        return EXIT_FAILED
+    except ModuleNotFoundError as exc:
+        if exc.name not in RUNTIME_MODULES:
+            raise
+        reporter.error(f"training and rendering need {exc.name}, which is not installed: "
+                       "pip install 'perfusion-concepts[runtime]' (on a CPU-only machine "
+                       "install the CPU build of torch first)")
         return EXIT_FAILED
     report(summary, reporter, root)
     if summary.stopped:

@@ -388,3 +388,18 @@ def test_R3_base_model_weights_replaced_in_place_rebuild(project: Path) -> None:
     code, out, _ = cli(project, "plan", ".")
     assert "teddy*           changed: the base model's weights changed" in out
     assert "(0 up to date)" not in out and "(2 changed)" in out
+
+
+def test_run_without_the_runtime_extra_says_what_to_install(project: Path) -> None:
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["torch"] = None  # as if the runtime extra were not installed
+        from perfusion_dsl.cli import main
+        sys.exit(main(["run", "."]))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True,
+                          text=True, env=subprocess_env(), timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "need torch, which is not installed: pip install 'perfusion-concepts[runtime]'" \
+        in done.stderr
+    assert "internal error" not in done.stderr
