@@ -1,7 +1,11 @@
 """Trains the built-in `toy:shapes` Stable Diffusion from scratch on the toy world (CPU).
 
     .venv/bin/python tools/train_toy_model.py                 # the committed model
-    .venv/bin/python tools/train_toy_model.py --quick --out /tmp/toy   # a smoke test
+    .venv/bin/python tools/train_toy_model.py --quick --out /tmp/toy --state /tmp/toy.state
+
+The run can be stopped at any time and the same command resumes it: the VAE, the latents
+and, every --save-every steps, the UNet phase (weights, EMA, AdamW, generators) are kept in
+--state (git-ignored), and each saved step also refreshes --out with the EMA weights.
 
 Phases, all seeded: (1) render the training scenes (runtime/toy/world.py), (2) train the
 VAE (AutoencoderKL, 64 px → 16×16×4 latents), (3) encode every image once, (4) train the
@@ -44,6 +48,7 @@ from runtime.toy.world import HELD_OUT_OFFSET, SIZE, training_example  # noqa: E
 
 TOKENIZER = REPO / "runtime" / "tokenizer"
 OUT = REPO / "runtime" / "toy" / "shapes"
+STATE = REPO / "runtime" / "toy" / "shapes.train"  # git-ignored: what a rerun resumes from
 SCHEDULER: dict[str, Any] = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
     "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
@@ -137,6 +142,60 @@ def captions_for(seeds: list[int], epoch_rng: random.Random) -> list[str]:
     return out
 
 
+def _tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().clone().contiguous()
+            for k, v in module.state_dict().items()}
+
+
+def _load(module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+    module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items()
+                            if k.startswith(prefix + ".")})
+
+
+def save_state(state: Path, step: int, models: dict[str, nn.Module],
+               opt: torch.optim.Optimizer, params: list[nn.Parameter], gen: torch.Generator,
+               rng: random.Random, losses: list[float]) -> None:
+    """Everything the UNet phase needs to go on exactly: weights, EMA, AdamW, generators."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in models.items():
+        tensors.update(_tensors(name, module))
+    for i, p in enumerate(params):
+        for slot, value in opt.state[p].items():
+            tensors[f"opt.{i}.{slot}"] = value.detach().clone().contiguous()
+    tensors["gen"] = gen.get_state()
+    temp = state / "unet_state.safetensors.tmp"
+    save_file(tensors, str(temp))
+    (state / "unet_state.json.tmp").write_text(json.dumps(
+        {"step": step, "losses": losses, "rng": [rng.getstate()[0], list(rng.getstate()[1]),
+                                                  rng.getstate()[2]]}))
+    os.replace(temp, state / "unet_state.safetensors")
+    os.replace(state / "unet_state.json.tmp", state / "unet_state.json")
+
+
+def load_state(state: Path, models: dict[str, nn.Module], opt: torch.optim.Optimizer,
+               params: list[nn.Parameter], gen: torch.Generator,
+               rng: random.Random) -> tuple[int, list[float]]:
+    """(steps done, losses) from `save_state`, or (0, []) when there is none."""
+    from safetensors.torch import load_file
+
+    if not (state / "unet_state.json").is_file():
+        return 0, []
+    tensors = load_file(str(state / "unet_state.safetensors"))
+    meta = json.loads((state / "unet_state.json").read_text())
+    for name, module in models.items():
+        _load(module, name, tensors)
+    for i, p in enumerate(params):
+        slots = ("step", "exp_avg", "exp_avg_sq")
+        opt.state[p] = {s: tensors[f"opt.{i}.{s}"] for s in slots if f"opt.{i}.{s}" in tensors}
+    gen.set_state(tensors["gen"])
+    version, internal, gauss = meta["rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    log(f"resumed the UNet phase at step {meta['step']} from {state}")
+    return int(meta["step"]), list(meta["losses"])
+
+
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -152,10 +211,12 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_text, ema_unet = copy.deepcopy(text).eval(), copy.deepcopy(unet).eval()
     rng = random.Random(args.seed)
+    models = {"text": text, "unet": unet, "ema_text": ema_text, "ema_unet": ema_unet}
+    done, losses = load_state(args.state, models, opt, params, gen, rng)
     text.train()
     unet.train()
-    running, losses = 0.0, []
-    for step in range(1, args.steps + 1):
+    running = 0.0
+    for step in range(done + 1, args.steps + 1):
         for group in opt.param_groups:  # linear warm-up, then cosine to 10 %
             warm = min(1.0, step / 200)
             cos = 0.55 + 0.45 * np.cos(np.pi * step / args.steps)
@@ -183,8 +244,9 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
             log(f"unet step {step}/{args.steps} loss {losses[-1]:.4f}")
             running = 0.0
         if args.save_every and step % args.save_every == 0 and step < args.steps:
-            args.snapshot(ema_text, ema_unet, step, losses[-1])
-    return ema_text, ema_unet, losses[-1]
+            save_state(args.state, step, models, opt, params, gen, rng, losses)
+            args.snapshot(ema_text, ema_unet, step, losses[-1] if losses else float("nan"))
+    return ema_text, ema_unet, losses[-1] if losses else float("nan")
 
 
 def main() -> None:
@@ -196,11 +258,14 @@ def main() -> None:
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--save-every", type=int, default=1000,
                         help="also save the pipeline (EMA weights) every N UNet steps")
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--state", type=Path, default=STATE,
+                        help="where the run keeps what a rerun resumes from (the VAE, the "
+                             "latents, the UNet phase every --save-every steps)")
     parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test")
     args = parser.parse_args()
     if args.quick:
@@ -214,16 +279,19 @@ def main() -> None:
     log(f"params: text {sum(p.numel() for p in text.parameters()):,}, vae "
         f"{sum(p.numel() for p in vae.parameters()):,}, unet "
         f"{sum(p.numel() for p in unet.parameters()):,}")
-    pixels, seeds = dataset(args.images, args.seed)
-    log(f"rendered {len(pixels)} training images")
-    vae_loss = train_vae(vae, pixels, args.vae_steps, args.vae_batch, gen)
-    vae_error = vae_check(vae)
-    log(f"vae: held-out reconstruction error {vae_error:.2f}/255")
-    latents = encode_all(vae, pixels)
-    scale = float(1.0 / latents.std())
-    vae.register_to_config(scaling_factor=scale)
-    latents = latents * scale
-    log(f"latents encoded; scaling factor {scale:.4f}")
+    seeds = [args.seed * 1_000_003 + i for i in range(args.images)]
+    args.state.mkdir(parents=True, exist_ok=True)
+    if (args.state / "vae_phase.json").is_file():  # resume: the VAE and latents are done
+        from safetensors.torch import load_file
+
+        vae = AutoencoderKL.from_pretrained(args.state / "vae")
+        latents = load_file(str(args.state / "latents.safetensors"))["latents"]
+        phase = json.loads((args.state / "vae_phase.json").read_text())
+        vae_loss, vae_error, scale = phase["vae_loss"], phase["vae_error"], phase["scale"]
+        gen.set_state(load_file(str(args.state / "latents.safetensors"))["gen"])
+        log(f"resumed after the VAE phase from {args.state}")
+    else:
+        vae_loss, vae_error, scale, latents = vae_phase(args, vae, gen)
 
     def snapshot(t: CLIPTextModel, u: UNet2DConditionModel, step: int, loss: float) -> None:
         save(args, tokenizer, t, vae, u, {
@@ -236,6 +304,29 @@ def main() -> None:
     snapshot(text, unet, args.steps, unet_loss)
 
 
+def vae_phase(args: argparse.Namespace, vae: AutoencoderKL,
+              gen: torch.Generator) -> tuple[float, float, float, torch.Tensor]:
+    """Phases 1–3: render, train the VAE, encode; saved in the state folder for reruns."""
+    from safetensors.torch import save_file
+
+    pixels, _ = dataset(args.images, args.seed)
+    log(f"rendered {len(pixels)} training images")
+    vae_loss = train_vae(vae, pixels, args.vae_steps, args.vae_batch, gen)
+    vae_error = vae_check(vae)
+    log(f"vae: held-out reconstruction error {vae_error:.2f}/255")
+    latents = encode_all(vae, pixels)
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    latents = (latents * scale).contiguous()
+    log(f"latents encoded; scaling factor {scale:.4f}")
+    vae.save_pretrained(args.state / "vae", safe_serialization=True)
+    save_file({"latents": latents, "gen": gen.get_state()},
+              str(args.state / "latents.safetensors"))
+    (args.state / "vae_phase.json").write_text(json.dumps(
+        {"vae_loss": vae_loss, "vae_error": vae_error, "scale": scale}))
+    return vae_loss, vae_error, scale, latents
+
+
 def save(args: argparse.Namespace, tokenizer: Any, text: CLIPTextModel, vae: AutoencoderKL,
          unet: UNet2DConditionModel, result: dict[str, float]) -> None:
     pipe = StableDiffusionPipeline(
@@ -245,7 +336,7 @@ def save(args: argparse.Namespace, tokenizer: Any, text: CLIPTextModel, vae: Aut
     temp = args.out.with_name(args.out.name + ".saving")
     shutil.rmtree(temp, ignore_errors=True)
     pipe.save_pretrained(temp, safe_serialization=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "snapshot")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "snapshot", "state")}
     (temp / "training.json").write_text(json.dumps(
         {"command": "python tools/train_toy_model.py " + " ".join(sys.argv[1:]),
          "settings": settings, **result, "torch": torch.__version__}, indent=2) + "\n")
