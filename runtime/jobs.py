@@ -172,11 +172,11 @@ def train_job(job: TrainJob, pipes: Pipelines, *, progress: Callable[[Progress],
                                 else None)
     micro = Recipe.from_options(job.step.options).batch
     checkpoint = store.checkpoint(job.key)
-    first: list[int] = []  # the first step reported: past 1 when a checkpoint was resumed
+    resumed = 0
 
     def report(p: Progress) -> None:
-        if not first:
-            first.append(p.step)
+        nonlocal resumed
+        resumed = p.resumed_from  # the steps its checkpoint held
         if progress is not None:
             progress(p)
 
@@ -195,7 +195,6 @@ def train_job(job: TrainJob, pipes: Pipelines, *, progress: Callable[[Progress],
                            "machine with more memory, or use a smaller base model")
     store.put(job.key, encode(concept), token=job.step.token, tool_version=tool_version())
     checkpoint.unlink(missing_ok=True)
-    resumed = first[0] - 1 if first else 0
     return Trained(job.step.token, job.key, time.monotonic() - started, resumed)
 
 
