@@ -31,6 +31,12 @@ ADAMW_SLOTS = ("step", "exp_avg", "exp_avg_sq")  # AdamW's state per parameter (
 log = logging.getLogger(__name__)
 
 
+# "perfusion": locked keys (o*_K = W_K i_super, never optimised), trained o*_V and embedding.
+# "trained_keys": the same, but o*_K is optimised too (the paper's unlocked ablation).
+# "embedding_only": textual inversion: only the token embedding, no edit in the UNet.
+VARIANTS = ("perfusion", "trained_keys", "embedding_only")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Training hyperparameters, from a plan's effective learn options."""
@@ -47,6 +53,14 @@ class Recipe:
     tau: float = 0.1
     mask: str = "none"  # "none", "attention", or "files" (Subject.masks holds them)
     micro_batch: int | None = None  # images per forward pass; None: the whole batch
+    # the method; "trained_keys" and "embedding_only" are ablations for bench/personalize.py,
+    # not reachable from the language: see VARIANTS
+    variant: str = "perfusion"
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, "
+                             f"not {self.variant!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], micro_batch: int | None = None) -> Recipe:
@@ -208,13 +222,18 @@ def _attention_masks(pipe: Any, subject: Subject, recipe: Recipe, latents: Tenso
     return attention_masks(pipe, latents, hidden.detach(), hit, generator)
 
 
-def _targets(pipe: Any, i_super: Tensor) -> tuple[dict[str, Tensor], dict[str, nn.Parameter]]:
-    """o*_K = W_K i_super (locked, never optimised: invariant 4); o*_V starts at W_V i_super."""
-    o_k, o_v = {}, {}
+def _targets(pipe: Any, i_super: Tensor, variant: str
+             ) -> tuple[dict[str, Tensor], dict[str, nn.Parameter]]:
+    """o*_K = W_K i_super (locked, never optimised: invariant 4; a parameter only in the
+    "trained_keys" ablation); o*_V starts at W_V i_super."""
+    o_k: dict[str, Tensor] = {}
+    o_v = {}
     for name, attn in cross_attention_layers(pipe.unet).items():
         w_k = attn.to_k.weight.detach().float()
         w_v = attn.to_v.weight.detach().float()
         o_k[name] = (w_k @ i_super).detach()
+        if variant == "trained_keys":
+            o_k[name] = nn.Parameter(o_k[name].clone())
         o_v[name] = nn.Parameter((w_v @ i_super).detach().clone())
     return o_k, o_v
 
@@ -251,7 +270,7 @@ def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor) -> _Run:
     ids = add_concepts(pipe.tokenizer, pipe.text_encoder, {subject.token: start},
                        trainable=True)
     embedding = extended_embedding(pipe.text_encoder).vectors[str(ids[subject.token])]
-    o_k, o_v = _targets(pipe, super_encoding(pipe, subject, recipe.templates))
+    o_k, o_v = _targets(pipe, super_encoding(pipe, subject, recipe.templates), recipe.variant)
     generator = torch.Generator().manual_seed(recipe.seed)
     return _Run(pipe, subject, recipe, cinv.float(), ids[subject.token], embedding,
                 o_k, o_v, latents, masks, generator)
@@ -297,19 +316,24 @@ def _micro_step(run: _Run, state: ConceptState, size: int) -> Tensor:
     hidden, ids = encode(pipe, prompts)
     i_star = _update_i_star(run, hidden, ids)
     names = list(run.o_k)
-    state.activate(make_basis(i_star[None], run.cinv),
-                   {n: run.o_k[n][None] for n in names}, {n: run.o_v[n][None] for n in names},
-                   beta=run.recipe.beta, lock="local", tau=run.recipe.tau)
+    if run.recipe.variant != "embedding_only":  # textual inversion: the UNet as it is
+        state.activate(make_basis(i_star[None], run.cinv),
+                       {n: run.o_k[n][None] for n in names},
+                       {n: run.o_v[n][None] for n in names},
+                       beta=run.recipe.beta, lock="local", tau=run.recipe.tau)
     device = pipe.unet.device
     pred = pipe.unet(noisy.to(device), t.to(device), encoder_hidden_states=hidden).sample
     return masked_mse(pred, noise.to(device), None if masks is None else masks.to(device))
 
 
 def _optimiser(run: _Run) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([
-        {"params": list(run.o_v.values()), "lr": run.recipe.lr},
-        {"params": [run.embedding], "lr": run.recipe.embedding_lr},
-    ], weight_decay=0.0)
+    """AdamW: the embedding at `embedding_lr`, the layer targets (o*_V; o*_K too when keys are
+    trained) at `lr`."""
+    targets = [p for name, p in _trainable(run).items() if name != "embedding"]
+    groups: list[dict[str, Any]] = [{"params": [run.embedding], "lr": run.recipe.embedding_lr}]
+    if targets:
+        groups.append({"params": targets, "lr": run.recipe.lr})
+    return torch.optim.AdamW(groups, weight_decay=0.0)
 
 
 def _autocast(precision: Precision | None) -> contextlib.AbstractContextManager[Any]:
@@ -440,8 +464,14 @@ class _Checkpoints:
 
 
 def _trainable(run: _Run) -> dict[str, nn.Parameter]:
-    """The optimised parameters by stable name: the embedding, then o*_V per layer."""
-    return {"embedding": run.embedding, **{f"o_v.{n}": p for n, p in run.o_v.items()}}
+    """The optimised parameters by stable name: the embedding, then o*_V per layer (then o*_K
+    per layer in the "trained_keys" ablation; only the embedding in "embedding_only")."""
+    out = {"embedding": run.embedding}
+    if run.recipe.variant == "embedding_only":
+        return out
+    out.update({f"o_v.{n}": p for n, p in run.o_v.items()})
+    out.update({f"o_k.{n}": p for n, p in run.o_k.items() if isinstance(p, nn.Parameter)})
+    return out
 
 
 def _layout(run: _Run) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:

@@ -278,3 +278,34 @@ def test_training_restores_module_modes_and_grad_flags(tmp_path: Path) -> None:
     assert first.requires_grad
     assert sum(p.requires_grad for p in pipe.vae.parameters()) == 1
     assert not any(p.requires_grad for p in pipe.unet.parameters())
+
+
+@pytest.mark.parametrize("variant", ["trained_keys", "embedding_only"])
+def test_benchmark_ablations_train_what_they_name(variant: str, subject: Subject,
+                                                  trained: Trained,
+                                                  cinv: tuple[Tensor, str]) -> None:
+    """bench/personalize.py's ablations: "trained_keys" optimises o*_K too (it moves off
+    W_K i_super), "embedding_only" (textual inversion) only the embedding (o*_K and o*_V
+    stay at their starts). Neither touches the base weights."""
+    pipe = tiny_pipeline(0)
+    before = state_dicts(pipe)
+    concept = train(pipe, subject, dataclasses.replace(RECIPE, variant=variant), cinv[0],
+                    cinv_fingerprint=cinv[1], base_fingerprint=base_fingerprint(pipe))
+    assert_bit_identical(before, pipe)
+    i_super = super_encoding(pipe, subject, RECIPE.templates)
+    for name, attn in cross_attention_layers(pipe.unet).items():
+        locked = attn.to_k.weight.float() @ i_super
+        start_v = attn.to_v.weight.float() @ i_super
+        if variant == "trained_keys":
+            assert not torch.allclose(concept.o_k[name], locked), name
+            assert not torch.equal(concept.o_v[name], start_v), name
+        else:
+            assert torch.equal(concept.o_k[name], locked), name
+            assert torch.equal(concept.o_v[name], start_v), name
+    # the embedding learns in both, and differently from Perfusion's
+    assert not torch.equal(concept.embedding, trained.concept.embedding)
+
+
+def test_unknown_variant_is_refused() -> None:
+    with pytest.raises(ValueError, match="variant must be one of"):
+        Recipe(variant="dreambooth")
