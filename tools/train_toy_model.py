@@ -44,7 +44,13 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from runtime.toy.world import HELD_OUT_OFFSET, SIZE, training_example  # noqa: E402
+from runtime.toy.world import (  # noqa: E402
+    HELD_OUT_OFFSET,
+    SIZE,
+    scene_for_seed,
+    training_caption,
+    training_example,
+)
 
 TOKENIZER = REPO / "runtime" / "tokenizer"
 OUT = REPO / "runtime" / "toy" / "shapes"
@@ -61,23 +67,31 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def make_models(tokenizer: Any) -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH,
-        num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=77,
-        hidden_act="quick_gelu", projection_dim=TEXT_WIDTH,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
-    vae = AutoencoderKL(
+def make_vae(seed: int) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16)
+
+
+def make_denoiser(tokenizer: Any, args: argparse.Namespace
+                  ) -> tuple[CLIPTextModel, UNet2DConditionModel]:
+    """The text encoder and the UNet, seeded apart from the VAE (--seed + 1)."""
+    torch.manual_seed(args.seed + 1)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH,
+        num_hidden_layers=args.text_layers, num_attention_heads=4, max_position_embeddings=77,
+        hidden_act="quick_gelu", projection_dim=TEXT_WIDTH,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    channels = tuple(args.unet_channels)
     unet = UNet2DConditionModel(
         sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(48, 96, 96), cross_attention_dim=TEXT_WIDTH, attention_head_dim=8,
-        norm_num_groups=16, down_block_types=("CrossAttnDownBlock2D",) * 3,
-        up_block_types=("CrossAttnUpBlock2D",) * 3)
-    return text, vae, unet
+        block_out_channels=channels, cross_attention_dim=TEXT_WIDTH, attention_head_dim=8,
+        norm_num_groups=16, down_block_types=("CrossAttnDownBlock2D",) * len(channels),
+        up_block_types=("CrossAttnUpBlock2D",) * len(channels))
+    return text, unet
 
 
 def dataset(n: int, seed: int) -> tuple[torch.Tensor, list[int]]:
@@ -138,7 +152,8 @@ def captions_for(seeds: list[int], epoch_rng: random.Random) -> list[str]:
         if epoch_rng.random() < 0.1:
             out.append("")  # classifier-free guidance learns the unconditional prediction
         else:
-            out.append(training_example(s, random.Random(epoch_rng.getrandbits(32)))[1])
+            rng = random.Random(epoch_rng.getrandbits(32))
+            out.append(training_caption(scene_for_seed(s), rng))
     return out
 
 
@@ -196,6 +211,37 @@ def load_state(state: Path, models: dict[str, nn.Module], opt: torch.optim.Optim
     return int(meta["step"]), list(meta["losses"])
 
 
+def text_probe(tokenizer: Any, latents: torch.Tensor, seeds: list[int],
+               scheduler: DDPMScheduler) -> Any:
+    """How much the denoiser uses the caption: on 64 fixed noisy latents at t ∈ [300, 900),
+    the ε loss with each image's captions shuffled minus the loss with its own (higher is
+    better; 0 means the caption is ignored)."""
+    gen = torch.Generator().manual_seed(12345)
+    idx = torch.randint(0, len(latents), (64,), generator=gen)
+    caps = [training_caption(scene_for_seed(seeds[i]), random.Random(i)) for i in idx.tolist()]
+    order = torch.randperm(64, generator=gen).tolist()
+    tok = dict(padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    ids = tokenizer(caps, **tok).input_ids
+    wrong = tokenizer([caps[j] for j in order], **tok).input_ids
+    z = latents[idx]
+    noise = torch.randn(z.shape, generator=gen)
+    t = torch.randint(300, 900, (64,), generator=gen)
+    noisy = scheduler.add_noise(z, noise, t)
+
+    @torch.no_grad()
+    def measure(text: CLIPTextModel, unet: UNet2DConditionModel) -> float:
+        was = text.training, unet.training
+        text.eval()
+        unet.eval()
+        right = (unet(noisy, t, encoder_hidden_states=text(ids)[0]).sample - noise).pow(2)
+        other = (unet(noisy, t, encoder_hidden_states=text(wrong)[0]).sample - noise).pow(2)
+        text.train(was[0])
+        unet.train(was[1])
+        return float(other.mean() - right.mean())
+
+    return measure
+
+
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -213,6 +259,11 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
     rng = random.Random(args.seed)
     models = {"text": text, "unet": unet, "ema_text": ema_text, "ema_unet": ema_unet}
     done, losses = load_state(args.state, models, opt, params, gen, rng)
+    # min-SNR-γ weighting (Hang et al. 2023) for ε-prediction: min(SNR, γ) / SNR; it spends
+    # less of the loss on the nearly clean steps, where the caption hardly matters
+    snr = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
+    weight = (snr.clamp(max=args.min_snr) / snr) if args.min_snr > 0 else torch.ones_like(snr)
+    probe = text_probe(tokenizer, latents, seeds, scheduler)
     text.train()
     unet.train()
     running = 0.0
@@ -230,7 +281,8 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
         pred = unet(scheduler.add_noise(z, noise, t), t,
                     encoder_hidden_states=text(ids)[0]).sample
-        loss = (pred - noise).pow(2).mean()
+        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -242,6 +294,9 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
         if step % 100 == 0 or step == args.steps:
             losses.append(running / (100 if step % 100 == 0 else step % 100))
             log(f"unet step {step}/{args.steps} loss {losses[-1]:.4f}")
+        if step % args.probe_every == 0 or step == args.steps:
+            log(f"unet step {step}: text gap {probe(text, unet):.4f} "
+                f"(EMA {probe(ema_text, ema_unet):.4f})")
             running = 0.0
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             save_state(args.state, step, models, opt, params, gen, rng, losses)
@@ -260,8 +315,14 @@ def main() -> None:
                         help="also save the pipeline (EMA weights) every N UNet steps")
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--min-snr", type=float, default=5.0,
+                        help="min-SNR-γ loss weighting; 0 weighs every step alike")
+    parser.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64, 96])
+    parser.add_argument("--text-layers", type=int, default=2)
+    parser.add_argument("--probe-every", type=int, default=500,
+                        help="log the text gap (how much the caption helps) every N steps")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--state", type=Path, default=STATE,
                         help="where the run keeps what a rerun resumes from (the VAE, the "
@@ -270,12 +331,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.images, args.vae_steps, args.steps, args.save_every = 256, 20, 30, 20
+        args.probe_every = 10
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     started = time.time()
     tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER), local_files_only=True)
-    text, vae, unet = make_models(tokenizer)
+    vae = make_vae(args.seed)
+    text, unet = make_denoiser(tokenizer, args)
     log(f"params: text {sum(p.numel() for p in text.parameters()):,}, vae "
         f"{sum(p.numel() for p in vae.parameters()):,}, unet "
         f"{sum(p.numel() for p in unet.parameters()):,}")
@@ -288,7 +350,6 @@ def main() -> None:
         latents = load_file(str(args.state / "latents.safetensors"))["latents"]
         phase = json.loads((args.state / "vae_phase.json").read_text())
         vae_loss, vae_error, scale = phase["vae_loss"], phase["vae_error"], phase["scale"]
-        gen.set_state(load_file(str(args.state / "latents.safetensors"))["gen"])
         log(f"resumed after the VAE phase from {args.state}")
     else:
         vae_loss, vae_error, scale, latents = vae_phase(args, vae, gen)
@@ -300,7 +361,9 @@ def main() -> None:
             "seconds": time.time() - started, "scaling_factor": scale})
 
     args.snapshot = snapshot
-    text, unet, unet_loss = train_unet(text, unet, tokenizer, latents, seeds, args, gen)
+    # the UNet phase draws from its own generator, so it does not depend on the VAE phase's
+    unet_gen = torch.Generator().manual_seed(args.seed + 1)
+    text, unet, unet_loss = train_unet(text, unet, tokenizer, latents, seeds, args, unet_gen)
     snapshot(text, unet, args.steps, unet_loss)
 
 
@@ -320,7 +383,7 @@ def vae_phase(args: argparse.Namespace, vae: AutoencoderKL,
     latents = (latents * scale).contiguous()
     log(f"latents encoded; scaling factor {scale:.4f}")
     vae.save_pretrained(args.state / "vae", safe_serialization=True)
-    save_file({"latents": latents, "gen": gen.get_state()},
+    save_file({"latents": latents},
               str(args.state / "latents.safetensors"))
     (args.state / "vae_phase.json").write_text(json.dumps(
         {"vae_loss": vae_loss, "vae_error": vae_error, "scale": scale}))
@@ -336,6 +399,7 @@ def save(args: argparse.Namespace, tokenizer: Any, text: CLIPTextModel, vae: Aut
     temp = args.out.with_name(args.out.name + ".saving")
     shutil.rmtree(temp, ignore_errors=True)
     pipe.save_pretrained(temp, safe_serialization=True)
+    write_corpus(temp / "captions.txt")
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "snapshot", "state")}
     (temp / "training.json").write_text(json.dumps(
         {"command": "python tools/train_toy_model.py " + " ".join(sys.argv[1:]),
@@ -345,6 +409,16 @@ def save(args: argparse.Namespace, tokenizer: Any, text: CLIPTextModel, vae: Aut
     temp.rename(args.out)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 1e6
     log(f"saved {args.out} ({size:.1f} MB) after {result['seconds'] / 60:.1f} min")
+
+
+def write_corpus(path: Path) -> None:
+    """The model's caption corpus for C⁻¹ (perfusion_runtime.jobs.default_captions)."""
+    from runtime.toy.world import caption_corpus
+
+    lines = caption_corpus(5000)
+    path.write_text("# Captions of the toy:shapes world for C⁻¹: runtime.toy.world.caption_corpus"
+                    "(5000), written by tools/train_toy_model.py; do not edit by hand.\n"
+                    + "\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

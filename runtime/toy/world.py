@@ -138,15 +138,28 @@ def _angles(n: int, start: float = 0.0, stop: float = 2 * math.pi) -> list[float
     return [start + (stop - start) * i / steps for i in range(n)]
 
 
-def render(scene: Scene) -> Image.Image:
-    """The scene as a 64×64 RGB image (deterministic)."""
+def _big_mask(scene: Scene) -> Image.Image:
+    """The object's coverage at 4×: 255 inside its outline, 0 outside."""
     big = SIZE * _SUPER
-    image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     cx, cy = centre(scene)
     polygon = [(x * _SUPER, y * _SUPER) for x, y in
                outline(scene.shape, cx, cy, SIZES[scene.size], scene.angle)]
     mask = Image.new("L", (big, big), 0)
     ImageDraw.Draw(mask).polygon(polygon, fill=255)
+    return mask
+
+
+def object_mask(scene: Scene) -> Image.Image:
+    """The object's coverage as a 64×64 gray image (white object, black background): a loss
+    mask for the scene's render."""
+    return _big_mask(scene).resize((SIZE, SIZE), Image.Resampling.BOX)
+
+
+def render(scene: Scene) -> Image.Image:
+    """The scene as a 64×64 RGB image (deterministic)."""
+    big = SIZE * _SUPER
+    image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    mask = _big_mask(scene)
     fill = Image.new("RGB", (big, big), COLOURS[scene.colour])
     if scene.pattern != "solid" and scene.second is not None:
         _pattern(fill, scene)
@@ -222,13 +235,24 @@ def training_example(seed: int, caption_rng: random.Random | None = None) -> tup
                                                                                     str]:
     """Training pair `seed`: an image and a caption; one in five captions leaves out one of
     size, position or background, so that the model also learns prompts that say less."""
-    rng = random.Random(seed)
-    scene = sample_scene(rng)
-    crng = caption_rng or random.Random(seed * 7919 + 1)
+    scene = scene_for_seed(seed)
+    return render(scene), training_caption(scene, caption_rng or random.Random(seed * 7919 + 1))
+
+
+def training_caption(scene: Scene, rng: random.Random) -> str:
+    """A caption as training draws them: one in five leaves out one of size, position or
+    background."""
     omit: tuple[str, ...] = ()
-    if crng.random() < 0.2:
-        omit = (crng.choice(("size", "position", "background")),)
-    return render(scene), caption(scene, crng, omit=omit)
+    if rng.random() < 0.2:
+        omit = (rng.choice(("size", "position", "background")),)
+    return caption(scene, rng, omit=omit)
+
+
+def caption_corpus(count: int = 5000) -> list[str]:
+    """The captions of training scenes 0 … count − 1, without rendering them: the prompts a
+    user of this world writes, for C⁻¹ (shipped as the model's `captions.txt`)."""
+    return [training_caption(scene_for_seed(seed), random.Random(seed * 7919 + 1))
+            for seed in range(count)]
 
 
 HELD_OUT_OFFSET = 10_000_000  # seeds at or above this are never used for training
