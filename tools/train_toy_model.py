@@ -294,10 +294,10 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
         if step % 100 == 0 or step == args.steps:
             losses.append(running / (100 if step % 100 == 0 else step % 100))
             log(f"unet step {step}/{args.steps} loss {losses[-1]:.4f}")
+            running = 0.0
         if step % args.probe_every == 0 or step == args.steps:
             log(f"unet step {step}: text gap {probe(text, unet):.4f} "
                 f"(EMA {probe(ema_text, ema_unet):.4f})")
-            running = 0.0
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             save_state(args.state, step, models, opt, params, gen, rng, losses)
             args.snapshot(ema_text, ema_unet, step, losses[-1] if losses else float("nan"))
@@ -309,13 +309,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=20_000)
-    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--save-every", type=int, default=1000,
                         help="also save the pipeline (EMA weights) every N UNet steps")
-    parser.add_argument("--steps", type=int, default=20_000)
+    parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=7e-4)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--min-snr", type=float, default=5.0,
                         help="min-SNR-γ loss weighting; 0 weighs every step alike")
