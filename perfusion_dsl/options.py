@@ -226,8 +226,19 @@ SCHEMA: dict[str, OptionSpec] = {
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {LEARN: {"steps": 400}, GENERATE: {"steps": None}}
 
 
-def defaults_for(kind: str) -> dict[str, Any]:
-    """Every option of `kind` with its default value."""
+# The built-in toy:shapes model (docs/toy.md) speaks only its world's words, so it gets
+# captions in them; and it was tuned to sample with 25 steps at guidance 5.
+TOY_TEMPLATES = ("a {}",)
+MODEL_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "toy:shapes": {LEARN: {"templates": TOY_TEMPLATES},
+                   GENERATE: {"steps": 25, "guidance": 5.0}},
+}
+
+
+def defaults_for(kind: str, model: str | None = None) -> dict[str, Any]:
+    """Every option of `kind` with its default value (for `model`, where a built-in model
+    has its own)."""
     base = {k: s.default for k, s in SCHEMA.items() if kind in s.kinds}
     base.update(KIND_DEFAULTS[kind])
+    base.update(MODEL_DEFAULTS.get(model or "", {}).get(kind, {}))
     return base

@@ -180,3 +180,29 @@ def test_module_entry_point_runs(project: Project) -> None:
                           env={"PYTHONPATH": str(REPO), "PATH": ""})
     assert done.returncode == EXIT_OK, done.stderr
     assert done.stdout.startswith("checked 1 file(s)")
+
+
+def test_toy_shapes_has_its_own_defaults_and_other_models_the_general_ones(
+        project: Project, run_cli: Run) -> None:
+    """The compiler fills in toy:shapes' defaults (world-word templates, 25 steps at guidance
+    5), so the plan shows them; a model given by path keeps the general ones; the spec's own
+    values win over both."""
+    import json
+
+    from perfusion_dsl.options import DEFAULT_TEMPLATES, TOY_TEMPLATES
+
+    folder = project({
+        "toy.concept": GOOD["a.concept"],
+        "own.concept": ('model "toy:shapes"\nlearn photos/*.png as own* <circle> '
+                        '{ templates: ["a big {}"] }\ngenerate "own*" { steps: 9 }\n'),
+        "path/b.concept": ('model "/models/sd15"\nlearn ../photos/*.png as b* <dog>\n'
+                           'generate "b*"\n'),
+        "photos/1.png": png_bytes()})
+    plan = json.loads(run_cli(folder, "plan", "--json", "--cache", "/dev/null/x", ".").out)
+    learn = {c["token"]: c["options"] for c in plan["concepts"]}
+    render = {r["concepts"][0]: r["options"] for r in plan["renders"]}
+    assert tuple(learn["teddy*"]["templates"]) == TOY_TEMPLATES
+    assert (render["teddy*"]["steps"], render["teddy*"]["guidance"]) == (25, 5.0)
+    assert learn["own*"]["templates"] == ["a big {}"] and render["own*"]["steps"] == 9
+    assert tuple(learn["b*"]["templates"]) == DEFAULT_TEMPLATES
+    assert (render["b*"]["steps"], render["b*"]["guidance"]) == (None, None)

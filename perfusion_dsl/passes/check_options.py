@@ -117,7 +117,7 @@ def run(ctx: Context) -> None:
             elif isinstance(stmt, Learn | Generate):
                 kind = _KIND_OF[type(stmt)]
                 own = _parse_block(ctx, unit, stmt.block, kind) if stmt.block else {}
-                effective = defaults_for(kind)
+                effective = defaults_for(kind, ctx.models.get(unit.path))
                 effective.update({k: v for k, v in current.items() if k in effective})
                 effective.update(own)
                 if isinstance(stmt, Learn):
