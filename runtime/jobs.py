@@ -34,6 +34,15 @@ BUILTIN_MODELS = {"toy:shapes": Path(__file__).resolve().parent / "toy" / "shape
 Stop = Callable[[], bool]
 
 
+def default_captions(model: str) -> Path | None:
+    """The caption corpus a built-in model ships for C⁻¹ (`<folder>/captions.txt`: prompts of
+    its own world, which is what its users write), or None: the general corpus."""
+    folder = BUILTIN_MODELS.get(model)
+    if folder is None or not (folder / "captions.txt").is_file():
+        return None
+    return folder / "captions.txt"
+
+
 class ModelUnavailable(RuntimeError):
     """The base model cannot be loaded (never downloaded: M7)."""
 
@@ -169,7 +178,7 @@ def train_job(job: TrainJob, pipes: Pipelines, *, progress: Callable[[Progress],
         return Trained(job.step.token, job.key, 0.0)
     pipe, base = pipes.get(job.step.model)
     cinv, cinv_print = cinv_for(pipe, Path(job.store), Path(job.captions) if job.captions
-                                else None)
+                                else default_captions(job.step.model))
     micro = Recipe.from_options(job.step.options).batch
     checkpoint = store.checkpoint(job.key)
     resumed = 0
@@ -235,7 +244,8 @@ def render_job(job: RenderJob, pipes: Pipelines, emit: Callable[[list[Rendered]]
     pipe, _ = pipes.get(job.renders[0].options["model"])
     files = [_concept_file(store, token, key) for token, key in job.concepts]
     batch = job.batch_size or applied_batch(pipe)
-    captions = Path(job.captions) if job.captions else None
+    captions = Path(job.captions) if job.captions else \
+        default_captions(job.renders[0].options["model"])
     order = sorted(range(len(job.renders)), key=lambda i: repr(_group_key(job.renders[i])))
     with apply_concepts(pipe, files, cache_dir=Path(job.store), captions=captions,
                         batch_size=batch) as applied:

@@ -75,9 +75,13 @@ def model_stamp(model: str) -> str | None:
 def _stamp(model: str) -> str | None:
     if model == "tiny:random":
         return None
-    if model.startswith("toy:"):
-        record = _TOY / model.removeprefix("toy:") / "training.json"
-        return file_sha256(record) or "missing"
+    if model.startswith("toy:"):  # its training record and the caption corpus it ships
+        folder = _TOY / model.removeprefix("toy:")
+        record = file_sha256(folder / "training.json")
+        if record is None:
+            return "missing"
+        corpus = file_sha256(folder / "captions.txt")
+        return record if corpus is None else _digest({"record": record, "captions": corpus})
     folder = Path(model).expanduser()
     try:
         files = sorted(p for p in folder.rglob("*") if p.is_file())

@@ -12,7 +12,7 @@ import torch
 from perfusion_runtime.covariance import cinv_for
 from perfusion_runtime.device import choose
 from perfusion_runtime.fingerprint import base_fingerprint
-from perfusion_runtime.jobs import BUILTIN_MODELS, load_pipeline
+from perfusion_runtime.jobs import BUILTIN_MODELS, default_captions, load_pipeline
 from perfusion_runtime.render import apply_concepts
 from perfusion_runtime.toy import analyze, world
 from perfusion_runtime.trainer import Recipe, Subject, train
@@ -53,9 +53,9 @@ def test_short_training_improves_concept_fidelity_over_the_untrained_token(
         path = tmp_path / f"moon{i}.png"
         world.render(world.with_changes(CONCEPT, position=where, background=bg)).save(path)
         images.append(path)
-    cinv, cinv_print = cinv_for(toy, tmp_path / "cache")
+    cinv, cinv_print = cinv_for(toy, tmp_path / "cache", default_captions("toy:shapes"))
     subject = Subject("moon*", ("circle",), (), tuple(images), base_model="toy:shapes")
-    templates = ("a large {} in the center, black background", "on white, a {} on the left")
+    templates = ("a {}",)  # the compiler's default for toy:shapes
     references = [world.render(world.with_changes(CONCEPT, position=w, background=b))
                   for w, b in PLACES]
 
@@ -70,3 +70,18 @@ def test_short_training_improves_concept_fidelity_over_the_untrained_token(
 
     untrained, trained = fidelity_after(1), fidelity_after(60)
     assert trained > untrained + 0.1, (untrained, trained)
+
+
+def test_toy_shapes_ships_its_world_caption_corpus_for_cinv() -> None:
+    """C⁻¹ for toy:shapes comes from its world's captions (the shipped file is current), and
+    the corpus is part of the model's stamp, so a different corpus changes concept keys."""
+    from perfusion_runtime.covariance import load_captions
+    from perfusion_runtime.status import file_sha256, model_stamp
+
+    path = default_captions("toy:shapes")
+    assert path == BUILTIN_MODELS["toy:shapes"] / "captions.txt"
+    assert load_captions(path) == world.caption_corpus(5000)
+    assert default_captions("tiny:random") is None and default_captions("/some/folder") is None
+    stamp = model_stamp("toy:shapes")
+    assert stamp not in (None, "missing")
+    assert stamp != file_sha256(BUILTIN_MODELS["toy:shapes"] / "training.json")
