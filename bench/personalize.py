@@ -171,7 +171,8 @@ def main() -> None:
         "model": args.model, "prompts": args.prompts, "leak_prompts": args.leak,
         "steps": args.steps, "batch": args.batch, "strengths": args.strengths,
         "render": RENDER, "templates": list(recipe.templates), "threads": args.threads,
-        "torch": torch.__version__}, "concepts": {}}
+        "headline_strength": _headline(args.strengths), "torch": torch.__version__},
+        "concepts": {}}
     samples: list[list[Image.Image]] = []
     leak = leak_prompts(args.leak)
     leak_seeds = list(range(1000, 1000 + args.leak))
@@ -205,17 +206,17 @@ def main() -> None:
             lock = "global" if mode == "global" else "local"
             concept = dataclasses.replace(concepts[variant], options={"lock": lock})
             sweep: dict[str, Any] = {}
-            strengths = args.strengths if mode != "embedding" else [0.5]
+            strengths = args.strengths if mode != "embedding" else [_headline(args.strengths)]
             for strength in strengths:
                 with apply_concepts(pipe, [concept], cinv=cinv) as applied:
                     shown = _render(applied, prompts, seeds, strength, mode)
                 key = "none" if mode == "embedding" else f"{strength:g}"
                 sweep[key] = _score(shown, scenes, refs)
-                if strength == 0.5:
+                if strength == _headline(args.strengths):
                     sample_row.append(shown[0])
             with apply_concepts(pipe, [concept], cinv=cinv) as applied:
                 leaked = _render(_forced(applied) if mode != "embedding" else applied, leak,
-                                 leak_seeds, 0.5, mode)
+                                 leak_seeds, _headline(args.strengths), mode)
             sweep["leakage_of_255"] = _leakage(leaked, base_leak)
             row["methods"][method] = sweep
             log(f"{spec.token}: {method}: " + ", ".join(
@@ -229,6 +230,11 @@ def main() -> None:
     _sheet(samples, args.out / "samples.png")
     _plot(results, args.out / "strength_sweep.png")
     print(tables(results))
+
+
+def _headline(strengths: Sequence[float]) -> float:
+    """The strength the tables and the sample sheet show: 0.5 (the default) when swept."""
+    return 0.5 if 0.5 in strengths else strengths[len(strengths) // 2]
 
 
 def _score(images: Sequence[Image.Image], scenes: Sequence[tuple[world.Scene, str]],
@@ -254,8 +260,9 @@ def tables(results: dict[str, Any]) -> str:
     """The Markdown tables of docs/benchmarks.md from results.json."""
     lines = ["| method | fidelity | alignment | leakage (of 255) |", "|---|---|---|---|"]
     methods = [BASELINE, *METHODS]
+    headline = f"{results['settings']['headline_strength']:g}"
     for method in methods:
-        key = "none" if method in (BASELINE, "textual inversion") else "0.5"
+        key = "none" if method in (BASELINE, "textual inversion") else headline
         fid = _mean_over(results, method, key, lambda v: v["fidelity"])
         ali = _mean_over(results, method, key, lambda v: v["alignment"])
         leak = ("—" if method == BASELINE else
@@ -266,7 +273,7 @@ def tables(results: dict[str, Any]) -> str:
     for token, row in results["concepts"].items():
         cells = []
         for method in methods:
-            key = "none" if method in (BASELINE, "textual inversion") else "0.5"
+            key = "none" if method in (BASELINE, "textual inversion") else headline
             v = row["methods"][method][key]
             cells.append(f"{v['fidelity']:.2f} / {v['alignment']:.2f}")
         lines.append(f"| `{token}` | " + " | ".join(cells) + " |")

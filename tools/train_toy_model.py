@@ -350,14 +350,16 @@ def main() -> None:
         latents = load_file(str(args.state / "latents.safetensors"))["latents"]
         phase = json.loads((args.state / "vae_phase.json").read_text())
         vae_loss, vae_error, scale = phase["vae_loss"], phase["vae_error"], phase["scale"]
+        vae_seconds = phase.get("seconds", float("nan"))
         log(f"resumed after the VAE phase from {args.state}")
     else:
         vae_loss, vae_error, scale, latents = vae_phase(args, vae, gen)
+        vae_seconds = time.time() - started
 
     def snapshot(t: CLIPTextModel, u: UNet2DConditionModel, step: int, loss: float) -> None:
         save(args, tokenizer, t, vae, u, {
             "vae_loss": vae_loss, "vae_error_of_255": vae_error, "unet_loss": loss,
-            "unet_steps_done": step,
+            "unet_steps_done": step, "vae_phase_seconds": vae_seconds,
             "seconds": time.time() - started, "scaling_factor": scale})
 
     args.snapshot = snapshot
@@ -372,6 +374,7 @@ def vae_phase(args: argparse.Namespace, vae: AutoencoderKL,
     """Phases 1–3: render, train the VAE, encode; saved in the state folder for reruns."""
     from safetensors.torch import save_file
 
+    started = time.time()
     pixels, _ = dataset(args.images, args.seed)
     log(f"rendered {len(pixels)} training images")
     vae_loss = train_vae(vae, pixels, args.vae_steps, args.vae_batch, gen)
@@ -386,7 +389,8 @@ def vae_phase(args: argparse.Namespace, vae: AutoencoderKL,
     save_file({"latents": latents},
               str(args.state / "latents.safetensors"))
     (args.state / "vae_phase.json").write_text(json.dumps(
-        {"vae_loss": vae_loss, "vae_error": vae_error, "scale": scale}))
+        {"vae_loss": vae_loss, "vae_error": vae_error, "scale": scale,
+         "seconds": time.time() - started}))
     return vae_loss, vae_error, scale, latents
 
 
