@@ -46,6 +46,10 @@ CONCEPT = world.Scene("crescent", "orange", "large", "center", "gray")
 PLACES = [("left", "black"), ("top right", "white"), ("bottom", "beige"), ("center", "gray")]
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "the interim toy:shapes model (docs/toy.md#quality) does not yet draw a learned concept "
+    "recognisably: fidelity stays near 0 before and after 60 steps; strict, so it errors "
+    "as soon as a model makes it pass and the marker must go"))
 def test_short_training_improves_concept_fidelity_over_the_untrained_token(
         toy: Any, tmp_path: Path) -> None:
     images = []
