@@ -17,9 +17,6 @@ from perfusion_runtime.render import apply_concepts
 from perfusion_runtime.toy import analyze, world
 from perfusion_runtime.trainer import Recipe, Subject, train
 
-if not (BUILTIN_MODELS["toy:shapes"] / "model_index.json").is_file():
-    pytest.skip("the toy:shapes weights are not in this checkout", allow_module_level=True)
-
 
 @pytest.fixture(scope="module")
 def toy() -> Any:
