@@ -45,6 +45,7 @@ import torch
 from _plot import line_plot
 from PIL import Image
 
+from perfusion_dsl.options import GENERATE, defaults_for
 from perfusion_runtime.covariance import cinv_for
 from perfusion_runtime.device import choose
 from perfusion_runtime.fingerprint import base_fingerprint
@@ -95,7 +96,9 @@ METHODS = {
     "textual inversion": ("embedding_only", "embedding"),
 }
 BASELINE = "base model, supercategory word"
-RENDER = {"num_inference_steps": 25, "guidance_scale": 5.0}
+# the compiler's sampling defaults for toy:shapes (25 steps, guidance 5)
+_GENERATE = defaults_for(GENERATE, "toy:shapes")
+RENDER = {"num_inference_steps": _GENERATE["steps"], "guidance_scale": _GENERATE["guidance"]}
 
 
 def training_images(spec: Spec, folder: Path, count: int = 5) -> tuple[Path, ...]:
