@@ -306,6 +306,19 @@ def masked_mse(pred: Tensor, target: Tensor, masks: Tensor | None) -> Tensor:
     return per_image.mean()
 
 
+def denoising_target(scheduler: Any, latents: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """What the UNet predicts, by the scheduler's `prediction_type`: the noise (ε, SD 1.x),
+    the velocity √ᾱ·ε − √(1−ᾱ)·x₀ (v, SD 2.x and toy:shapes), or the clean latents."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"the scheduler's prediction_type {kind!r} is not one the trainer knows")
+
+
 def _micro_step(run: _Run, state: ConceptState, size: int) -> Tensor:
     pipe = run.pipe
     latents, masks, prompts = _batch(run, size)
@@ -323,7 +336,8 @@ def _micro_step(run: _Run, state: ConceptState, size: int) -> Tensor:
                        beta=run.recipe.beta, lock="local", tau=run.recipe.tau)
     device = pipe.unet.device
     pred = pipe.unet(noisy.to(device), t.to(device), encoder_hidden_states=hidden).sample
-    return masked_mse(pred, noise.to(device), None if masks is None else masks.to(device))
+    target = denoising_target(pipe.scheduler, latents, noise, t)
+    return masked_mse(pred, target.to(device), None if masks is None else masks.to(device))
 
 
 def _optimiser(run: _Run) -> torch.optim.Optimizer:

@@ -309,3 +309,26 @@ def test_benchmark_ablations_train_what_they_name(variant: str, subject: Subject
 def test_unknown_variant_is_refused() -> None:
     with pytest.raises(ValueError, match="variant must be one of"):
         Recipe(variant="dreambooth")
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_denoising_target_follows_the_schedulers_prediction_type(kind: str) -> None:
+    """The loss target is what the scheduler's step reads the UNet's output as: fed the target
+    itself as the model output, the scheduler's own x₀ estimate is the clean latents exactly
+    (ε, v and x₀ parametrisations; a v-prediction model trained on ε targets would not)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(prediction_type=kind, rescale_betas_zero_snr=kind != "epsilon",
+                              clip_sample=False,
+                              timestep_spacing="trailing", set_alpha_to_one=False)
+    gen = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    t = torch.tensor([10, 500, 998])
+    target = trainer.denoising_target(scheduler, latents, noise, t)
+    noisy = scheduler.add_noise(latents, noise, t)
+    scheduler.set_timesteps(1000)
+    for i in range(3):
+        out = scheduler.step(target[i:i + 1], int(t[i]), noisy[i:i + 1])
+        assert torch.allclose(out.pred_original_sample, latents[i:i + 1], atol=1e-3)
+    with pytest.raises(ValueError, match="prediction_type"):
+        trainer.denoising_target(DDIMScheduler(prediction_type="flow"), latents, noise, t)
