@@ -3,7 +3,7 @@ Perfusion with trained keys, and textual inversion, on held-out concepts, measur
 world's analyzer.
 
     .venv/bin/python bench/personalize.py [--model toy:shapes] [--prompts 8] [--steps 400]
-        [--strengths 0 0.25 0.5 0.75 1] [--out docs/benchmarks] [--concepts moon* ...]
+        [--batch 8] [--strengths 0 0.25 0.5 0.75 1] [--out docs/benchmarks] [--concepts moon* ...]
 
 Each concept is learned from 5 world renders of one object (random size, position,
 background and rotation) with its supercategory from the world's vocabulary, by each of
@@ -45,7 +45,7 @@ import torch
 from _plot import line_plot
 from PIL import Image
 
-from perfusion_dsl.options import GENERATE, defaults_for
+from perfusion_dsl.options import GENERATE, LEARN, defaults_for
 from perfusion_runtime.covariance import cinv_for
 from perfusion_runtime.device import choose
 from perfusion_runtime.fingerprint import base_fingerprint
@@ -96,7 +96,9 @@ METHODS = {
     "textual inversion": ("embedding_only", "embedding"),
 }
 BASELINE = "base model, supercategory word"
-# the compiler's sampling defaults for toy:shapes (25 steps, guidance 5)
+# the compiler's defaults for toy:shapes: training (400 steps of 8, templates ["a {}"]) and
+# sampling (25 steps, guidance 5)
+_LEARN = defaults_for(LEARN, "toy:shapes")
 _GENERATE = defaults_for(GENERATE, "toy:shapes")
 RENDER = {"num_inference_steps": _GENERATE["steps"], "guidance_scale": _GENERATE["guidance"]}
 
@@ -152,8 +154,9 @@ def main() -> None:
     parser.add_argument("--model", default="toy:shapes")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per concept")
     parser.add_argument("--leak", type=int, default=8, help="prompts without a concept")
-    parser.add_argument("--steps", type=int, default=400, help="training steps (all methods)")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=_LEARN["steps"],
+                        help="training steps (all methods)")
+    parser.add_argument("--batch", type=int, default=_LEARN["batch"])
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--concepts", nargs="+", default=[s.token for s in SPECS[:4]],
                         help="tokens of SPECS (default: the first four; love* is spare)")
@@ -168,7 +171,8 @@ def main() -> None:
     cinv, cinv_print = cinv_for(pipe, args.work / "cache", captions)
     base_print = base_fingerprint(pipe)
     # no mirrored copies: a crescent or an arrow points one way
-    recipe = Recipe(steps=args.steps, batch=args.batch, templates=("a {}",), flip=False)
+    recipe = Recipe(steps=args.steps, batch=args.batch, templates=tuple(_LEARN["templates"]),
+                    flip=False)
     log = print
     results: dict[str, Any] = {"settings": {
         "model": args.model, "prompts": args.prompts, "leak_prompts": args.leak,
