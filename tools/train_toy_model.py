@@ -9,10 +9,11 @@ and, every --save-every steps, the UNet phase (weights, EMA, AdamW, generators) 
 
 Phases, all seeded: (1) render the training scenes (runtime/toy/world.py), (2) train the
 VAE (AutoencoderKL, 64 px → 16×16×4 latents), (3) encode every image once, (4) train the
-CLIP text encoder and the UNet together (ε-prediction, 10 % empty captions for classifier-
-free guidance, an exponential moving average of the weights), (5) save a diffusers folder
-that `StableDiffusionPipeline.from_pretrained` loads, with TRAINING.md (command, seed,
-time, losses) beside it.
+CLIP text encoder and the UNet together (ε-prediction with min-SNR weights, or with
+--prediction v_prediction on a zero-terminal-SNR schedule; 10 % empty captions for
+classifier-free guidance; an exponential moving average of the weights),
+(5) save a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads, with
+training.json (command, seed, time, losses) beside it.
 """
 
 from __future__ import annotations
@@ -46,20 +47,38 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from runtime.toy.world import (  # noqa: E402
     HELD_OUT_OFFSET,
+    POSITIONS,
     SIZE,
+    caption,
     scene_for_seed,
     training_caption,
     training_example,
+    with_changes,
 )
 
 TOKENIZER = REPO / "runtime" / "tokenizer"
 OUT = REPO / "runtime" / "toy" / "shapes"
 STATE = REPO / "runtime" / "toy" / "shapes.train"  # git-ignored: what a rerun resumes from
-SCHEDULER: dict[str, Any] = {
-    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
-    "steps_offset": 1, "prediction_type": "epsilon",
+# The scheduler per prediction type (--prediction). "epsilon" is SD 1.x's: the committed
+# model. "v_prediction" is rescaled to zero terminal SNR (Lin et al. 2024) and sampled with
+# trailing timesteps: with SD's own schedule (SNR 0.005 at t = 999) the noisiest training
+# latents still show where the object is, so an ε model learns to find it in the noise and
+# never to read its position from the caption (docs/toy.md#training).
+_SD = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+       "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
+       "steps_offset": 1}
+SCHEDULERS: dict[str, dict[str, Any]] = {
+    "epsilon": {**_SD, "prediction_type": "epsilon"},
+    "v_prediction": {**_SD, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                     "timestep_spacing": "trailing"},
 }
+
+
+def train_scheduler(prediction: str) -> DDPMScheduler:
+    return DDPMScheduler(**{k: v for k, v in SCHEDULERS[prediction].items()
+                            if k not in ("set_alpha_to_one", "steps_offset", "timestep_spacing")})
+
+
 TEXT_WIDTH = 128
 
 
@@ -213,31 +232,45 @@ def load_state(state: Path, models: dict[str, nn.Module], opt: torch.optim.Optim
 
 def text_probe(tokenizer: Any, latents: torch.Tensor, seeds: list[int],
                scheduler: DDPMScheduler) -> Any:
-    """How much the denoiser uses the caption: on 64 fixed noisy latents at t ∈ [300, 900),
-    the ε loss with each image's captions shuffled minus the loss with its own (higher is
-    better; 0 means the caption is ignored)."""
+    """How much the denoiser reads the caption where the layout is decided: on 64 fixed noisy
+    latents at t ∈ [700, 1000), the error of its clean-latent estimate with wrong captions
+    minus the error with the right ones (higher is better; 0: that part is ignored). Two
+    kinds of wrong caption: another image's ("caption gap") and the same caption with
+    another position ("position gap")."""
     gen = torch.Generator().manual_seed(12345)
     idx = torch.randint(0, len(latents), (64,), generator=gen)
-    caps = [training_caption(scene_for_seed(seeds[i]), random.Random(i)) for i in idx.tolist()]
+    scenes = [scene_for_seed(seeds[i]) for i in idx.tolist()]
+    caps = [caption(s, random.Random(k)) for k, s in enumerate(scenes)]
     order = torch.randperm(64, generator=gen).tolist()
+    names = list(POSITIONS)
+    moved = [caption(with_changes(s, position=names[(names.index(s.position) + 1 + k % 8) % 9]),
+                     random.Random(k)) for k, s in enumerate(scenes)]
     tok = dict(padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    ids = tokenizer(caps, **tok).input_ids
-    wrong = tokenizer([caps[j] for j in order], **tok).input_ids
+    ids = {"right": tokenizer(caps, **tok).input_ids,
+           "caption": tokenizer([caps[j] for j in order], **tok).input_ids,
+           "position": tokenizer(moved, **tok).input_ids}
     z = latents[idx]
     noise = torch.randn(z.shape, generator=gen)
-    t = torch.randint(300, 900, (64,), generator=gen)
+    t = torch.randint(700, 1000, (64,), generator=gen)
     noisy = scheduler.add_noise(z, noise, t)
+    alpha = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
 
     @torch.no_grad()
-    def measure(text: CLIPTextModel, unet: UNet2DConditionModel) -> float:
+    def measure(text: CLIPTextModel, unet: UNet2DConditionModel) -> dict[str, float]:
         was = text.training, unet.training
         text.eval()
         unet.eval()
-        right = (unet(noisy, t, encoder_hidden_states=text(ids)[0]).sample - noise).pow(2)
-        other = (unet(noisy, t, encoder_hidden_states=text(wrong)[0]).sample - noise).pow(2)
+        error = {}
+        for name, tokens in ids.items():
+            out = unet(noisy, t, encoder_hidden_states=text(tokens)[0]).sample
+            if scheduler.config.prediction_type == "v_prediction":
+                x0 = alpha.sqrt() * noisy - (1 - alpha).sqrt() * out
+            else:
+                x0 = (noisy - (1 - alpha).sqrt() * out) / alpha.sqrt()
+            error[name] = float((x0 - z).pow(2).mean())
         text.train(was[0])
         unet.train(was[1])
-        return float(other.mean() - right.mean())
+        return {name: error[name] - error["right"] for name in ("caption", "position")}
 
     return measure
 
@@ -251,16 +284,17 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
                latents: torch.Tensor, seeds: list[int], args: argparse.Namespace,
                gen: torch.Generator) -> tuple[CLIPTextModel, UNet2DConditionModel, float]:
-    scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER.items()
-                                 if k not in ("set_alpha_to_one", "steps_offset")})
+    scheduler = train_scheduler(args.prediction)
     params = list(text.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_text, ema_unet = copy.deepcopy(text).eval(), copy.deepcopy(unet).eval()
     rng = random.Random(args.seed)
     models = {"text": text, "unet": unet, "ema_text": ema_text, "ema_unet": ema_unet}
     done, losses = load_state(args.state, models, opt, params, gen, rng)
-    # min-SNR-γ weighting (Hang et al. 2023) for ε-prediction: min(SNR, γ) / SNR; it spends
-    # less of the loss on the nearly clean steps, where the caption hardly matters
+    # ε: min-SNR-γ weights (Hang et al. 2023), min(SNR, γ) / SNR, spend less of the loss on
+    # the nearly clean steps. v: plain v-MSE, which weighs the clean-latent error by 1 + SNR
+    # where the ε loss weighs it by SNR, so the noisiest steps, where the caption alone
+    # places the object, count fully
     snr = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
     weight = (snr.clamp(max=args.min_snr) / snr) if args.min_snr > 0 else torch.ones_like(snr)
     probe = text_probe(tokenizer, latents, seeds, scheduler)
@@ -279,10 +313,18 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
         z = latents[idx]
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        if args.high_noise > 0:
+            # a share of the batch at the noisiest tenth, where nothing but the caption says
+            # where the object goes: position words are bound to places there or nowhere
+            high = torch.rand(args.batch, generator=gen) < args.high_noise
+            t = torch.where(high, torch.randint(900, 1000, (args.batch,), generator=gen), t)
         pred = unet(scheduler.add_noise(z, noise, t), t,
                     encoder_hidden_states=text(ids)[0]).sample
-        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (per_sample * weight[t]).mean()
+        if args.prediction == "epsilon":
+            per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+            loss = (per_sample * weight[t]).mean()
+        else:
+            loss = (pred - scheduler.get_velocity(z, noise, t)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -296,8 +338,10 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
             log(f"unet step {step}/{args.steps} loss {losses[-1]:.4f}")
             running = 0.0
         if step % args.probe_every == 0 or step == args.steps:
-            log(f"unet step {step}: text gap {probe(text, unet):.4f} "
-                f"(EMA {probe(ema_text, ema_unet):.4f})")
+            gaps, ema_gaps = probe(text, unet), probe(ema_text, ema_unet)
+            log(f"unet step {step}: caption gap {gaps['caption']:.4f}, position gap "
+                f"{gaps['position']:.4f} (EMA {ema_gaps['caption']:.4f}, "
+                f"{ema_gaps['position']:.4f})")
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             save_state(args.state, step, models, opt, params, gen, rng, losses)
             args.snapshot(ema_text, ema_unet, step, losses[-1] if losses else float("nan"))
@@ -314,21 +358,31 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=1000,
                         help="also save the pipeline (EMA weights) every N UNet steps")
     parser.add_argument("--steps", type=int, default=10_000)
+    parser.add_argument("--prediction", choices=sorted(SCHEDULERS), default="epsilon",
+                        help="what the UNet predicts, with its noise schedule (docs/toy.md)")
+    parser.add_argument("--min-snr", type=float, default=None,
+                        help="min-SNR-γ loss weights for ε (default 5); 0 weighs every step "
+                             "alike; v-prediction takes none")
+    parser.add_argument("--high-noise", type=float, default=0.0,
+                        help="share of samples drawn from t ∈ [900, 1000) instead of uniform t")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=7e-4)
     parser.add_argument("--ema", type=float, default=0.999)
-    parser.add_argument("--min-snr", type=float, default=5.0,
-                        help="min-SNR-γ loss weighting; 0 weighs every step alike")
     parser.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64, 96])
     parser.add_argument("--text-layers", type=int, default=2)
     parser.add_argument("--probe-every", type=int, default=500,
-                        help="log the text gap (how much the caption helps) every N steps")
+                        help="log the caption and position gaps (how much the caption, and its "
+                             "position words, help) every N steps")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--state", type=Path, default=STATE,
                         help="where the run keeps what a rerun resumes from (the VAE, the "
                              "latents, the UNet phase every --save-every steps)")
     parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test")
     args = parser.parse_args()
+    if args.min_snr is None:
+        args.min_snr = 5.0 if args.prediction == "epsilon" else 0.0
+    if args.prediction != "epsilon" and args.min_snr > 0:
+        parser.error("--min-snr weighs the ε loss; v-prediction takes none")
     if args.quick:
         args.images, args.vae_steps, args.steps, args.save_every = 256, 20, 30, 20
         args.probe_every = 10
@@ -350,7 +404,7 @@ def main() -> None:
         latents = load_file(str(args.state / "latents.safetensors"))["latents"]
         phase = json.loads((args.state / "vae_phase.json").read_text())
         vae_loss, vae_error, scale = phase["vae_loss"], phase["vae_error"], phase["scale"]
-        vae_seconds = phase.get("seconds", float("nan"))
+        vae_seconds = phase.get("seconds")  # None (null) for a state from before it was kept
         log(f"resumed after the VAE phase from {args.state}")
     else:
         vae_loss, vae_error, scale, latents = vae_phase(args, vae, gen)
@@ -398,8 +452,8 @@ def save(args: argparse.Namespace, tokenizer: Any, text: CLIPTextModel, vae: Aut
          unet: UNet2DConditionModel, result: dict[str, float]) -> None:
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        scheduler=DDIMScheduler(**SCHEDULERS[args.prediction]), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
     temp = args.out.with_name(args.out.name + ".saving")
     shutil.rmtree(temp, ignore_errors=True)
     pipe.save_pretrained(temp, safe_serialization=True)
