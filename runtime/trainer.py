@@ -307,8 +307,9 @@ def masked_mse(pred: Tensor, target: Tensor, masks: Tensor | None) -> Tensor:
 
 
 def denoising_target(scheduler: Any, latents: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """What the UNet predicts, by the scheduler's `prediction_type`: the noise (ε, SD 1.x),
-    the velocity √ᾱ·ε − √(1−ᾱ)·x₀ (v, SD 2.x and toy:shapes), or the clean latents."""
+    """What the UNet predicts, by the scheduler's `prediction_type`: the noise (ε: SD 1.x and
+    toy:shapes), the velocity √ᾱ·ε − √(1−ᾱ)·x₀ (v: SD 2.x, and toy:shapes' v recipe in
+    tools/train_toy_model.py), or the clean latents."""
     kind = scheduler.config.get("prediction_type", "epsilon")
     if kind == "epsilon":
         return noise
