@@ -314,7 +314,8 @@ def denoising_target(scheduler: Any, latents: Tensor, noise: Tensor, t: Tensor) 
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, t)
+        velocity: Tensor = scheduler.get_velocity(latents, noise, t)
+        return velocity
     if kind == "sample":
         return latents
     raise ValueError(f"the scheduler's prediction_type {kind!r} is not one the trainer knows")
