@@ -33,10 +33,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 import train_toy_model  # noqa: E402
 
-PLACES = {"in the top left corner": (0, 0), "at the top": (1, 0),
-          "in the top right corner": (2, 0), "on the left": (0, 1), "in the center": (1, 1),
-          "on the right": (2, 1), "in the bottom left corner": (0, 2), "at the bottom": (1, 2),
-          "in the bottom right corner": (2, 2)}
+from perfusion_runtime.toy import world  # noqa: E402
+
+# each grid cell (col, row) under the world's first phrasing of it ("in the top left corner")
+PLACES = {world._POSITION_WORDS[name][0]: cell for name, cell in world.POSITIONS.items()}
 
 
 def blob(col: int, row: int) -> torch.Tensor:
