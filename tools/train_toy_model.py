@@ -9,9 +9,10 @@ and, every --save-every steps, the UNet phase (weights, EMA, AdamW, generators) 
 
 Phases, all seeded: (1) render the training scenes (runtime/toy/world.py), (2) train the
 VAE (AutoencoderKL, 64 px → 16×16×4 latents), (3) encode every image once, (4) train the
-CLIP text encoder and the UNet together (ε-prediction with min-SNR weights, or with
---prediction v_prediction on a zero-terminal-SNR schedule; 10 % empty captions for
-classifier-free guidance; an exponential moving average of the weights),
+CLIP text encoder and the UNet together (ε-prediction, or with --prediction v_prediction
+on a zero-terminal-SNR schedule; min-SNR weights, and with --balance each noise level's loss
+divided by its running mean; 10 % empty captions for classifier-free guidance; an
+exponential moving average of the weights),
 (5) save a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads, with
 training.json (command, seed, time, losses) beside it.
 """
@@ -275,6 +276,33 @@ def text_probe(tokenizer: Any, latents: torch.Tensor, seeds: list[int],
     return measure
 
 
+class LossBalance(nn.Module):
+    """Divides each sample's loss by a running mean of the loss at its noise level, so that
+    every level pulls on the weights by its share of the samples, not by its loss (the idea
+    of EDM2's per-level uncertainty weights, Karras et al. 2024, with a running mean instead
+    of a learned one). Without it, in a v run with --high-noise 0.25, the noisiest tenth,
+    whose loss is mostly what no caption can say (the exact outline under nearly pure noise),
+    made two thirds of the loss and the steps where shapes form a tenth
+    (docs/toy.md#position-why-this-model-ignores-it-and-the-recipe-in-progress)."""
+
+    LEVELS = 20  # of 50 timesteps each
+
+    def __init__(self, decay: float = 0.99) -> None:
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("level_loss", torch.zeros(self.LEVELS))
+
+    def forward(self, per_sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        level = t * self.LEVELS // 1000
+        table = self.get_buffer("level_loss")
+        with torch.no_grad():
+            for k in sorted(set(level.tolist())):
+                mean = per_sample[level == k].mean()
+                old = table[k]
+                table[k] = mean if old == 0 else old + (1 - self.decay) * (mean - old)
+        return (per_sample / table[level]).mean()
+
+
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -289,14 +317,20 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_text, ema_unet = copy.deepcopy(text).eval(), copy.deepcopy(unet).eval()
     rng = random.Random(args.seed)
-    models = {"text": text, "unet": unet, "ema_text": ema_text, "ema_unet": ema_unet}
+    models: dict[str, nn.Module] = {"text": text, "unet": unet, "ema_text": ema_text,
+                                    "ema_unet": ema_unet}
+    balance = LossBalance()
+    if args.balance:
+        models["balance"] = balance
     done, losses = load_state(args.state, models, opt, params, gen, rng)
-    # ε: min-SNR-γ weights (Hang et al. 2023), min(SNR, γ) / SNR, spend less of the loss on
-    # the nearly clean steps. v: plain v-MSE, which weighs the clean-latent error by 1 + SNR
-    # where the ε loss weighs it by SNR, so the noisiest steps, where the caption alone
-    # places the object, count fully
+    # In clean-latent terms the ε loss weighs the error by SNR and the v loss by 1 + SNR.
+    # min-SNR-γ (Hang et al. 2023) caps that weight at γ so that the nearly clean steps, which
+    # only refine texture, do not take the loss from the middle ones, where shapes form:
+    # ε: min(SNR, γ) / SNR. v: min(1 + SNR, γ) / (1 + SNR), which keeps the weight 1 at the
+    # noisiest steps, where the caption alone places the object (the ε loss gives them 0)
     snr = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
-    weight = (snr.clamp(max=args.min_snr) / snr) if args.min_snr > 0 else torch.ones_like(snr)
+    base = snr if args.prediction == "epsilon" else 1 + snr
+    weight = (base.clamp(max=args.min_snr) / base) if args.min_snr > 0 else torch.ones_like(snr)
     probe = text_probe(tokenizer, latents, seeds, scheduler)
     text.train()
     unet.train()
@@ -320,11 +354,9 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
             t = torch.where(high, torch.randint(900, 1000, (args.batch,), generator=gen), t)
         pred = unet(scheduler.add_noise(z, noise, t), t,
                     encoder_hidden_states=text(ids)[0]).sample
-        if args.prediction == "epsilon":
-            per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-            loss = (per_sample * weight[t]).mean()
-        else:
-            loss = (pred - scheduler.get_velocity(z, noise, t)).pow(2).mean()
+        target = noise if args.prediction == "epsilon" else scheduler.get_velocity(z, noise, t)
+        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3)) * weight[t]
+        loss = balance(per_sample, t) if args.balance else per_sample.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -332,7 +364,7 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
         decay = min(args.ema, (1 + step) / (10 + step))
         ema_update(ema_text, text, decay)
         ema_update(ema_unet, unet, decay)
-        running += float(loss.detach())
+        running += float(per_sample.mean().detach())  # the weighted loss, before balancing
         if step % 100 == 0 or step == args.steps:
             losses.append(running / (100 if step % 100 == 0 else step % 100))
             log(f"unet step {step}/{args.steps} loss {losses[-1]:.4f}")
@@ -360,11 +392,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--prediction", choices=sorted(SCHEDULERS), default="epsilon",
                         help="what the UNet predicts, with its noise schedule (docs/toy.md)")
-    parser.add_argument("--min-snr", type=float, default=None,
-                        help="min-SNR-γ loss weights for ε (default 5); 0 weighs every step "
-                             "alike; v-prediction takes none")
+    parser.add_argument("--min-snr", type=float, default=5.0,
+                        help="min-SNR-γ loss weights (default 5; docs/toy.md); 0 weighs "
+                             "every step alike")
     parser.add_argument("--high-noise", type=float, default=0.0,
                         help="share of samples drawn from t ∈ [900, 1000) instead of uniform t")
+    parser.add_argument("--balance", action="store_true",
+                        help="divide each noise level's loss by its running mean (docs/toy.md)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=7e-4)
     parser.add_argument("--ema", type=float, default=0.999)
@@ -379,10 +413,6 @@ def main() -> None:
                              "latents, the UNet phase every --save-every steps)")
     parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test")
     args = parser.parse_args()
-    if args.min_snr is None:
-        args.min_snr = 5.0 if args.prediction == "epsilon" else 0.0
-    if args.prediction != "epsilon" and args.min_snr > 0:
-        parser.error("--min-snr weighs the ε loss; v-prediction takes none")
     if args.quick:
         args.images, args.vae_steps, args.steps, args.save_every = 256, 20, 30, 20
         args.probe_every = 10
