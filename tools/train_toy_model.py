@@ -128,7 +128,7 @@ def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, steps: int, batch: int,
               gen: torch.Generator, object_weight: float = 0.0) -> float:
     """Reconstruction (L1 + L2) with a small KL term. With `object_weight` k, pixels that
     differ from the image's background (the median of its corners) weigh 1 + k: the object
-    covers a tenth of the picture or less, so an unweighted loss is mostly background, and a
+    covers a small part of the picture, so an unweighted loss is mostly background, and a
     VAE trained on it loses the object's colour (docs/toy.md#vae)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     vae.train()
