@@ -172,6 +172,29 @@ def vae_check(vae: AutoencoderKL) -> float:
 
 
 @torch.no_grad()
+def vae_readback(vae: AutoencoderKL, n: int = 120) -> dict[str, float]:
+    """The share of n held-out scenes whose round trip through the VAE (posterior mean) the
+    analyzer still reads right, per attribute: the ceiling of any UNet on its latents."""
+    from PIL import Image
+
+    from runtime.toy import analyze
+    from runtime.toy.world import held_out_scene, render
+
+    scenes = [held_out_scene(i) for i in range(n)]
+    x = torch.from_numpy(np.stack([np.asarray(render(s)) for s in scenes]))
+    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    images = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    names = ("background", "colour", "size", "shape", "pattern")
+    hits = dict.fromkeys(names, 0)
+    for image, scene in zip(images, scenes, strict=True):
+        for name, ok in analyze.agreement(analyze.read(Image.fromarray(image)), scene,
+                                          names).items():
+            hits[name] += ok
+    return {name: hits[name] / n for name in names}
+
+
+@torch.no_grad()
 def encode_all(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
     return torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean
                       for i in range(0, len(pixels), 256)])
@@ -453,9 +476,12 @@ def main() -> None:
         vae_loss, vae_error, scale, latents = vae_phase(args, vae, gen)
         vae_seconds = time.time() - started
 
+    readback = json.loads((args.state / "vae_phase.json").read_text()).get("vae_readback")
+
     def snapshot(t: CLIPTextModel, u: UNet2DConditionModel, step: int, loss: float) -> None:
         save(args, tokenizer, t, vae, u, {
-            "vae_loss": vae_loss, "vae_error_of_255": vae_error, "unet_loss": loss,
+            "vae_loss": vae_loss, "vae_error_of_255": vae_error, "vae_readback": readback,
+            "unet_loss": loss,
             "unet_steps_done": step, "vae_phase_seconds": vae_seconds,
             "seconds": time.time() - started, "scaling_factor": scale})
 
@@ -478,6 +504,9 @@ def vae_phase(args: argparse.Namespace, vae: AutoencoderKL,
                          args.vae_object_weight)
     vae_error = vae_check(vae)
     log(f"vae: held-out reconstruction error {vae_error:.2f}/255")
+    readback = vae_readback(vae)
+    log("vae: analyzer on held-out round trips: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in readback.items()))
     latents = encode_all(vae, pixels)
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
@@ -487,13 +516,13 @@ def vae_phase(args: argparse.Namespace, vae: AutoencoderKL,
     save_file({"latents": latents},
               str(args.state / "latents.safetensors"))
     (args.state / "vae_phase.json").write_text(json.dumps(
-        {"vae_loss": vae_loss, "vae_error": vae_error, "scale": scale,
+        {"vae_loss": vae_loss, "vae_error": vae_error, "vae_readback": readback, "scale": scale,
          "seconds": time.time() - started}))
     return vae_loss, vae_error, scale, latents
 
 
 def save(args: argparse.Namespace, tokenizer: Any, text: CLIPTextModel, vae: AutoencoderKL,
-         unet: UNet2DConditionModel, result: dict[str, float]) -> None:
+         unet: UNet2DConditionModel, result: dict[str, Any]) -> None:
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
         scheduler=DDIMScheduler(**SCHEDULERS[args.prediction]), safety_checker=None,
