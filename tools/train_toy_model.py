@@ -8,11 +8,12 @@ and, every --save-every steps, the UNet phase (weights, EMA, AdamW, generators) 
 --state (git-ignored), and each saved step also refreshes --out with the EMA weights.
 
 Phases, all seeded: (1) render the training scenes (runtime/toy/world.py), (2) train the
-VAE (AutoencoderKL, 64 px → 16×16×4 latents), (3) encode every image once, (4) train the
-CLIP text encoder and the UNet together (ε-prediction, or with --prediction v_prediction
-on a zero-terminal-SNR schedule; min-SNR weights, and with --balance each noise level's loss
-divided by its running mean; 10 % empty captions for classifier-free guidance; an
-exponential moving average of the weights),
+VAE (AutoencoderKL, 64 px → 16×16×4 latents; the object's pixels weigh more), (3) encode
+every image once, (4) train the CLIP text encoder and the UNet together (v-prediction on a
+zero-terminal-SNR schedule, or ε with --prediction epsilon; a quarter of each batch at the
+noisiest steps; min-SNR weights, each noise level's loss divided by its running mean;
+10 % empty captions for classifier-free guidance; an exponential moving average of the
+weights; docs/toy.md#training says why),
 (5) save a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads, with
 training.json (command, seed, time, losses) beside it.
 """
@@ -60,11 +61,11 @@ from runtime.toy.world import (  # noqa: E402
 TOKENIZER = REPO / "runtime" / "tokenizer"
 OUT = REPO / "runtime" / "toy" / "shapes"
 STATE = REPO / "runtime" / "toy" / "shapes.train"  # git-ignored: what a rerun resumes from
-# The scheduler per prediction type (--prediction). "epsilon" is SD 1.x's: the committed
-# model. "v_prediction" is rescaled to zero terminal SNR (Lin et al. 2024) and sampled with
+# The scheduler per prediction type (--prediction). "epsilon" is SD 1.x's. "v_prediction",
+# the committed model's, is rescaled to zero terminal SNR (Lin et al. 2024) and sampled with
 # trailing timesteps: with SD's own schedule (SNR 0.005 at t = 999) the noisiest training
 # latents still show where the object is, so an ε model learns to find it in the noise and
-# never to read its position from the caption (docs/toy.md#training).
+# never to read its position from the caption (docs/toy.md#position).
 _SD = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
        "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
        "steps_offset": 1}
@@ -221,9 +222,32 @@ def _load(module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> N
                             if k.startswith(prefix + ".")})
 
 
+# The settings each saved phase was made with: resuming under other ones would silently
+# mix two recipes (say, a VAE state of another --vae-object-weight), so it stops instead.
+VAE_SETTINGS = ("seed", "images", "vae_steps", "vae_batch", "vae_object_weight")
+UNET_SETTINGS = ("seed", "prediction", "min_snr", "high_noise", "balance", "decay_steps",
+                 "batch", "lr", "ema", "unet_channels", "text_layers")
+
+
+def settings_of(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in keys}
+
+
+def check_resume(path: Path, saved: dict[str, Any] | None, wanted: dict[str, Any]) -> None:
+    """Stops when the state at `path` was made with other settings than this run's (a state
+    from before they were recorded, `saved` None, is trusted)."""
+    if saved is None:
+        return
+    diff = [f"{k} {saved.get(k)!r} here, {v!r} asked" for k, v in wanted.items()
+            if saved.get(k) != v]
+    if diff:
+        raise SystemExit(f"{path} was made with other settings ({'; '.join(diff)}); delete "
+                         "it, or pass another --state, to start afresh")
+
+
 def save_state(state: Path, step: int, models: dict[str, nn.Module],
                opt: torch.optim.Optimizer, params: list[nn.Parameter], gen: torch.Generator,
-               rng: random.Random, losses: list[float]) -> None:
+               rng: random.Random, losses: list[float], settings: dict[str, Any]) -> None:
     """Everything the UNet phase needs to go on exactly: weights, EMA, AdamW, generators."""
     from safetensors.torch import save_file
 
@@ -237,22 +261,23 @@ def save_state(state: Path, step: int, models: dict[str, nn.Module],
     temp = state / "unet_state.safetensors.tmp"
     save_file(tensors, str(temp))
     (state / "unet_state.json.tmp").write_text(json.dumps(
-        {"step": step, "losses": losses, "rng": [rng.getstate()[0], list(rng.getstate()[1]),
-                                                  rng.getstate()[2]]}))
+        {"step": step, "losses": losses, "settings": settings,
+         "rng": [rng.getstate()[0], list(rng.getstate()[1]), rng.getstate()[2]]}))
     os.replace(temp, state / "unet_state.safetensors")
     os.replace(state / "unet_state.json.tmp", state / "unet_state.json")
 
 
 def load_state(state: Path, models: dict[str, nn.Module], opt: torch.optim.Optimizer,
                params: list[nn.Parameter], gen: torch.Generator,
-               rng: random.Random) -> tuple[int, list[float]]:
+               rng: random.Random, settings: dict[str, Any]) -> tuple[int, list[float]]:
     """(steps done, losses) from `save_state`, or (0, []) when there is none."""
     from safetensors.torch import load_file
 
     if not (state / "unet_state.json").is_file():
         return 0, []
-    tensors = load_file(str(state / "unet_state.safetensors"))
     meta = json.loads((state / "unet_state.json").read_text())
+    check_resume(state / "unet_state.json", meta.get("settings"), settings)
+    tensors = load_file(str(state / "unet_state.safetensors"))
     for name, module in models.items():
         _load(module, name, tensors)
     for i, p in enumerate(params):
@@ -317,7 +342,7 @@ class LossBalance(nn.Module):
     of a learned one). Without it, in a v run with --high-noise 0.25, the noisiest tenth,
     whose loss is mostly what no caption can say (the exact outline under nearly pure noise),
     made two thirds of the loss and the steps where shapes form a tenth
-    (docs/toy.md#position-why-this-model-ignores-it-and-the-recipe-in-progress)."""
+    (docs/toy.md#position)."""
 
     LEVELS = 20  # of 50 timesteps each
 
@@ -356,7 +381,8 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
     balance = LossBalance()
     if args.balance:
         models["balance"] = balance
-    done, losses = load_state(args.state, models, opt, params, gen, rng)
+    settings = settings_of(args, UNET_SETTINGS)
+    done, losses = load_state(args.state, models, opt, params, gen, rng, settings)
     # In clean-latent terms the ε loss weighs the error by SNR and the v loss by 1 + SNR.
     # min-SNR-γ (Hang et al. 2023) caps that weight at γ so that the nearly clean steps, which
     # only refine texture, do not take the loss from the middle ones, where shapes form:
@@ -370,9 +396,9 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
     unet.train()
     running = 0.0
     for step in range(done + 1, args.steps + 1):
-        for group in opt.param_groups:  # linear warm-up, then cosine to 10 %
+        for group in opt.param_groups:  # linear warm-up, cosine to 10 %, then flat at 10 %
             warm = min(1.0, step / 200)
-            cos = 0.55 + 0.45 * np.cos(np.pi * step / args.steps)
+            cos = 0.55 + 0.45 * np.cos(np.pi * min(step, args.decay_steps) / args.decay_steps)
             group["lr"] = args.lr * warm * cos
         idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
         ids = tokenizer(captions_for([seeds[i] for i in idx.tolist()], rng),
@@ -408,8 +434,10 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
             log(f"unet step {step}: caption gap {gaps['caption']:.4f}, position gap "
                 f"{gaps['position']:.4f} (EMA {ema_gaps['caption']:.4f}, "
                 f"{ema_gaps['position']:.4f})")
+        if (args.save_every and step % args.save_every == 0) or step == args.steps:
+            # the last step's state too, so that a longer --steps can go on from it
+            save_state(args.state, step, models, opt, params, gen, rng, losses, settings)
         if args.save_every and step % args.save_every == 0 and step < args.steps:
-            save_state(args.state, step, models, opt, params, gen, rng, losses)
             args.snapshot(ema_text, ema_unet, step, losses[-1] if losses else float("nan"))
     return ema_text, ema_unet, losses[-1] if losses else float("nan")
 
@@ -419,26 +447,29 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=20_000)
-    parser.add_argument("--vae-steps", type=int, default=1200)
+    parser.add_argument("--vae-steps", type=int, default=3000)
     parser.add_argument("--vae-batch", type=int, default=16)
-    parser.add_argument("--vae-object-weight", type=float, default=0.0,
+    parser.add_argument("--vae-object-weight", type=float, default=9.0,
                         help="extra loss weight of the object's pixels in the VAE phase")
     parser.add_argument("--save-every", type=int, default=1000,
                         help="also save the pipeline (EMA weights) every N UNet steps")
-    parser.add_argument("--steps", type=int, default=10_000)
-    parser.add_argument("--prediction", choices=sorted(SCHEDULERS), default="epsilon",
+    parser.add_argument("--steps", type=int, default=12_000)
+    parser.add_argument("--prediction", choices=sorted(SCHEDULERS), default="v_prediction",
                         help="what the UNet predicts, with its noise schedule (docs/toy.md)")
     parser.add_argument("--min-snr", type=float, default=5.0,
                         help="min-SNR-γ loss weights (default 5; docs/toy.md); 0 weighs "
                              "every step alike")
-    parser.add_argument("--high-noise", type=float, default=0.0,
+    parser.add_argument("--high-noise", type=float, default=0.25,
                         help="share of samples drawn from t ∈ [900, 1000) instead of uniform t")
-    parser.add_argument("--balance", action="store_true",
+    parser.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
                         help="divide each noise level's loss by its running mean (docs/toy.md)")
+    parser.add_argument("--decay-steps", type=int, default=9000,
+                        help="the learning rate's cosine decay to 10 %% ends here and stays "
+                             "flat after; 0: at --steps")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=7e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.999)
-    parser.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64, 96])
+    parser.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64, 96, 96])
     parser.add_argument("--text-layers", type=int, default=2)
     parser.add_argument("--probe-every", type=int, default=500,
                         help="log the caption and position gaps (how much the caption, and its "
@@ -451,7 +482,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.images, args.vae_steps, args.steps, args.save_every = 256, 20, 30, 20
-        args.probe_every = 10
+        args.probe_every, args.decay_steps = 10, 0
+    args.decay_steps = args.decay_steps or args.steps
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     started = time.time()
@@ -469,6 +501,8 @@ def main() -> None:
         vae = AutoencoderKL.from_pretrained(args.state / "vae")
         latents = load_file(str(args.state / "latents.safetensors"))["latents"]
         phase = json.loads((args.state / "vae_phase.json").read_text())
+        check_resume(args.state / "vae_phase.json", phase.get("settings"),
+                     settings_of(args, VAE_SETTINGS))
         vae_loss, vae_error, scale = phase["vae_loss"], phase["vae_error"], phase["scale"]
         vae_seconds = phase.get("seconds")  # None (null) for a state from before it was kept
         log(f"resumed after the VAE phase from {args.state}")
@@ -517,7 +551,7 @@ def vae_phase(args: argparse.Namespace, vae: AutoencoderKL,
               str(args.state / "latents.safetensors"))
     (args.state / "vae_phase.json").write_text(json.dumps(
         {"vae_loss": vae_loss, "vae_error": vae_error, "vae_readback": readback, "scale": scale,
-         "seconds": time.time() - started}))
+         "seconds": time.time() - started, "settings": settings_of(args, VAE_SETTINGS)}))
     return vae_loss, vae_error, scale, latents
 
 
