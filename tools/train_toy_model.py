@@ -498,11 +498,11 @@ def main() -> None:
     if (args.state / "vae_phase.json").is_file():  # resume: the VAE and latents are done
         from safetensors.torch import load_file
 
-        vae = AutoencoderKL.from_pretrained(args.state / "vae")
-        latents = load_file(str(args.state / "latents.safetensors"))["latents"]
         phase = json.loads((args.state / "vae_phase.json").read_text())
         check_resume(args.state / "vae_phase.json", phase.get("settings"),
                      settings_of(args, VAE_SETTINGS))
+        vae = AutoencoderKL.from_pretrained(args.state / "vae")
+        latents = load_file(str(args.state / "latents.safetensors"))["latents"]
         vae_loss, vae_error, scale = phase["vae_loss"], phase["vae_error"], phase["scale"]
         vae_seconds = phase.get("seconds")  # None (null) for a state from before it was kept
         log(f"resumed after the VAE phase from {args.state}")
