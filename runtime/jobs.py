@@ -175,6 +175,8 @@ def train_job(job: TrainJob, pipes: Pipelines, *, progress: Callable[[Progress],
     store = Store(job.store)
     started = time.monotonic()
     if store.get(job.key) is not None:
+        # a run killed between publishing and removing its checkpoint (R1) left it behind
+        store.checkpoint(job.key).unlink(missing_ok=True)
         return Trained(job.step.token, job.key, 0.0)
     pipe, base = pipes.get(job.step.model)
     cinv, cinv_print = cinv_for(pipe, Path(job.store), Path(job.captions) if job.captions

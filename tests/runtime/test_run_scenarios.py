@@ -273,6 +273,28 @@ def test_R10_sigterm_during_training_stops_cleanly_and_the_rerun_resumes(project
     assert not any(checkpoints.iterdir())  # removed once the artifact was published
 
 
+def test_R1_a_checkpoint_left_beside_a_published_concept_is_removed(project: Path) -> None:
+    """A run killed after publishing a concept and before removing its checkpoint leaves the
+    checkpoint behind; the next run finds the concept built and removes it."""
+    from perfusion_dsl.compiler import compile_paths
+    from perfusion_runtime.status import store_key
+
+    code, _, err = cli(project, "run", ".", "--quiet")
+    assert code == 0, err
+    (step,) = compile_paths([project], project).plan().concepts
+    job = jobs.TrainJob(step, store_key(step), str(project), str(project / ".perfusion"))
+    store = Store(project / ".perfusion")
+    published = store.get(job.key)
+    assert published is not None
+    before = published.read_bytes()
+    stale = store.checkpoint(job.key)
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"a checkpoint from before the kill")
+    jobs.train_job(job, jobs.Pipelines("cpu"))
+    assert not stale.exists() and store.verify() == []
+    assert published.read_bytes() == before  # not retrained
+
+
 def oom_above(limit: int) -> Any:
     """A pre-hook raising a real torch OutOfMemoryError when the UNet batch exceeds `limit`."""
 
