@@ -3,10 +3,12 @@
     .venv/bin/python tools/make_example_images.py [--out specs/images]
     .venv/bin/python tools/make_example_images.py --check   # exit 1 if a committed file differs
 
-Each concept is one object of the world (a shape, colours, a pattern) drawn at seeded random
+Each concept is one object of the world (an outline, colours, a pattern) drawn at seeded random
 sizes, positions, backgrounds and rotations, as a user would photograph one thing in several
-places. The badge also gets a loss mask per picture (white where the object is), matched by
-file stem. Deterministic: rerunning rewrites the same bytes.
+places. All three are held out of the model's training data (docs/toy.md#held-out): the moon's
+outline (a crescent between thin and fat), the badge's and the tile's colour/pattern pairs.
+The badge also gets a loss mask per picture (white where the object is), matched by file
+stem. Deterministic: rerunning rewrites the same bytes.
 """
 
 from __future__ import annotations
@@ -21,24 +23,26 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from runtime.toy import world  # noqa: E402
 
-# folder -> (object, pictures); an object is (shape, colour, pattern, second colour)
-EXAMPLES: dict[str, tuple[tuple[str, str, str, str | None], int]] = {
-    "moon": (("crescent", "orange", "solid", None), 5),  # a shape the model never saw
-    "badge/pictures": (("diamond", "purple", "striped", "yellow"), 4),
-    "tile/light": (("square", "cyan", "dotted", "red"), 3),
-    "tile/dark": (("square", "cyan", "dotted", "red"), 2),
+# folder -> (object, pictures); an object is (form, colour, pattern, second colour)
+MOON = world.Form("crescent", facing="right")  # an outline the model never saw
+EXAMPLES: dict[str, tuple[tuple[world.Form, str, str, str | None], int]] = {
+    "moon": ((MOON, "orange", "solid", None), 5),
+    "badge/pictures": ((world.Form("diamond"), "purple", "striped", "yellow"), 4),
+    "tile/light": ((world.Form("square"), "cyan", "dotted", "red"), 3),
+    "tile/dark": ((world.Form("square"), "cyan", "dotted", "red"), 2),
 }
 MASKED = {"badge/pictures": "badge/masks"}
 DARK = ("black", "gray")
 
 
 def scenes(folder: str, count: int) -> list[world.Scene]:
-    (shape, colour, pattern, second) = EXAMPLES[folder][0]
+    (form, colour, pattern, second) = EXAMPLES[folder][0]
     rng = random.Random(f"example {folder}")
     out = []
     for _ in range(count):
-        scene = world.with_changes(world.sample_scene(rng), shape=shape, colour=colour,
-                                   pattern=pattern, second=second)
+        # one object: its proportions fixed (depth 0: the middle of the form's range)
+        scene = world.with_changes(world.sample_scene(rng, (form,)), colour=colour,
+                                   pattern=pattern, second=second, depth=0.0)
         if folder.startswith("tile/"):  # the light and dark halves of the `**` example
             backgrounds = DARK if folder.endswith("dark") else ("white", "beige")
             scene = world.with_changes(scene, background=rng.choice(backgrounds))

@@ -58,6 +58,7 @@ big small large tiny little huge old new young cute happy sad funny beautiful pr
 clean dirty wet dry hot cold soft hard round square flat tall short long wide thin thick
 circle circles square squares star stars triangle triangles heart hearts shape shapes dot dots
 line lines stripe stripes stripes pattern background foreground plain simple solid
+crescent arrow ring diamond cross pentagon hexagon pointed pointing opening striped dotted fat
 left right top bottom center centre middle front back side above below behind near next
 beside between inside outside around corner edge
 sitting standing lying sleeping running walking jumping flying swimming playing eating

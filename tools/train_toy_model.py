@@ -21,6 +21,7 @@ training.json (command, seed, time, losses) beside it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -88,12 +89,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def make_vae(seed: int) -> AutoencoderKL:
-    torch.manual_seed(seed)
+def make_vae(args: argparse.Namespace) -> AutoencoderKL:
+    torch.manual_seed(args.seed)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE,
+        in_channels=3, out_channels=3, latent_channels=args.latent_channels, sample_size=SIZE,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16)
+        block_out_channels=tuple(args.vae_channels), layers_per_block=1, norm_num_groups=16)
 
 
 def make_denoiser(tokenizer: Any, args: argparse.Namespace
@@ -108,11 +109,12 @@ def make_denoiser(tokenizer: Any, args: argparse.Namespace
         pad_token_id=tokenizer.pad_token_id))
     channels = tuple(args.unet_channels)
     unet = UNet2DConditionModel(
-        sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=SIZE // 4, in_channels=args.latent_channels,
+        out_channels=args.latent_channels, layers_per_block=1,
         block_out_channels=channels, cross_attention_dim=TEXT_WIDTH, attention_head_dim=8,
         norm_num_groups=16, down_block_types=("CrossAttnDownBlock2D",) * len(channels),
         up_block_types=("CrossAttnUpBlock2D",) * len(channels))
-    return text, unet
+    return text, unet.to(memory_format=torch.channels_last)
 
 
 def dataset(n: int, seed: int) -> tuple[torch.Tensor, list[int]]:
@@ -125,23 +127,35 @@ def dataset(n: int, seed: int) -> tuple[torch.Tensor, list[int]]:
     return pixels, seeds
 
 
-def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, steps: int, batch: int,
-              gen: torch.Generator, object_weight: float = 0.0) -> float:
+def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, args: argparse.Namespace,
+              gen: torch.Generator) -> tuple[float, list[dict[str, Any]]]:
     """Reconstruction (L1 + L2) with a small KL term. With `object_weight` k, pixels that
     differ from the image's background (the median of its corners) weigh 1 + k: the object
     covers a small part of the picture, so an unweighted loss is mostly background, and a
-    VAE trained on it loses the object's colour (docs/toy.md#vae)."""
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    VAE trained on it loses the object's colour (docs/toy.md#vae). Saved in --state every
+    --save-every / 4 steps, so a stopped run goes on from there; returns the last loss and
+    the sittings."""
+    steps, batch, object_weight = args.vae_steps, args.vae_batch, args.vae_object_weight
+    vae.to(memory_format=torch.channels_last)  # faster on CPU (bench/toy_levers.py)
+    params = list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    settings = settings_of(args, VAE_SETTINGS)
+    unused = random.Random(0)  # the VAE phase draws from `gen` alone
+    done, losses, sittings = load_state(args.state, {"vae": vae}, opt, params, gen, unused,
+                                        settings, phase="vae")
+    sittings.append({"from_step": done, "to_step": done, "seconds": 0.0, **where()})
+    sitting_start = time.time()
+    save_every = max(1, args.save_every // 4)
     vae.train()
-    loss_value = float("nan")
-    for step in range(1, steps + 1):
+    loss_value = losses[-1] if losses else float("nan")
+    for step in range(done + 1, steps + 1):
         idx = torch.randint(0, len(pixels), (batch,), generator=gen)
-        x = pixels[idx]
+        x = pixels[idx].contiguous(memory_format=torch.channels_last)
         posterior = vae.encode(x).latent_dist
         # decoded from the mean: sampling with the initial unit variance drowns the colours,
         # and the UNet is trained on the means anyway; the KL term only keeps them bounded
         recon = vae.decode(posterior.mean).sample
-        kl = posterior.kl().mean() / (4 * 16 * 16)
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
         error = recon - x
         if object_weight > 0:
             corners = x[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]
@@ -156,9 +170,19 @@ def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, steps: int, batch: int,
         opt.step()
         loss_value = float(loss.detach())
         if step % 100 == 0 or step == steps:
+            losses.append(loss_value)
             log(f"vae step {step}/{steps} loss {loss_value:.4f}")
+        if step % save_every == 0 or step == steps:
+            sittings[-1].update(to_step=step, seconds=round(time.time() - sitting_start, 1))
+            save_state(args.state, step, {"vae": vae}, opt, params, gen, unused, losses,
+                       settings, sittings, phase="vae")
+        if step % 1000 == 0 and step < steps:  # the read-back's progress (docs/toy.md#vae)
+            vae.eval()
+            log(f"vae step {step}: analyzer on held-out round trips: "
+                + ", ".join(f"{k} {v:.0%}" for k, v in vae_readback(vae).items()))
+            vae.train()
     vae.eval()
-    return loss_value
+    return loss_value, sittings
 
 
 @torch.no_grad()
@@ -186,7 +210,7 @@ def vae_readback(vae: AutoencoderKL, n: int = 120) -> dict[str, float]:
     x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
     recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     images = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    names = ("background", "colour", "size", "shape", "pattern")
+    names = ("background", "colour", "size", "shape", "outline", "pattern", "second")
     hits = dict.fromkeys(names, 0)
     for image, scene in zip(images, scenes, strict=True):
         for name, ok in analyze.agreement(analyze.read(Image.fromarray(image)), scene,
@@ -224,7 +248,8 @@ def _load(module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> N
 
 # The settings each saved phase was made with: resuming under other ones would silently
 # mix two recipes (say, a VAE state of another --vae-object-weight), so it stops instead.
-VAE_SETTINGS = ("seed", "images", "vae_steps", "vae_batch", "vae_object_weight")
+VAE_SETTINGS = ("seed", "images", "vae_steps", "vae_batch", "vae_object_weight",
+                "latent_channels", "vae_channels")
 UNET_SETTINGS = ("seed", "prediction", "min_snr", "high_noise", "balance", "decay_steps",
                  "batch", "lr", "ema", "unet_channels", "text_layers")
 
@@ -247,8 +272,10 @@ def check_resume(path: Path, saved: dict[str, Any] | None, wanted: dict[str, Any
 
 def save_state(state: Path, step: int, models: dict[str, nn.Module],
                opt: torch.optim.Optimizer, params: list[nn.Parameter], gen: torch.Generator,
-               rng: random.Random, losses: list[float], settings: dict[str, Any]) -> None:
-    """Everything the UNet phase needs to go on exactly: weights, EMA, AdamW, generators."""
+               rng: random.Random, losses: list[float], settings: dict[str, Any],
+               sittings: list[dict[str, Any]], phase: str = "unet") -> None:
+    """Everything a phase ("vae" or "unet") needs to go on exactly: weights, EMA, AdamW,
+    generators; and the sittings so far (where and how long each ran)."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -258,36 +285,39 @@ def save_state(state: Path, step: int, models: dict[str, nn.Module],
         for slot, value in opt.state[p].items():
             tensors[f"opt.{i}.{slot}"] = value.detach().clone().contiguous()
     tensors["gen"] = gen.get_state()
-    temp = state / "unet_state.safetensors.tmp"
+    temp = state / f"{phase}_state.safetensors.tmp"
     save_file(tensors, str(temp))
-    (state / "unet_state.json.tmp").write_text(json.dumps(
-        {"step": step, "losses": losses, "settings": settings,
+    (state / f"{phase}_state.json.tmp").write_text(json.dumps(
+        {"step": step, "losses": losses, "settings": settings, "sittings": sittings,
          "rng": [rng.getstate()[0], list(rng.getstate()[1]), rng.getstate()[2]]}))
-    os.replace(temp, state / "unet_state.safetensors")
-    os.replace(state / "unet_state.json.tmp", state / "unet_state.json")
+    os.replace(temp, state / f"{phase}_state.safetensors")
+    os.replace(state / f"{phase}_state.json.tmp", state / f"{phase}_state.json")
 
 
 def load_state(state: Path, models: dict[str, nn.Module], opt: torch.optim.Optimizer,
                params: list[nn.Parameter], gen: torch.Generator,
-               rng: random.Random, settings: dict[str, Any]) -> tuple[int, list[float]]:
-    """(steps done, losses) from `save_state`, or (0, []) when there is none."""
+               rng: random.Random, settings: dict[str, Any], phase: str = "unet"
+               ) -> tuple[int, list[float], list[dict[str, Any]]]:
+    """(steps done, losses, sittings) from `save_state`, or (0, [], []) when there is none."""
     from safetensors.torch import load_file
 
-    if not (state / "unet_state.json").is_file():
-        return 0, []
-    meta = json.loads((state / "unet_state.json").read_text())
-    check_resume(state / "unet_state.json", meta.get("settings"), settings)
-    tensors = load_file(str(state / "unet_state.safetensors"))
+    if not (state / f"{phase}_state.json").is_file():
+        return 0, [], []
+    meta = json.loads((state / f"{phase}_state.json").read_text())
+    check_resume(state / f"{phase}_state.json", meta.get("settings"), settings)
+    tensors = load_file(str(state / f"{phase}_state.safetensors"))
     for name, module in models.items():
         _load(module, name, tensors)
     for i, p in enumerate(params):
         slots = ("step", "exp_avg", "exp_avg_sq")
-        opt.state[p] = {s: tensors[f"opt.{i}.{s}"] for s in slots if f"opt.{i}.{s}" in tensors}
+        # in the parameter's own memory format (channels_last for the UNet's convolutions)
+        opt.state[p] = {s: (tensors[k] if s == "step" else torch.empty_like(p).copy_(tensors[k]))
+                        for s in slots if (k := f"opt.{i}.{s}") in tensors}
     gen.set_state(tensors["gen"])
     version, internal, gauss = meta["rng"]
     rng.setstate((version, tuple(internal), gauss))
-    log(f"resumed the UNet phase at step {meta['step']} from {state}")
-    return int(meta["step"]), list(meta["losses"])
+    log(f"resumed the {phase.upper()} phase at step {meta['step']} from {state}")
+    return int(meta["step"]), list(meta["losses"]), list(meta.get("sittings", []))
 
 
 def text_probe(tokenizer: Any, latents: torch.Tensor, seeds: list[int],
@@ -362,6 +392,23 @@ class LossBalance(nn.Module):
         return (per_sample / table[level]).mean()
 
 
+def where() -> dict[str, Any]:
+    """The machine a phase runs on, for training.json."""
+    import platform
+
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = f"cuda: {torch.cuda.get_device_name(0)}"
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [line.split(":", 1)[1].strip() for line in
+                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"device": device, "cpu": cpu,
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -382,7 +429,9 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
     if args.balance:
         models["balance"] = balance
     settings = settings_of(args, UNET_SETTINGS)
-    done, losses = load_state(args.state, models, opt, params, gen, rng, settings)
+    done, losses, sittings = load_state(args.state, models, opt, params, gen, rng, settings)
+    sittings.append({"from_step": done, "to_step": done, "seconds": 0.0, **where()})
+    sitting_start = time.time()
     # In clean-latent terms the ε loss weighs the error by SNR and the v loss by 1 + SNR.
     # min-SNR-γ (Hang et al. 2023) caps that weight at γ so that the nearly clean steps, which
     # only refine texture, do not take the loss from the middle ones, where shapes form:
@@ -436,7 +485,10 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
                 f"{ema_gaps['position']:.4f})")
         if (args.save_every and step % args.save_every == 0) or step == args.steps:
             # the last step's state too, so that a longer --steps can go on from it
-            save_state(args.state, step, models, opt, params, gen, rng, losses, settings)
+            sittings[-1].update(to_step=step, seconds=round(time.time() - sitting_start, 1))
+            save_state(args.state, step, models, opt, params, gen, rng, losses, settings,
+                       sittings)
+            args.sittings = sittings
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             args.snapshot(ema_text, ema_unet, step, losses[-1] if losses else float("nan"))
     return ema_text, ema_unet, losses[-1] if losses else float("nan")
@@ -446,14 +498,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--images", type=int, default=20_000)
-    parser.add_argument("--vae-steps", type=int, default=3000)
+    parser.add_argument("--images", type=int, default=40_000)
+    parser.add_argument("--vae-steps", type=int, default=4000)
+    parser.add_argument("--latent-channels", type=int, default=8,
+                        help="the VAE's latent channels (16×16 each; docs/toy.md#vae)")
+    parser.add_argument("--vae-channels", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-object-weight", type=float, default=9.0,
                         help="extra loss weight of the object's pixels in the VAE phase")
     parser.add_argument("--save-every", type=int, default=1000,
                         help="also save the pipeline (EMA weights) every N UNet steps")
-    parser.add_argument("--steps", type=int, default=12_000)
+    parser.add_argument("--steps", type=int, default=24_000)
     parser.add_argument("--prediction", choices=sorted(SCHEDULERS), default="v_prediction",
                         help="what the UNet predicts, with its noise schedule (docs/toy.md)")
     parser.add_argument("--min-snr", type=float, default=5.0,
@@ -463,14 +518,14 @@ def main() -> None:
                         help="share of samples drawn from t ∈ [900, 1000) instead of uniform t")
     parser.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
                         help="divide each noise level's loss by its running mean (docs/toy.md)")
-    parser.add_argument("--decay-steps", type=int, default=9000,
+    parser.add_argument("--decay-steps", type=int, default=18_000,
                         help="the learning rate's cosine decay to 10 %% ends here and stays "
                              "flat after; 0: at --steps")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.999)
-    parser.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64, 96, 96])
-    parser.add_argument("--text-layers", type=int, default=2)
+    parser.add_argument("--unet-channels", type=int, nargs="+", default=[64, 128, 160, 160])
+    parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--probe-every", type=int, default=500,
                         help="log the caption and position gaps (how much the caption, and its "
                              "position words, help) every N steps")
@@ -482,13 +537,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.images, args.vae_steps, args.steps, args.save_every = 256, 20, 30, 20
+        args.unet_channels, args.text_layers = [32, 32, 32, 32], 1
         args.probe_every, args.decay_steps = 10, 0
     args.decay_steps = args.decay_steps or args.steps
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     started = time.time()
     tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER), local_files_only=True)
-    vae = make_vae(args.seed)
+    vae = make_vae(args)
     text, unet = make_denoiser(tokenizer, args)
     log(f"params: text {sum(p.numel() for p in text.parameters()):,}, vae "
         f"{sum(p.numel() for p in vae.parameters()):,}, unet "
@@ -510,13 +566,16 @@ def main() -> None:
         vae_loss, vae_error, scale, latents = vae_phase(args, vae, gen)
         vae_seconds = time.time() - started
 
-    readback = json.loads((args.state / "vae_phase.json").read_text()).get("vae_readback")
+    vae_record = json.loads((args.state / "vae_phase.json").read_text())
+    readback = vae_record.get("vae_readback")
+    args.sittings = []
 
     def snapshot(t: CLIPTextModel, u: UNet2DConditionModel, step: int, loss: float) -> None:
         save(args, tokenizer, t, vae, u, {
             "vae_loss": vae_loss, "vae_error_of_255": vae_error, "vae_readback": readback,
             "unet_loss": loss,
             "unet_steps_done": step, "vae_phase_seconds": vae_seconds,
+            "vae_sittings": vae_record.get("sittings"), "unet_sittings": args.sittings,
             "seconds": time.time() - started, "scaling_factor": scale})
 
     args.snapshot = snapshot
@@ -534,8 +593,7 @@ def vae_phase(args: argparse.Namespace, vae: AutoencoderKL,
     started = time.time()
     pixels, _ = dataset(args.images, args.seed)
     log(f"rendered {len(pixels)} training images")
-    vae_loss = train_vae(vae, pixels, args.vae_steps, args.vae_batch, gen,
-                         args.vae_object_weight)
+    vae_loss, sittings = train_vae(vae, pixels, args, gen)
     vae_error = vae_check(vae)
     log(f"vae: held-out reconstruction error {vae_error:.2f}/255")
     readback = vae_readback(vae)
@@ -551,21 +609,32 @@ def vae_phase(args: argparse.Namespace, vae: AutoencoderKL,
               str(args.state / "latents.safetensors"))
     (args.state / "vae_phase.json").write_text(json.dumps(
         {"vae_loss": vae_loss, "vae_error": vae_error, "vae_readback": readback, "scale": scale,
-         "seconds": time.time() - started, "settings": settings_of(args, VAE_SETTINGS)}))
+         "sittings": sittings,
+         # every sitting's training, plus this sitting's rendering and encoding
+         "seconds": sum(s["seconds"] for s in sittings) + time.time() - started
+         - sittings[-1]["seconds"], "settings": settings_of(args, VAE_SETTINGS)}))
     return vae_loss, vae_error, scale, latents
 
 
 def save(args: argparse.Namespace, tokenizer: Any, text: CLIPTextModel, vae: AutoencoderKL,
          unet: UNet2DConditionModel, result: dict[str, Any]) -> None:
+    def stored(module: nn.Module) -> Any:
+        # float16 on disk keeps the folder under 40 MB; the runtime loads it in its own
+        # precision (float32 on a CPU), so only the weights' last bits differ
+        # (nn.Module.to: diffusers' own `to` warns about casting)
+        return nn.Module.to(copy.deepcopy(module), dtype=torch.float16,
+                            memory_format=torch.contiguous_format)
+
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+        vae=stored(vae), text_encoder=stored(text), tokenizer=tokenizer, unet=stored(unet),
         scheduler=DDIMScheduler(**SCHEDULERS[args.prediction]), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     temp = args.out.with_name(args.out.name + ".saving")
     shutil.rmtree(temp, ignore_errors=True)
     pipe.save_pretrained(temp, safe_serialization=True)
     write_corpus(temp / "captions.txt")
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "snapshot", "state")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("out", "snapshot", "state", "sittings")}
     (temp / "training.json").write_text(json.dumps(
         {"command": "python tools/train_toy_model.py " + " ".join(sys.argv[1:]),
          "settings": settings, **result, "torch": torch.__version__}, indent=2) + "\n")

@@ -21,6 +21,7 @@ Pixels = NDArray[np.float64]
 
 BORDER = 3  # px: the frame whose median colour is the background
 MIN_AREA = 10  # px: smaller masks are no object
+HOLE = 12  # px: enclosed background regions this large are holes of the outline (a ring's)
 PLAIN = 40.0  # border pixels within this colour distance of their median are plain
 NEAR_BACKGROUND = 60.0  # the median's farthest distance from a BACKGROUNDS colour
 FIRST_CUT = 40.0  # colour distance from the background that counts as object, first pass
@@ -28,6 +29,7 @@ ANGLES = (-10.0, -5.0, 0.0, 5.0, 10.0)  # rotations tried when fitting outlines
 SLACK = 1.1  # drawn outlines' areas differ from their polygons' by less than this factor
 CLIP = 60.0  # colour residuals are clipped here when fitting colours (robust mean)
 OUTLIER = 35.0  # a pixel this far from a colour (or more, in noise) is not that colour
+FEW_PAIRS = 10  # fewer pixel pairs than this along the stripes: the layout decides (_on_dots)
 MINOR = 0.04  # the share of the object's pixels that a pattern's colour needs
 NOISY = 35.0  # border noise above which the mask is found in a smoothed image
 SIGMA = 30.0  # colour kernel width in fidelity
@@ -45,19 +47,20 @@ class Reading:
     colour: str | None  # the object's (fill) colour, a COLOURS name; None: no object
     position: str | None  # a POSITIONS name, from the fitted outline's centre
     size: str | None  # a SIZES name, fitted together with the shape
-    shape: str | None  # the best-fitting outline among read()'s `shapes`
+    shape: str | None  # the best-fitting outline's family (a world.SHAPES name)
     pattern: str | None  # "solid", "striped" or "dotted"
     second: str | None  # the pattern's second colour (None when solid)
+    outline: str | None  # the best-fitting outline among read()'s `forms` (world.Form.name)
     mask: Mask = field(compare=False, repr=False)  # bool [64, 64]: the object
 
 
 # ------------------------------------------------------------------ reading
 
 
-def read(image: ImageLike, shapes: tuple[str, ...] = world.SHAPES) -> Reading:
-    """The scene attributes that `image` shows, for outlines among `shapes`."""
-    if not shapes:
-        raise ValueError("read needs at least one shape")
+def read(image: ImageLike, forms: tuple[world.Form, ...] = world.FORMS) -> Reading:
+    """The scene attributes that `image` shows, for outlines among `forms`."""
+    if not forms:
+        raise ValueError("read needs at least one outline form")
     px = _pixels(image)
     bg, noise, plain = _border(px)
     background = _nearest(bg, world.BACKGROUNDS) if plain else None
@@ -65,11 +68,11 @@ def read(image: ImageLike, shapes: tuple[str, ...] = world.SHAPES) -> Reading:
         background = None
     mask = _object_mask(px, bg, noise) if plain else np.zeros(px.shape[:2], bool)
     if mask.sum() < MIN_AREA:
-        return Reading(background, None, None, None, None, None, None, mask)
+        return Reading(background, None, None, None, None, None, None, None, mask)
     colour, pattern, second = _colours(px, mask, noise)
-    shape, size, cx, cy = _fit(mask, tuple(shapes))
-    return Reading(background, colour, _position(cx, cy, size), size, shape, pattern, second,
-                   mask)
+    form, size, cx, cy = _fit(mask, tuple(forms))
+    return Reading(background, colour, _position(cx, cy, size), size, form.shape, pattern,
+                   second, form.name, mask)
 
 
 def agreement(reading: Reading, scene: world.Scene,
@@ -182,10 +185,12 @@ def _largest(mask: Mask) -> Mask:
 
 
 def _fill_holes(mask: Mask) -> Mask:
-    """`mask` with every region of the complement that does not touch the frame added."""
+    """`mask` with every region of the complement that does not touch the frame and is
+    smaller than HOLE px added: specks inside a pattern, not the hole of a ring."""
     labels = _labels(~mask)
     edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    outside: Mask = np.isin(labels, edge[edge >= 0])
+    counts = np.bincount(labels[labels >= 0], minlength=mask.size)
+    outside: Mask = np.isin(labels, edge[edge >= 0]) | ((labels >= 0) & (counts[labels] >= HOLE))
     return ~outside
 
 
@@ -235,7 +240,10 @@ def _colours(px: Pixels, mask: Mask, noise: float) -> tuple[str, str, str | None
     if min(a.mean(), b.mean()) < MINOR:
         return names[best], "solid", None
     minority = a if a.sum() < b.sum() else b
-    striped = _along_stripes(minority, ys, xs) >= 0.5
+    share, pairs = _along_stripes(minority, ys, xs)
+    striped = share >= 0.5
+    if pairs < FEW_PAIRS:  # a thin object (a small ring's band): too few pixels to tell
+        striped = _on_dots(minority, ys, xs) < 0.7
     first = _primary(a, b, ys, xs) if striped else a.sum() >= b.sum()
     colour, second = (names[i], names[j]) if first else (names[j], names[i])
     return colour, "striped" if striped else "dotted", second
@@ -256,24 +264,32 @@ def _best_pair(pixels: Pixels, table: Pixels) -> tuple[int, int, Pixels, Pixels]
 
 
 def _along_stripes(chosen: NDArray[np.bool_], ys: NDArray[np.int64],
-                   xs: NDArray[np.int64]) -> float:
-    """Of the chosen pixels whose neighbour two steps along the stripes' diagonal
-    (x+2, y-2) is in the object, the share whose neighbour is chosen too: ~1 for stripes,
-    ~0 for dots (2×2 px on a 6 px grid)."""
-    grid = np.full((world.SIZE + 4, world.SIZE + 4), -1, np.int8)
-    grid[ys + 2, xs + 2] = chosen
-    there = grid[ys[chosen], xs[chosen] + 4]  # (y-2, x+2) in padded coordinates
+                   xs: NDArray[np.int64]) -> tuple[float, int]:
+    """Of the chosen pixels whose neighbour three steps along the stripes' diagonal
+    (x+3, y-3) is in the object, the share whose neighbour is chosen too: ~1 for stripes,
+    ~0 for dots (discs 3.6 px across on an 8 px grid); and how many pixels that share is
+    of."""
+    grid = np.full((world.SIZE + 6, world.SIZE + 6), -1, np.int8)
+    grid[ys + 3, xs + 3] = chosen
+    there = grid[ys[chosen], xs[chosen] + 6]  # (y-3, x+3) in padded coordinates
     there = there[there >= 0]
-    return float(there.mean()) if there.size else 0.0
+    return (float(there.mean()) if there.size else 0.0), int(there.size)
+
+
+def _on_dots(chosen: NDArray[np.bool_], ys: NDArray[np.int64], xs: NDArray[np.int64]) -> float:
+    """The share of the chosen pixels in the cells where world draws dots (x and y mod 8 in
+    2…5): about 1 for a dotted object's dots, about a quarter for a stripe."""
+    near = np.isin(xs % world.PERIOD, (2, 3, 4, 5)) & np.isin(ys % world.PERIOD, (2, 3, 4, 5))
+    return float(near[chosen].mean()) if chosen.any() else 0.0
 
 
 def _primary(a: NDArray[np.bool_], b: NDArray[np.bool_], ys: NDArray[np.int64],
              xs: NDArray[np.int64]) -> bool:
     """Whether end `a` is the fill of a striped object. world draws the second colour where
-    (x + y) mod 6 is 2 or 3 and leaves the fill where it is 5 or 0; without that phase (a
-    drawn image) the larger end is the fill."""
-    phase = (xs + ys) % 6
-    fill, stripe = np.isin(phase, (5, 0)), np.isin(phase, (2, 3))
+    (x + y) mod 8 is 1…3 and leaves the fill where it is 5…7; without that phase (a drawn
+    image) the larger end is the fill."""
+    phase = (xs + ys) % world.PERIOD
+    fill, stripe = np.isin(phase, (5, 6, 7)), np.isin(phase, (1, 2, 3))
     vote = (a & fill).sum() + (b & stripe).sum() - (b & fill).sum() - (a & stripe).sum()
     if abs(vote) > 0.2 * (fill.sum() + stripe.sum()):
         return bool(vote > 0)
@@ -283,49 +299,89 @@ def _primary(a: NDArray[np.bool_], b: NDArray[np.bool_], ys: NDArray[np.int64],
 # ------------------------------------------------------------------ outline and position
 
 
-def _fit(mask: Mask, shapes: tuple[str, ...]) -> tuple[str, str, float, float]:
-    """(shape, size, cx, cy): the outline with the best IoU against the mask, centred on the
-    mask's centroid, over the sizes and a few rotations; (cx, cy) is its world centre.
-    Candidates go by area, closest first, and the search stops once none left can win
-    (IoU <= smaller area / larger area, with SLACK for rasterization)."""
+def _fit(mask: Mask, forms: tuple[world.Form, ...]) -> tuple[world.Form, str, float, float]:
+    """(form, size, cx, cy): the outline with the best IoU against the mask, centred on the
+    mask's centroid, over the sizes, a few rotations and depths; (cx, cy) is its world
+    centre. Candidates go by area, closest first, and the search stops once none left can
+    win (IoU <= smaller area / larger area, with SLACK for rasterization)."""
     ys, xs = np.nonzero(mask)
     my, mx = ys.mean() + 0.5, xs.mean() + 0.5  # pixel centres
     area = float(mask.sum())
-    candidates = sorted((abs(math.log(c.area / area)), c) for c in _candidates(shapes))
-    best = (-1.0, candidates[0][1], 0.0, 0.0)
-    for gap, c in candidates:
-        if math.exp(-gap) * SLACK <= best[0]:
-            break
-        cx, cy = mx - c.gx, my - c.gy
-        drawn = _rasterize([(x + cx, y + cy) for x, y in c.polygon])
+    candidates = sorted((abs(math.log(c.area / area)), c) for c in _candidates(forms))
+
+    def iou(c: _Outline, cx: float, cy: float) -> float:
+        drawn = _rasterize([[(x + cx, y + cy) for x, y in ring] for ring in c.rings])
         inter = float((drawn & mask).sum())
-        iou = inter / (float(drawn.sum()) + area - inter)
-        if iou > best[0]:
-            best = (iou, c, cx, cy)
-    return best[1].shape, best[1].size, best[2], best[3]
+        return inter / (float(drawn.sum()) + area - inter)
+
+    scored: list[tuple[float, _Outline]] = []
+    for gap, c in candidates:
+        if scored and math.exp(-gap) * SLACK <= max(scored)[0]:
+            break
+        scored.append((iou(c, mx - c.gx, my - c.gy), c))
+    # The centroids agree only to a fraction of a pixel, which costs thin outlines (a ring's
+    # band, a star's points) much of their IoU: the best few are tried at half-pixel shifts.
+    # Likewise sharp corners between the tried rotations: those are tried ±2.5° turned.
+    best = (-1.0, scored[0][1], 0.0, 0.0)
+    for _, first in sorted(scored, reverse=True)[:REFINE]:
+        for c in (first, _turned(first, -2.5), _turned(first, 2.5)):
+            for sx, sy in itertools.product((-0.5, 0.0, 0.5), repeat=2):
+                cx, cy = mx - c.gx + sx, my - c.gy + sy
+                score = iou(c, cx, cy)
+                if score > best[0]:
+                    best = (score, c, cx, cy)
+    return best[1].form, best[1].size, best[2], best[3]
+
+
+def _turned(c: _Outline, by: float) -> _Outline:
+    return _outline(c.form, c.size, c.angle + by, c.depth)
 
 
 @dataclass(frozen=True, order=True)
 class _Outline:
     """One candidate: an outline centred on (0, 0), its area and area centroid."""
 
-    shape: str
+    form: world.Form
     size: str
     angle: float
+    depth: float
     area: float
     gx: float
     gy: float
-    polygon: tuple[tuple[float, float], ...] = field(compare=False)
+    rings: tuple[tuple[tuple[float, float], ...], ...] = field(compare=False)
+
+
+RASTER = 2  # supersampling of candidate outlines in _rasterize
+REFINE = 6  # candidates refined at sub-pixel shifts in _fit
+DEPTH_STEPS = 3  # depths tried per form with a range: its ends and middle
 
 
 @functools.cache
-def _candidates(shapes: tuple[str, ...]) -> tuple[_Outline, ...]:
+def _candidates(forms: tuple[world.Form, ...]) -> tuple[_Outline, ...]:
     out = []
-    for shape, size, angle in itertools.product(shapes, world.SIZES, ANGLES):
-        polygon = tuple(world.outline(shape, 0.0, 0.0, world.SIZES[size], angle))
-        area, gx, gy = _centroid(polygon)
-        out.append(_Outline(shape, size, angle, area, gx, gy, polygon))
+    for form, size, angle in itertools.product(forms, world.SIZES, ANGLES):
+        span = world.depth_range(form)
+        depths = ([span[0] + (span[1] - span[0]) * k / (DEPTH_STEPS - 1)
+                   for k in range(DEPTH_STEPS)] if span else [0.0])
+        out += [_outline(form, size, angle, depth) for depth in depths]
     return tuple(out)
+
+
+def _outline(form: world.Form, size: str, angle: float, depth: float) -> _Outline:
+    rings = world.outline(form, 0.0, 0.0, world.SIZES[size], angle, depth)
+    area, gx, gy = _area_centroid(rings)
+    return _Outline(form, size, angle, depth, area, gx, gy, tuple(tuple(r) for r in rings))
+
+
+def _area_centroid(rings: Sequence[Sequence[tuple[float, float]]]
+                   ) -> tuple[float, float, float]:
+    """The area and area centroid of an outline with holes (the first ring less the rest)."""
+    parts = [_centroid(ring) for ring in rings]
+    signs = [1.0] + [-1.0] * (len(parts) - 1)
+    area = sum(s * a for s, (a, _, _) in zip(signs, parts, strict=True))
+    gx = sum(s * a * x for s, (a, x, _) in zip(signs, parts, strict=True)) / area
+    gy = sum(s * a * y for s, (a, _, y) in zip(signs, parts, strict=True)) / area
+    return area, gx, gy
 
 
 def _centroid(polygon: Sequence[tuple[float, float]]) -> tuple[float, float, float]:
@@ -338,11 +394,20 @@ def _centroid(polygon: Sequence[tuple[float, float]]) -> tuple[float, float, flo
             float(((y + np.roll(y, -1)) * cross).sum() / (6 * area)))
 
 
-def _rasterize(polygon: Sequence[tuple[float, float]]) -> Mask:
-    """The pixels whose centres lie inside `polygon` (px coordinates, as world draws)."""
-    image = Image.new("L", (world.SIZE, world.SIZE), 0)
-    ImageDraw.Draw(image).polygon([(x - 0.5, y - 0.5) for x, y in polygon], fill=1)
-    return np.asarray(image, dtype=bool)
+def _rasterize(rings: Sequence[Sequence[tuple[float, float]]]) -> Mask:
+    """The pixels at least half covered by the outline (the first ring less the others; px
+    coordinates, as world draws): drawn at RASTER× and box-filtered, as the object mask is
+    cut where coverage is one half. (Pillow's polygon fill at 1× also fills every pixel its
+    edges touch, which made every outline about a pixel too wide and favoured rounded and
+    smaller forms.)"""
+    side = world.SIZE * RASTER
+    image = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(image)
+    for k, ring in enumerate(rings):
+        draw.polygon([(x * RASTER - 0.5, y * RASTER - 0.5) for x, y in ring],
+                     fill=0 if k else 255)
+    small = image.resize((world.SIZE, world.SIZE), Image.Resampling.BOX)
+    return np.asarray(small) >= 128
 
 
 def _position(cx: float, cy: float, size: str) -> str:
