@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING
 from perfusion_dsl.config import CONFIG_NAME, find_root, load_config
 from perfusion_dsl.context import Context
 from perfusion_dsl.diagnostics import Diagnostic
-from perfusion_dsl.fsutil import MatchLimitExceeded, discover_specs
+from perfusion_dsl.fsutil import MatchLimitExceeded, discover_specs, is_within
 from perfusion_dsl.passes import run_all
 
 if TYPE_CHECKING:
@@ -42,7 +43,9 @@ class Compilation:
 
 def run_root(paths: list[Path], explicit: Path | None = None) -> Path:
     """The run root: `--root`; else the nearest folder with perfusion.toml above the current
-    folder, then above each given path; else the current folder."""
+    folder, then above each given path; else the current folder when it holds every given
+    path, else the deepest folder that holds them all (a notebook elsewhere calling
+    `compile_paths([folder])` gets the folder, as `cd folder && perfusion run .` does)."""
     if explicit is not None:
         return explicit.resolve()
     cwd = Path.cwd().resolve()
@@ -50,7 +53,10 @@ def run_root(paths: list[Path], explicit: Path | None = None) -> Path:
         found = find_root(start)
         if (found / CONFIG_NAME).is_file():
             return found
-    return cwd
+    folders = [p.resolve() if p.is_dir() else p.resolve().parent for p in paths]
+    if not folders or all(is_within(cwd, f) for f in folders):
+        return cwd
+    return Path(os.path.commonpath(folders))
 
 
 def compile_paths(paths: list[Path], root: Path | None = None,

@@ -1,18 +1,22 @@
 """The concept artifact: one safetensors file per concept, saved atomically, read strictly.
 
-File layout (format_version "1"), all tensors float32, all metadata values strings:
+File layout (format_version "2"), every tensor float32 (or every one float16, `half=True`),
+every metadata value a string; only what loading needs (docs/runtime.md, "The concept file"):
 
     embedding [D_tok]   the token's input embedding
     i_star    [D]       the concept's text-encoder output
-    o_k       [ΣO]      every layer's o*_K, concatenated in the order of `layers`
-    o_v       [ΣO]      every layer's o*_V, same order
-    metadata  format="perfusion-concept", format_version="1", token, supercategories (JSON
-              list), adjectives (JSON list), base_model, base_fingerprint, cinv_fingerprint,
-              options (JSON object), key, layers (JSON object {attn2 module path: O}, in order)
+    i_super   [D]       locked keys: o*_K = W_K · i_super per layer, rebuilt from the
+                        pipeline's W_K when loading (12,480 floats fewer for SD 1.5)
+      or o_k  [ΣO]      keys trained (the benchmarks' ablation): every layer's o*_K
+    o_v       [ΣO]      every layer's o*_V, concatenated in the order of `layers`
+    metadata  format="perfusion-concept", format_version="2", token, supercategory (the
+              first: global locking renders through it), lock, base_model, base_fingerprint,
+              cinv_fingerprint, layers (JSON object {attn2 module path: O}, in order)
 
-The targets are packed into two tensors rather than one tensor per layer because 32 tensor
-entries, each repeating a ~50-character module path, make the header ~4 KB and an SD 1.5 file
-108.2 KiB, over the 106 KiB budget (PERFUSION.md invariant 8); packed it is ~105.6 KiB.
+What explains or rebuilds a concept (all supercategories, adjectives, options, the plan's
+key) is in the store's manifest and the build history, not here: the file's size does not
+grow with templates or adjectives. Format "1" (four float32 tensors, o_k in full, every
+option in the metadata) is still read.
 """
 
 from __future__ import annotations
@@ -35,17 +39,22 @@ from safetensors.torch import load as load_safetensors  # bytes in, tensors out;
 from torch import Tensor
 
 FORMAT = "perfusion-concept"
-FORMAT_VERSION = "1"
-SUPPORTED_VERSIONS: tuple[str, ...] = ("1",)
+FORMAT_VERSION = "2"
+SUPPORTED_VERSIONS: tuple[str, ...] = ("1", "2")
 # Bounds that keep a hostile file from costing memory. An SD 1.5 concept is ~108 KB with a
 # ~2 KB header; SDXL-sized ones stay well under a megabyte.
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
 
-_METADATA_KEYS = ("format", "format_version", "token", "supercategories", "adjectives",
-                  "base_model", "base_fingerprint", "cinv_fingerprint", "options", "key",
-                  "layers")
-_TENSORS = ("embedding", "i_star", "o_k", "o_v")
+_METADATA_KEYS = {
+    "1": ("format", "format_version", "token", "supercategories", "adjectives", "base_model",
+          "base_fingerprint", "cinv_fingerprint", "options", "key", "layers"),
+    "2": ("format", "format_version", "token", "supercategory", "lock", "base_model",
+          "base_fingerprint", "cinv_fingerprint", "layers"),
+}
+# the tensor sets a file may hold: v1 has only the first; v2 either (i_super: keys locked)
+_TENSOR_SETS = (("embedding", "i_star", "o_k", "o_v"), ("embedding", "i_star", "i_super", "o_v"))
+_DTYPES = {"F32": 4, "F16": 2}  # safetensors dtype -> bytes per value
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 _HEX = re.compile(r"[0-9a-f]*")
 _PROJECTIONS = ("o_k", "o_v")
@@ -95,6 +104,9 @@ class Concept:
     i_star: Tensor             # [D] the concept's text-encoder output (target input)
     o_k: dict[str, Tensor]     # layer path (diffusers module path of attn2) -> [O] key target
     o_v: dict[str, Tensor]     # same layers -> [O] value target
+    # [D] when keys are locked (o*_K = W_K · i_super, what the file stores instead of o_k);
+    # None when o_k was trained
+    i_super: Tensor | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise copies; the dataclass stays frozen to callers
@@ -106,6 +118,11 @@ class Concept:
         problem = _concept_problem(self)
         if problem:
             raise InvalidConcept(problem, self.token)
+
+    @property
+    def lock(self) -> str:
+        """The key-locking mode it renders with: "local" or "global"."""
+        return str(self.options.get("lock", "local"))
 
     @property
     def layers(self) -> dict[str, int]:
@@ -163,11 +180,15 @@ def _concept_problem(c: Concept) -> str | None:
     for layer, tensor in c.o_k.items():
         if tensor.shape != c.o_v[layer].shape:
             return _width_problem(layer, int(tensor.numel()), int(c.o_v[layer].numel()))
+    if c.i_super is not None and c.i_super.shape != c.i_star.shape:
+        return f"i_super has {c.i_super.numel()} values, i_star {c.i_star.numel()}"
     return None
 
 
 def _named_tensors(c: Concept) -> list[tuple[str, Tensor]]:
     named = [("embedding", c.embedding), ("i_star", c.i_star)]
+    if c.i_super is not None:
+        named.append(("i_super", c.i_super))
     for prefix, targets in zip(_PROJECTIONS, (c.o_k, c.o_v), strict=True):
         named += [(f"{prefix}.{layer}", t) for layer, t in targets.items()]
     return named
@@ -200,7 +221,7 @@ def _names(names: Iterable[str], most: int = 5) -> str:
 # Saving
 
 
-def save(concept: Concept, path: str | os.PathLike[str]) -> None:
+def save(concept: Concept, path: str | os.PathLike[str], *, half: bool = False) -> None:
     """Write `concept` to `path` atomically: temp file in the same folder, fsync, rename.
 
     Readers see the old file or the new one, never a mixture (R2). On any failure, disk
@@ -211,18 +232,26 @@ def save(concept: Concept, path: str | os.PathLike[str]) -> None:
     problem = _concept_problem(concept)  # tensors may have been changed in place since
     if problem:
         raise InvalidConcept(problem, concept.token)
-    _write_atomically(Path(path), encode(concept))
+    _write_atomically(Path(path), encode(concept, half=half))
 
 
-def encode(concept: Concept) -> bytes:
-    """The file's bytes: safetensors' layout with the header re-serialised canonically."""
+def encode(concept: Concept, *, half: bool = False) -> bytes:
+    """The file's bytes: safetensors' layout with the header re-serialised canonically.
+    half: every tensor in float16 (half the size; what it costs in pixels is in
+    docs/runtime.md, "The concept file")."""
+    dtype = torch.float16 if half else torch.float32
+
     def flat(parts: Iterable[Tensor]) -> Tensor:
-        return torch.cat([t.detach().to("cpu", torch.float32) for t in parts]).contiguous()
+        return torch.cat([t.detach().to("cpu", torch.float32) for t in parts]).to(
+            dtype).contiguous()
 
     layers = list(concept.o_k)
     tensors = {"embedding": flat([concept.embedding]), "i_star": flat([concept.i_star]),
-               "o_k": flat(concept.o_k[layer] for layer in layers),
                "o_v": flat(concept.o_v[layer] for layer in layers)}
+    if concept.i_super is not None:
+        tensors["i_super"] = flat([concept.i_super])
+    else:
+        tensors["o_k"] = flat(concept.o_k[layer] for layer in layers)
     raw: bytes = safetensors.torch.save(tensors, metadata=_metadata(concept))
     # safetensors writes metadata in hash-map order, which changes from process to process.
     length = int.from_bytes(raw[:8], "little")
@@ -235,12 +264,21 @@ def encode(concept: Concept) -> bytes:
 def _metadata(c: Concept) -> dict[str, str]:
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "token": c.token,
-        "supercategories": _compact(list(c.supercategories)),
-        "adjectives": _compact(list(c.adjectives)),
-        "base_model": c.base_model, "base_fingerprint": c.base_fingerprint,
-        "cinv_fingerprint": c.cinv_fingerprint, "options": _options_json(c.options),
-        "key": c.key, "layers": _compact(c.layers),
+        "supercategory": c.supercategories[0] if c.supercategories else "",
+        "lock": c.lock, "base_model": c.base_model, "base_fingerprint": c.base_fingerprint,
+        "cinv_fingerprint": c.cinv_fingerprint, "layers": _compact(c.layers),
     }
+
+
+def locked_key_targets(key_weights: Mapping[str, Tensor], i_super: Tensor
+                       ) -> dict[str, Tensor]:
+    """o*_K = W_K · i_super per layer [O], in float32 on the CPU: computed the same way when
+    training (the trainer calls this) and when loading, so a reload is bit-exact."""
+    out = {}
+    for name, weight in key_weights.items():
+        w = weight.detach().float()
+        out[name] = (w @ i_super.to(w.device, torch.float32)).cpu()
+    return out
 
 
 def _compact(value: Any) -> str:
@@ -320,23 +358,27 @@ def load(
     expect_layers: Mapping[str, int] | None = None,
     expect_dims: tuple[int, int] | None = None,
     pipeline_model: str | None = None,
+    key_weights: Mapping[str, Tensor] | None = None,
 ) -> Concept:
     """Read a concept file, accepting only what `save` writes (M1, S8); never unpickles.
 
     expect_layers: layer path -> O of the pipeline's to_k/to_v; expect_dims: (D_tok, D), the
     token-embedding width and the text-encoder output width. `pipeline_model` only names the
-    pipeline's base model in the fingerprint-mismatch message. A zeroed or flipped byte inside
-    the tensor data still decodes to finite numbers: the store's digest catches that (R6).
+    pipeline's base model in the fingerprint-mismatch message. key_weights: layer path -> the
+    pipeline's to_k weight [O, D], needed for a file with locked keys (it stores i_super, and
+    o*_K = W_K · i_super is rebuilt here). Values are returned in float32 whatever the file
+    holds. A zeroed or flipped byte inside the tensor data still decodes to finite numbers:
+    the store's digest catches that (R6).
     """
     try:
         data = _read_file(Path(path))
         header, start = _parse_header(data)
         metadata, entries = _split_header(header, len(data) - start)
         fields, layers = _check_metadata(metadata)
-        d_token, d_text = _check_entries(entries, layers)
+        d_token, d_text = _check_entries(entries, layers, fields.version)
         _check_base(fields, expect_base_fingerprint, pipeline_model)
         _check_expected(d_token, d_text, layers, expect_dims, expect_layers)
-        return _build(fields, _decode(data), layers)
+        return _build(fields, _decode(data), layers, key_weights)
     except _Problem as problem:
         raise ArtifactError(path, str(problem)) from None
 
@@ -474,6 +516,7 @@ class _Fields(NamedTuple):
     cinv_fingerprint: str
     options: dict[str, Any]
     key: str
+    version: str
 
 
 def _check_metadata(metadata: Mapping[str, str]) -> tuple[_Fields, dict[str, int]]:
@@ -485,17 +528,26 @@ def _check_metadata(metadata: Mapping[str, str]) -> tuple[_Fields, dict[str, int
     if version not in SUPPORTED_VERSIONS:
         raise _Problem(f"format version {version!r} is not supported (this version of "
                        f"perfusion reads format version {', '.join(SUPPORTED_VERSIONS)})")
-    missing = set(_METADATA_KEYS) - set(metadata)
-    extra = set(metadata) - set(_METADATA_KEYS)
+    keys = _METADATA_KEYS[version]
+    missing = set(keys) - set(metadata)
+    extra = set(metadata) - set(keys)
     if missing or extra:
         parts = [f"lacks {_names(missing)}"] if missing else []
         parts += [f"has unexpected {_names(extra)}"] if extra else []
         raise _Problem(f"the metadata {' and '.join(parts)}")
-    fields = _Fields(
-        metadata["token"], _json_words(metadata, "supercategories"),
-        _json_words(metadata, "adjectives"), metadata["base_model"],
-        metadata["base_fingerprint"], metadata["cinv_fingerprint"],
-        _json_field(metadata, "options", dict), metadata["key"])
+    if version == "1":
+        fields = _Fields(
+            metadata["token"], _json_words(metadata, "supercategories"),
+            _json_words(metadata, "adjectives"), metadata["base_model"],
+            metadata["base_fingerprint"], metadata["cinv_fingerprint"],
+            _json_field(metadata, "options", dict), metadata["key"], version)
+    else:
+        if metadata["lock"] not in ("local", "global"):
+            raise _Problem(f"metadata lock is {metadata['lock'][:20]!r}, not local or global")
+        sup = metadata["supercategory"]
+        fields = _Fields(metadata["token"], (sup,) if sup else (), (), metadata["base_model"],
+                         metadata["base_fingerprint"], metadata["cinv_fingerprint"],
+                         {"lock": metadata["lock"]}, "", version)
     return fields, _json_layers(metadata)
 
 
@@ -530,27 +582,35 @@ def _json_layers(metadata: Mapping[str, str]) -> dict[str, int]:
     return layers
 
 
-def _check_entries(entries: Mapping[str, _Entry], layers: Mapping[str, int]) -> tuple[int, int]:
+def _check_entries(entries: Mapping[str, _Entry], layers: Mapping[str, int], version: str
+                   ) -> tuple[int, int]:
     """Names, dtypes and shapes, consistent with `layers`; returns (D_tok, D)."""
-    if set(entries) - set(_TENSORS):
-        raise _Problem(f"unexpected tensor(s): {_names(set(entries) - set(_TENSORS))}")
-    if set(_TENSORS) - set(entries):
-        raise _Problem(f"missing tensor(s): {_names(set(_TENSORS) - set(entries))}")
-    for name in _TENSORS:
+    allowed = _TENSOR_SETS[:1] if version == "1" else _TENSOR_SETS
+    names = set(allowed[-1] if "i_super" in entries else allowed[0])
+    if set(entries) - names:
+        raise _Problem(f"unexpected tensor(s): {_names(set(entries) - names)}")
+    if names - set(entries):
+        raise _Problem(f"missing tensor(s): {_names(names - set(entries))}")
+    dtypes = {"F32"} if version == "1" else {entries["embedding"].dtype} & set(_DTYPES)
+    for name in sorted(names):
         entry = entries[name]
-        if entry.dtype != "F32":
-            raise _Problem(f"tensor {name} has dtype {entry.dtype}; concept tensors are F32")
+        if entry.dtype not in dtypes:
+            raise _Problem(f"tensor {name} has dtype {entry.dtype}; concept tensors are "
+                           f"{' or '.join(sorted(dtypes)) or 'F32 or F16, all alike'}")
         if len(entry.shape) != 1 or entry.shape[0] == 0:
             raise _Problem(f"tensor {name} has shape {list(entry.shape)}; "
                            f"expected a non-empty vector")
-        if entry.end - entry.begin != 4 * entry.shape[0]:
+        if entry.end - entry.begin != _DTYPES[entry.dtype] * entry.shape[0]:
             raise _Problem(f"tensor {name}: {entry.end - entry.begin} bytes of data for "
-                           f"{entry.shape[0]} float32 values")
+                           f"{entry.shape[0]} {entry.dtype} values")
     total = sum(layers.values())
-    for name in ("o_k", "o_v"):
+    for name in sorted(names & {"o_k", "o_v"}):
         if entries[name].shape[0] != total:
             raise _Problem(f"tensor {name} has {entries[name].shape[0]} values but its "
                            f"{len(layers)} layers add up to {total}")
+    if "i_super" in names and entries["i_super"].shape != entries["i_star"].shape:
+        raise _Problem(f"tensor i_super has {entries['i_super'].shape[0]} values, i_star "
+                       f"{entries['i_star'].shape[0]}")
     return entries["embedding"].shape[0], entries["i_star"].shape[0]
 
 
@@ -597,11 +657,19 @@ def _decode(data: bytes) -> dict[str, Tensor]:
     return tensors
 
 
-def _build(fields: _Fields, tensors: Mapping[str, Tensor], layers: Mapping[str, int]) -> Concept:
+def _build(fields: _Fields, stored: Mapping[str, Tensor], layers: Mapping[str, int],
+           key_weights: Mapping[str, Tensor] | None) -> Concept:
+    tensors = {name: t.float() for name, t in stored.items()}  # float16 is read as float32
     widths = list(layers.values())
-    o_k = dict(zip(layers, (t.clone() for t in torch.split(tensors["o_k"], widths)), strict=True))
     o_v = dict(zip(layers, (t.clone() for t in torch.split(tensors["o_v"], widths)), strict=True))
+    i_super = tensors.get("i_super")
+    if i_super is None:
+        o_k = dict(zip(layers, (t.clone() for t in torch.split(tensors["o_k"], widths)),
+                       strict=True))
+    else:
+        o_k = _rebuilt_keys(i_super, layers, key_weights)
     named = [("embedding", tensors["embedding"]), ("i_star", tensors["i_star"])]
+    named += [] if i_super is None else [("i_super", i_super)]
     named += [(f"o_k.{layer}", t) for layer, t in o_k.items()]
     named += [(f"o_v.{layer}", t) for layer, t in o_v.items()]
     for name, tensor in named:  # safetensors accepts NaN and infinity; we do not
@@ -609,7 +677,22 @@ def _build(fields: _Fields, tensors: Mapping[str, Tensor], layers: Mapping[str, 
         if problem:
             raise _Problem(problem)
     try:
-        return Concept(*fields, embedding=tensors["embedding"], i_star=tensors["i_star"],
-                       o_k=o_k, o_v=o_v)
+        return Concept(*fields[:-1], embedding=tensors["embedding"], i_star=tensors["i_star"],
+                       o_k=o_k, o_v=o_v, i_super=i_super)
     except InvalidConcept as exc:  # e.g. an empty token or a key that is not hex
         raise _Problem(exc.problem) from None
+
+
+def _rebuilt_keys(i_super: Tensor, layers: Mapping[str, int],
+                  key_weights: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    """o*_K per layer from the pipeline's W_K, checked against the file's layers."""
+    if key_weights is None:
+        raise _Problem("its keys are locked to its supercategory (o*_K = W_K · i_super): load "
+                       "it with the pipeline's key weights (key_weights=…; apply_concepts "
+                       "does)")
+    if list(key_weights) != list(layers) or any(
+            int(key_weights[n].shape[0]) != o for n, o in layers.items()):
+        raise _Problem("the key weights given are not those of the file's layers")
+    if not bool(torch.isfinite(i_super).all()):
+        raise _Problem("tensor i_super has non-finite values (NaN or infinity)")
+    return locked_key_targets(key_weights, i_super)

@@ -23,7 +23,7 @@ from .device import Precision, choose
 from .executor import Stopped
 from .fingerprint import base_fingerprint
 from .render import apply_concepts
-from .status import tool_version
+from .status import concept_inputs, tool_version
 from .store import Store
 from .trainer import Progress, Recipe, Subject, train
 
@@ -204,7 +204,8 @@ def train_job(job: TrainJob, pipes: Pipelines, *, progress: Callable[[Progress],
                 raise
             micro = _halve(micro, "micro-batches", "lower `resolution`, train on a "
                            "machine with more memory, or use a smaller base model")
-    store.put(job.key, encode(concept), token=job.step.token, tool_version=tool_version())
+    store.put(job.key, encode(concept), token=job.step.token, tool_version=tool_version(),
+              inputs=concept_inputs(job.step, Path(job.root)))
     checkpoint.unlink(missing_ok=True)
     return Trained(job.step.token, job.key, time.monotonic() - started, resumed)
 

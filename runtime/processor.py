@@ -20,7 +20,7 @@ counter: only its identity counts). Caching is off when `ConceptState.caching` i
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -35,12 +35,41 @@ from .layers import cross_attention_layers
 SUPER_KWARG = "perfusion_super"  # cross_attention_kwargs key of the global-lock encodings
 
 
+@dataclass(frozen=True, eq=False)
+class ConceptSet:
+    """Concepts applied together (to all rows, or to the rows of one prompt): their basis,
+    targets per layer, gate biases and lock mode."""
+
+    basis: Basis  # K concepts: i*_k [K, D] and the C⁻¹ readout [D, K]
+    o_k: Mapping[str, Tensor]  # layer path -> o*_K [K, O]
+    o_v: Mapping[str, Tensor]  # layer path -> o*_V [K, O]
+    beta: Tensor  # [K], one gate bias per concept
+    lock: str = "local"  # "local" or "global" key locking
+
+    @classmethod
+    def make(cls, basis: Basis, o_k: Mapping[str, Tensor], o_v: Mapping[str, Tensor],
+             beta: Tensor | float, lock: str = "local") -> ConceptSet:
+        """Checked: the lock mode, one target row per concept, one β per concept."""
+        if lock not in LOCK_MODES:
+            raise ValueError(f"lock must be 'local' or 'global', got {lock!r}")
+        k = basis.size
+        beta_t = torch.as_tensor(beta, dtype=torch.float32).expand(k).clone()  # [K]
+        for name, targets in (("o_k", o_k), ("o_v", o_v)):
+            for layer, tensor in targets.items():
+                if tensor.ndim != 2 or tensor.shape[0] != k:
+                    raise ValueError(f"{name}[{layer!r}] must have shape [{k}, O], "
+                                     f"got {tuple(tensor.shape)}")
+        return cls(basis, dict(o_k), dict(o_v), beta_t, lock)
+
+
 @dataclass(eq=False)
 class ConceptState:
     """The concepts every installed processor applies; any field assignment bumps `version`.
 
-    Tensors changed in place (an optimiser step on `o_v`) do not bump it: turn `caching` off
-    while training, or call `touch()`."""
+    Either one set for every row of the encoder batch (`activate`: training, and the
+    fields below), or one set, or none, per row (`activate_rows`: rendering, where a prompt
+    is edited only by the concepts it names). Tensors changed in place (an optimiser step on
+    `o_v`) do not bump the version: turn `caching` off while training, or call `touch()`."""
 
     basis: Basis | None = None  # K concepts: i*_k [K, D] and the C⁻¹ readout [D, K]
     o_k: Mapping[str, Tensor] = field(default_factory=dict)  # layer path -> o*_K [K, O]
@@ -49,6 +78,9 @@ class ConceptState:
     lock: str = "local"  # "local" or "global" key locking
     tau: float = INFERENCE_TAU
     caching: bool = True  # reuse K/V of a prompt across denoising steps
+    # per encoder row (unconditional rows first under guidance, as the pipeline stacks
+    # them): the set applied to it, None for a row left as the base model has it
+    rows: tuple[ConceptSet | None, ...] | None = None
     version: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -61,8 +93,15 @@ class ConceptState:
 
     @property
     def active(self) -> bool:
-        """Whether any concept is applied."""
-        return self.basis is not None
+        """Whether any concept is applied (to any row)."""
+        return self.basis is not None or any(r is not None for r in self.rows or ())
+
+    @property
+    def needs_super(self) -> bool:
+        """Whether some row locks keys globally (and so needs the supercategory prompt)."""
+        if self.rows is not None:
+            return any(r is not None and r.lock == "global" for r in self.rows)
+        return self.basis is not None and self.lock == "global"
 
     def touch(self) -> None:
         """Invalidate cached K/V after changing a tensor of this state in place."""
@@ -70,22 +109,27 @@ class ConceptState:
 
     def activate(self, basis: Basis, o_k: Mapping[str, Tensor], o_v: Mapping[str, Tensor],
                  beta: Tensor | float, lock: str = "local", tau: float = INFERENCE_TAU) -> None:
-        """Apply the K concepts of `basis`, with their targets per layer and gate biases."""
-        if lock not in LOCK_MODES:
-            raise ValueError(f"lock must be 'local' or 'global', got {lock!r}")
-        k = basis.size
-        beta_t = torch.as_tensor(beta, dtype=torch.float32).expand(k).clone()  # [K]
-        for name, targets in (("o_k", o_k), ("o_v", o_v)):
-            for layer, tensor in targets.items():
-                if tensor.ndim != 2 or tensor.shape[0] != k:
-                    raise ValueError(f"{name}[{layer!r}] must have shape [{k}, O], "
-                                     f"got {tuple(tensor.shape)}")
-        self.basis, self.o_k, self.o_v = basis, dict(o_k), dict(o_v)
-        self.beta, self.lock, self.tau = beta_t, lock, tau
+        """Apply the K concepts of `basis` to every row, with their targets and gate biases."""
+        chosen = ConceptSet.make(basis, o_k, o_v, beta, lock)
+        self.rows = None
+        self.basis, self.o_k, self.o_v = chosen.basis, chosen.o_k, chosen.o_v
+        self.beta, self.lock, self.tau = chosen.beta, chosen.lock, tau
+
+    def activate_rows(self, rows: Sequence[ConceptSet | None], tau: float = INFERENCE_TAU
+                      ) -> None:
+        """Apply `rows[b]` to row b of the encoder batch only (None: that row unedited)."""
+        self.deactivate()
+        self.rows, self.tau = tuple(rows), tau
 
     def deactivate(self) -> None:
         """No concept: every processor behaves as diffusers' default one."""
-        self.basis, self.o_k, self.o_v, self.beta = None, {}, {}, None
+        self.basis, self.o_k, self.o_v, self.beta, self.rows = None, {}, {}, None, None
+
+    def whole(self) -> ConceptSet | None:
+        """The set `activate` applies to every row, or None."""
+        if self.basis is None or self.beta is None:
+            return None
+        return ConceptSet(self.basis, self.o_k, self.o_v, self.beta, self.lock)
 
 
 @dataclass(eq=False)
@@ -168,7 +212,7 @@ class PerfusionAttnProcessor:
         if not state.caching or torch.is_grad_enabled():
             self._cache = None
             return self._project(attn, context, super_context)
-        tensors = (context, super_context if state.active and state.lock == "global" else None)
+        tensors = (context, super_context if state.needs_super else None)
         stamp = (id(attn), state.version, attn.to_k.weight._version, attn.to_v.weight._version,
                  *map(_stamp, tensors))
         cached = self._cache
@@ -185,11 +229,33 @@ class PerfusionAttnProcessor:
         state = self.state
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        if state.basis is None:
+        if state.rows is None:
+            return self._project_set(attn, context, super_context, state.whole())
+        rows = state.rows
+        if len(rows) != context.shape[0]:
+            raise ValueError(f"the concept state has sets for {len(rows)} rows, the encoder "
+                             f"batch has {context.shape[0]} (layer {self.layer})")
+        groups: dict[int, list[int]] = {}
+        for b, chosen in enumerate(rows):
+            groups.setdefault(id(chosen), []).append(b)
+        if len(groups) == 1:  # one set for the whole batch: no gathering, the very same maths
+            return self._project_set(attn, context, super_context, rows[0])
+        parts = []
+        for members in groups.values():
+            index = torch.tensor(members, device=context.device)
+            sup = None if super_context is None else super_context.index_select(0, index)
+            parts.append((index, *self._project_set(attn, context.index_select(0, index), sup,
+                                                    rows[members[0]])))
+        return _scatter(parts, 0, context.shape[0]), _scatter(parts, 1, context.shape[0])
+
+    def _project_set(self, attn: Any, context: Tensor, super_context: Tensor | None,
+                     chosen: ConceptSet | None) -> tuple[Tensor, Tensor]:
+        """K and V of `context` (normalised already) with `chosen` applied, or plain."""
+        if chosen is None:
             return attn.to_k(context), attn.to_v(context)
-        if state.lock == "local":
-            return self._edited_pair(attn, context)
-        if state.lock == "global":
+        if chosen.lock == "local":
+            return self._edited_pair(attn, context, chosen)
+        if chosen.lock == "global":
             if super_context is None:
                 raise ValueError(
                     f"global key locking needs the supercategory prompt's encodings: pass "
@@ -201,24 +267,26 @@ class PerfusionAttnProcessor:
                 super_context = attn.norm_encoder_hidden_states(super_context)
             key = attn.to_k(super_context)
         else:
-            raise ValueError(f"lock must be 'local' or 'global', got {state.lock!r}")
-        return key, self._edited(attn.to_v, context, state.o_v, "o_v")
+            raise ValueError(f"lock must be 'local' or 'global', got {chosen.lock!r}")
+        return key, self._edited(attn.to_v, context, chosen.o_v, "o_v", chosen)
 
-    def _edited_pair(self, attn: Any, e: Tensor) -> tuple[Tensor, Tensor]:
+    def _edited_pair(self, attn: Any, e: Tensor, chosen: ConceptSet | None = None
+                     ) -> tuple[Tensor, Tensor]:
         """Local locking: K and V edited together. Both read the same coefficients a(e) and
         gates, so one edit of the stacked weight [W_K; W_V] with targets [o*_K | o*_V] gives
-        both at the cost of one (each output column of eq. 3 is independent of the others)."""
-        state = self.state
-        assert state.basis is not None and state.beta is not None
-        for name, layers in (("o_k", state.o_k), ("o_v", state.o_v)):
+        both at the cost of one (each output column of eq. 3 is independent of the others).
+        `chosen`: the set to apply (default: the one `activate` applies to every row)."""
+        chosen = chosen or self.state.whole()
+        assert chosen is not None
+        for name, layers in (("o_k", chosen.o_k), ("o_v", chosen.o_v)):
             if self.layer not in layers:
                 raise KeyError(f"the concept state has no {name} for layer {self.layer!r}")
         to_k, to_v = attn.to_k, attn.to_v
         device = to_k.weight.device
         weight = torch.cat([to_k.weight, to_v.weight])  # [O_k + O_v, D]
-        targets = torch.cat([state.o_k[self.layer], state.o_v[self.layer]], dim=1).to(device)
-        h = edited_projection(e, weight, state.basis.to(device), targets,
-                              state.beta.to(device), state.tau)
+        targets = torch.cat([chosen.o_k[self.layer], chosen.o_v[self.layer]], dim=1).to(device)
+        h = edited_projection(e, weight, chosen.basis.to(device), targets,
+                              chosen.beta.to(device), self.state.tau)
         key, value = torch.split(h, [to_k.out_features, to_v.out_features], dim=-1)
         if to_k.bias is not None:
             key = key + to_k.bias.to(key.dtype)
@@ -226,17 +294,27 @@ class PerfusionAttnProcessor:
             value = value + to_v.bias.to(value.dtype)
         return key, value
 
-    def _edited(self, linear: nn.Linear, e: Tensor, targets: Mapping[str, Tensor], name: str
-                ) -> Tensor:
+    def _edited(self, linear: nn.Linear, e: Tensor, targets: Mapping[str, Tensor], name: str,
+                chosen: ConceptSet | None = None) -> Tensor:
         """h(e) of PERFUSION.md for one projection of this layer; [B, T, D] -> [B, T, O]."""
-        state = self.state
-        assert state.basis is not None and state.beta is not None
+        chosen = chosen or self.state.whole()
+        assert chosen is not None
         if self.layer not in targets:
             raise KeyError(f"the concept state has no {name} for layer {self.layer!r}")
         device = linear.weight.device
-        h = edited_projection(e, linear.weight, state.basis.to(device),
-                              targets[self.layer].to(device), state.beta.to(device), state.tau)
+        h = edited_projection(e, linear.weight, chosen.basis.to(device),
+                              targets[self.layer].to(device), chosen.beta.to(device),
+                              self.state.tau)
         return h if linear.bias is None else h + linear.bias.to(h.dtype)
+
+
+def _scatter(parts: list[tuple[Tensor, Tensor, Tensor]], which: int, rows: int) -> Tensor:
+    """The rows of each part (index, K, V) put back in their places: [rows, T, O]."""
+    first = parts[0][1 + which]
+    out = first.new_empty((rows, *first.shape[1:]))
+    for index, *pair in parts:
+        out.index_copy_(0, index, pair[which])
+    return out
 
 
 def _sdpa_mask(attn: Any, attention_mask: Tensor | None, sequence_length: int,
@@ -305,12 +383,18 @@ class Installed:
         self.restore()
 
 
+def is_installed(unet: nn.Module) -> bool:
+    """Whether Perfusion processors sit on `unet` (applied concepts, or a training)."""
+    return any(isinstance(m.processor, PerfusionAttnProcessor)
+               for m in cross_attention_layers(unet).values())
+
+
 def install(unet: nn.Module, state: ConceptState) -> Installed:
     """Our processor on every cross-attention attn2 of `unet`, reading `state`."""
     cross = cross_attention_layers(unet)
     if not cross:
         raise ValueError("the UNet has no cross-attention attn2 layer")
-    if any(isinstance(m.processor, PerfusionAttnProcessor) for m in cross.values()):
+    if is_installed(unet):
         raise ValueError("Perfusion processors are already installed: restore() them first")
     originals: dict[str, tuple[Any, Any]] = {}
     processors: dict[str, PerfusionAttnProcessor] = {}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 import os
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,13 +18,14 @@ from .covariance import cinv_for
 from .fingerprint import base_fingerprint
 from .key_locking import make_basis, strength_to_beta
 from .layers import cross_attention_layers
-from .processor import SUPER_KWARG, ConceptState, Installed, install
-from .tokens import TOKEN, add_concepts, remove_extension, rewrite
+from .processor import SUPER_KWARG, ConceptSet, ConceptState, Installed, install, is_installed
+from .tokens import TOKEN, add_concepts, drop_concept, is_extended, remove_extension, rewrite
 
 # Images per pipeline call when none is given: one on the CPU, where torch's kernels give
 # different bits for different batch sizes and even for different places in one batch (M4);
 # on CUDA a batch of 8, where throughput matters more (and M4 is not promised).
 CPU_BATCH, CUDA_BATCH = 1, 8
+DEFAULT_STRENGTH = 0.5  # the published default gate (β = 0.7 when locking locally)
 
 
 def default_cache_dir() -> Path:
@@ -43,6 +46,7 @@ class Applied:
     installed: Installed
     state: ConceptState = field(default_factory=ConceptState)
     batch_size: int = CPU_BATCH  # images per pipeline call, always exactly this many
+    removed: bool = False  # remove() gave the pipeline back
 
     def __enter__(self) -> Applied:
         return self
@@ -50,9 +54,23 @@ class Applied:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    def remove(self) -> None:
-        self.installed.restore()
-        remove_extension(self.pipe.text_encoder)
+    def remove(self, *tokens: str) -> None:
+        """No tokens: take every concept out and give the pipeline back as it was (its
+        processors and token embedding; the tokenizer keeps its unused placeholders).
+        With tokens: unload only those concepts; the others stay applied."""
+        if not tokens:
+            self.state.deactivate()
+            self.installed.restore()
+            remove_extension(self.pipe.text_encoder)
+            self.removed = True
+            return
+        missing = [t for t in tokens if t not in self.concepts]
+        if missing:
+            raise ValueError(f"{', '.join(missing)}: not applied (applied: "
+                             f"{', '.join(self.concepts) or 'none'})")
+        for token in tokens:
+            drop_concept(self.pipe.tokenizer, self.pipe.text_encoder, token)
+            del self.concepts[token]
 
     def tokens_in(self, prompts: Sequence[str]) -> list[str]:
         """The loaded concept tokens the prompts name, in the order they were loaded (not of
@@ -60,24 +78,24 @@ class Applied:
         seen = {t for p in prompts for t in TOKEN.findall(p)}
         return [t for t in self.concepts if t in seen]
 
-    def activate(self, tokens: Sequence[str], strength: float | Mapping[str, float]) -> str:
-        """Gate the given concepts in (the others out); returns the lock mode used."""
+    def concept_set(self, tokens: Sequence[str], strength: float | Mapping[str, float]
+                    ) -> ConceptSet | None:
+        """The loaded concepts `tokens`, gated by their strengths, as one set (None: none).
+        A token the strength mapping leaves out gets DEFAULT_STRENGTH."""
         if not tokens:
-            self.state.deactivate()
-            return "local"
+            return None
         chosen = [self.concepts[t] for t in tokens]
-        locks = {str(c.options.get("lock", "local")) for c in chosen}
+        locks = {c.lock for c in chosen}
         lock = locks.pop() if len(locks) == 1 else "local"  # mixed modes: lock locally
-        betas = [strength_to_beta(strength[t] if isinstance(strength, Mapping) else strength,
-                                  lock) for t in tokens]
+        betas = [strength_to_beta(strength.get(t, DEFAULT_STRENGTH) if isinstance(
+            strength, Mapping) else strength, lock) for t in tokens]
         device = self.pipe.unet.device
         basis = make_basis(torch.stack([c.i_star for c in chosen]).to(device), self.cinv.to(device))
         layers = list(chosen[0].o_k)
-        self.state.activate(
+        return ConceptSet.make(
             basis, {n: torch.stack([c.o_k[n] for c in chosen]).to(device) for n in layers},
             {n: torch.stack([c.o_v[n] for c in chosen]).to(device) for n in layers},
             beta=torch.tensor(betas), lock=lock)
-        return lock
 
     def supercategory_prompt(self, prompt: str) -> str:
         """The prompt with each concept token replaced by its (first) supercategory."""
@@ -85,46 +103,94 @@ class Applied:
                          if m.group() in self.concepts else m.group(), prompt)
 
     def __call__(self, prompt: str | Sequence[str], *, seed: int | Sequence[int] = 0,
-                 strength: float | Mapping[str, float] = 0.5, negative_prompt: str = "",
-                 **pipe_kwargs: Any) -> list[Any]:
+                 strength: float | Mapping[str, float] = DEFAULT_STRENGTH,
+                 negative_prompt: str = "", **pipe_kwargs: Any) -> list[Any]:
         """Images for the prompts (one per prompt), image i seeded by its own generator.
 
-        Every concept any prompt names is active for the whole call. Prompts go through the
-        pipeline in chunks of exactly `batch_size`, the last one padded with copies (their
-        images dropped), so every call has the same shape. On the CPU the default is one
-        image per call: torch's CPU kernels (oneDNN convolutions, GroupNorm) give slightly
-        different bits for different batch sizes and for different places in a batch, and
-        image k must not depend on what else is rendered with it (RELIABILITY.md M4)."""
+        Each prompt is edited by the concepts it names and by no other, whatever else is in
+        its pipeline call (per row of the encoder batch, its unconditional row included);
+        after the call no concept is active. Prompts go through the pipeline in chunks of
+        exactly `batch_size`, the last one padded with copies (their images dropped), so
+        every call has the same shape. On the CPU the default is one image per call: torch's
+        CPU kernels (oneDNN convolutions, GroupNorm) give slightly different bits for
+        different batch sizes and for different places in a batch, and image k must not
+        depend on what else is rendered with it (RELIABILITY.md M4)."""
+        if self.removed:
+            raise RuntimeError("these concepts were removed from the pipeline: apply them again")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
-        if len(seeds) != len(prompts):
-            raise ValueError("give one seed per prompt")
-        lock = self.activate(self.tokens_in(prompts), strength)
+        seeds = _seeds(seed, len(prompts))
+        self._warn_unknown(prompts)
+        sets: dict[tuple[str, ...], ConceptSet | None] = {}
+        for p in prompts:
+            names = tuple(self.tokens_in([p]))
+            if names not in sets:
+                sets[names] = self.concept_set(names, strength)
+        chosen = [sets[tuple(self.tokens_in([p]))] for p in prompts]
         images: list[Any] = []
-        for start in range(0, len(prompts), self.batch_size):
-            chunk, chunk_seeds = _padded(prompts[start:start + self.batch_size],
-                                         seeds[start:start + self.batch_size], self.batch_size)
-            kwargs = self._embeddings(chunk, negative_prompt, lock, pipe_kwargs)
-            generators = [torch.Generator("cpu").manual_seed(s) for s in chunk_seeds]
-            done = list(self.pipe(generator=generators, **kwargs, **pipe_kwargs).images)
-            images += done[:len(prompts[start:start + self.batch_size])]
+        try:
+            for start in range(0, len(prompts), self.batch_size):
+                images += self._chunk(prompts[start:start + self.batch_size],
+                                      seeds[start:start + self.batch_size],
+                                      chosen[start:start + self.batch_size],
+                                      negative_prompt, pipe_kwargs)
+        finally:
+            self.state.deactivate()  # outside a call the pipeline is the base model
         return images
 
-    def _embeddings(self, prompts: list[str], negative: str, lock: str,
-                    pipe_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        device = self.pipe.unet.device
+    def _chunk(self, prompts: list[str], seeds: list[int], chosen: list[ConceptSet | None],
+               negative: str, pipe_kwargs: dict[str, Any]) -> list[Any]:
+        """One pipeline call of exactly `batch_size` images; the images of `prompts`."""
+        pad = self.batch_size - len(prompts)
         guided = float(pipe_kwargs.get("guidance_scale", 7.5)) > 1.0
+        rows = chosen + chosen[-1:] * pad
+        self.state.activate_rows(rows + rows if guided else rows)  # [uncond; cond] rows
+        chunk, chunk_seeds = _padded(prompts, seeds, self.batch_size)
+        kwargs = self._embeddings(chunk, negative, guided, pipe_kwargs)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in chunk_seeds]
+        done = list(self.pipe(generator=generators, **kwargs).images)
+        return done[:len(prompts)]
+
+    def _warn_unknown(self, prompts: Sequence[str]) -> None:
+        unknown = sorted({t for p in prompts for t in TOKEN.findall(p)} - set(self.concepts))
+        if unknown:
+            warnings.warn(f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
+                          f"an applied concept and will be drawn as plain text (applied: "
+                          f"{', '.join(self.concepts) or 'none'})", UserWarning, stacklevel=3)
+
+    def _embeddings(self, prompts: list[str], negative: str, guided: bool,
+                    pipe_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The pipeline's keyword arguments: the caller's, the prompt encodings and, when a
+        row locks keys globally, the supercategory prompts' (merged into the caller's own
+        cross_attention_kwargs)."""
+        device = self.pipe.unet.device
+        out = dict(pipe_kwargs)
         with torch.no_grad():
             cond, uncond = self.pipe.encode_prompt(
                 [rewrite(p, self.concepts) for p in prompts], device, 1, guided,
                 [negative] * len(prompts))
-            out: dict[str, Any] = {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
-            if lock == "global" and self.state.active:
+            out.update(prompt_embeds=cond, negative_prompt_embeds=uncond)
+            if self.state.needs_super:
                 sup, _ = self.pipe.encode_prompt(
                     [self.supercategory_prompt(p) for p in prompts], device, 1, False)
                 both = torch.cat([uncond, sup]) if guided else sup
-                out["cross_attention_kwargs"] = {SUPER_KWARG: both}
+                out["cross_attention_kwargs"] = {**(pipe_kwargs.get("cross_attention_kwargs")
+                                                    or {}), SUPER_KWARG: both}
         return out
+
+
+def _seeds(seed: int | Sequence[int], count: int) -> list[int]:
+    """One int seed per prompt; any integer type (numpy's too) is accepted."""
+    if isinstance(seed, numbers.Integral):
+        return [int(seed)] * count
+    if isinstance(seed, str) or not isinstance(seed, Iterable):
+        raise TypeError(f"seed must be an integer or one integer per prompt, got "
+                        f"{type(seed).__name__}")
+    seeds = list(seed)
+    if not all(isinstance(s, numbers.Integral) for s in seeds):
+        raise TypeError("seed must be an integer or one integer per prompt")
+    if len(seeds) != count:
+        raise ValueError("give one seed per prompt")
+    return [int(s) for s in seeds]
 
 
 def _padded(prompts: list[str], seeds: list[int], size: int) -> tuple[list[str], list[int]]:
@@ -133,11 +199,19 @@ def _padded(prompts: list[str], seeds: list[int], size: int) -> tuple[list[str],
     return prompts + prompts[-1:] * pad, seeds + seeds[-1:] * pad
 
 
-def _load_all(items: Sequence[Path | Concept], base_fingerprint: str) -> dict[str, Concept]:
+def _load_all(items: Sequence[Path | Concept], base_fingerprint: str,
+              layers: Mapping[str, int], key_weights: Mapping[str, Tensor]
+              ) -> dict[str, Concept]:
+    """Every concept, each file checked against this pipeline (base fingerprint, layers and
+    widths) as it is read; locked keys are rebuilt from the pipeline's W_K."""
     concepts: dict[str, Concept] = {}
     for item in items:
         concept = item if isinstance(item, Concept) else \
-            load(Path(item), expect_base_fingerprint=base_fingerprint)
+            load(Path(item), expect_base_fingerprint=base_fingerprint, expect_layers=layers,
+                 key_weights=key_weights)
+        if concept.layers != layers:
+            raise ValueError(f"concept {concept.token!r} was made for other cross-attention "
+                             "layers than this pipeline's")
         if concept.token in concepts:
             raise ValueError(f"two concepts use the token {concept.token!r}")
         concepts[concept.token] = concept
@@ -149,26 +223,30 @@ def apply_concepts(pipe: Any, concepts: Sequence[str | os.PathLike[str] | Concep
                    cinv: Tensor | None = None, batch_size: int | None = None) -> Applied:
     """Load concept files (or Concepts) into a stock diffusers StableDiffusionPipeline.
 
-    Validates each file against this pipeline (base model fingerprint, layers, sizes), adds
-    the tokens to its tokenizer, and installs the Perfusion processors. The pipeline's base
-    weights are never modified; `Applied.remove()` undoes the rest. C⁻¹ comes from the cache
-    (estimated on the shipped caption corpus, or on `captions`) unless given as `cinv`."""
+    Validates each file against this pipeline (base model fingerprint, layers, sizes) before
+    anything costly or lasting happens, then gets C⁻¹, adds the tokens to its tokenizer and
+    installs the Perfusion processors. The pipeline's base weights are never modified;
+    `Applied.remove()` undoes the rest. C⁻¹ comes from the cache (estimated on the shipped
+    caption corpus, or on `captions`) unless given as `cinv`. A pipeline takes one Applied
+    at a time: remove it before applying again."""
     if batch_size is None:
         batch_size = CPU_BATCH if pipe.unet.device.type == "cpu" else CUDA_BATCH
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    base = base_fingerprint(pipe)
+    if is_installed(pipe.unet) or is_extended(pipe.text_encoder):
+        raise ValueError("concepts are already applied to this pipeline (or it is training): "
+                         "call Applied.remove() on the one apply_concepts returned (or leave "
+                         "its `with` block) first; Applied.remove(token) unloads one concept")
+    cross = cross_attention_layers(pipe.unet)
+    layers = {n: int(a.to_k.out_features) for n, a in cross.items()}
+    loaded = _load_all([c if isinstance(c, Concept) else Path(c) for c in concepts],
+                       base_fingerprint(pipe), layers, {n: a.to_k.weight for n, a in cross.items()})
     cinv_print = None
-    if not concepts:  # nothing to gate: C⁻¹ (minutes to estimate on a CPU) is not needed
+    if not loaded:  # nothing to gate: C⁻¹ (minutes to estimate on a CPU) is not needed
         cinv = torch.zeros(0, 0)
     elif cinv is None:
         cinv, cinv_print = cinv_for(pipe, cache_dir or default_cache_dir(), captions)
-    loaded = _load_all([c if isinstance(c, Concept) else Path(c) for c in concepts], base)
-    layers = {n: int(a.to_k.out_features) for n, a in cross_attention_layers(pipe.unet).items()}
     for concept in loaded.values():
-        if concept.layers != layers:
-            raise ValueError(f"concept {concept.token!r} was made for other cross-attention "
-                             "layers than this pipeline's")
         if cinv_print is not None and concept.cinv_fingerprint != cinv_print:
             raise ValueError(f"concept {concept.token!r} was trained with another C⁻¹ "
                              f"({concept.cinv_fingerprint[:12]}, here {cinv_print[:12]})")

@@ -30,7 +30,7 @@ FORMAT_VERSION = 1
 ARTIFACT = "artifact.safetensors"
 MANIFEST = "manifest.json"
 GRACE_SECONDS = 3600.0  # gc leaves younger tmp/ and trash/ leftovers: a put may be staging
-MAX_MANIFEST_BYTES = 1 << 16
+MAX_MANIFEST_BYTES = 1 << 24  # the inputs list every image: 10,000 of them fit
 
 _KEY = re.compile(r"[0-9A-Za-z_-]{1,128}")  # no dots or slashes: a key is never a path
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -146,8 +146,12 @@ class Store:
         finally:
             temp.unlink(missing_ok=True)
 
-    def put(self, key: str, data: bytes, *, token: str, tool_version: str) -> Path:
+    def put(self, key: str, data: bytes, *, token: str, tool_version: str,
+            inputs: dict[str, Any] | None = None) -> Path:
         """Publish `data` as `key`'s artifact atomically and return its path.
+
+        `inputs`: what the concept was built from (model, supercategories, adjectives,
+        options, images), kept in the manifest: the artifact holds only what loading needs.
 
         Staged complete and fsynced in tmp/, then one rename of the folder: no final-named
         entry is ever incomplete (R1/R2). A valid existing entry is kept. On any OSError the
@@ -157,7 +161,7 @@ class Store:
         if existing is not None:
             return existing
         folder = self.entry(key)
-        manifest = _manifest(key, data, token, tool_version)
+        manifest = _manifest(key, data, token, tool_version, inputs)
         temp: Path | None = None
         try:
             temp = self._stage(key, data, manifest)
@@ -254,8 +258,9 @@ def write_json_atomically(path: Path, value: Any) -> None:
         temp.unlink(missing_ok=True)
 
 
-def _manifest(key: str, data: bytes, token: str, tool_version: str) -> bytes:
-    fields = {
+def _manifest(key: str, data: bytes, token: str, tool_version: str,
+              inputs: dict[str, Any] | None) -> bytes:
+    fields: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "key": key,
@@ -265,6 +270,8 @@ def _manifest(key: str, data: bytes, token: str, tool_version: str) -> bytes:
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "tool_version": tool_version,
     }
+    if inputs is not None:
+        fields["inputs"] = inputs
     return (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 

@@ -78,6 +78,19 @@ def remove_extension(text_encoder: Any) -> None:
         text_encoder.set_input_embeddings(current.base)
 
 
+def is_extended(text_encoder: Any) -> bool:
+    """Whether concept tokens are installed in the text encoder."""
+    return isinstance(text_encoder.get_input_embeddings(), ExtendedEmbedding)
+
+
+def drop_concept(tokenizer: Any, text_encoder: Any, token: str) -> None:
+    """Forget `token`'s learned row (its placeholder stays in the tokenizer, unused)."""
+    extended = extended_embedding(text_encoder)
+    key = str(token_id(tokenizer, token))
+    if key in extended.vectors:
+        del extended.vectors[key]
+
+
 def token_id(tokenizer: Any, token: str) -> int:
     """The id of concept token `token` (its placeholder), added to the tokenizer if new."""
     name = placeholder(token)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as checkpoints
-from .artifact import ArtifactError, Concept
+from .artifact import ArtifactError, Concept, locked_key_targets
 from .attention_mask import attention_masks
 from .device import Precision
 from .images import load_images, load_masks
@@ -144,25 +144,45 @@ def _word_ids(tokenizer: Any, text: str) -> list[int]:
     return [int(i) for i in tokenizer(text, add_special_tokens=False).input_ids]
 
 
-def _last_position(ids: Tensor, word: list[int]) -> int:
-    """Position of the last token of the sub-sequence `word` in `ids` [T]."""
-    row = ids.tolist()
-    for start in range(len(row) - len(word), -1, -1):
-        if row[start:start + len(word)] == word:
-            return start + len(word) - 1
-    raise TrainingError("a supercategory word was not found in its own caption")
+def super_caption(tokenizer: Any, template: str, sup: str, adjectives: Sequence[str]
+                  ) -> tuple[Tensor, range]:
+    """Token ids [T] of `template` with the supercategory (after the adjectives) in place of
+    `{}`, and the positions of the supercategory's own tokens in them.
+
+    The ids are spliced from the tokens of the text before `{}`, the adjectives, the word and
+    the text after, so the positions are those of the substitution even when the template
+    repeats the word ("a photo of a {} in a dog bed"). That is also how the concept token's
+    own caption is tokenized (its placeholder is an added token, split from its
+    neighbours); where `{}` sits between spaces or punctuation it equals the tokenizer's
+    result (`test_super_caption_equals_the_tokenizer_on_word_boundaries`)."""
+    before, _, after = template.partition("{}")
+    head = _word_ids(tokenizer, before) + _word_ids(tokenizer, ", ".join(adjectives))
+    word = _word_ids(tokenizer, sup)
+    tail = _word_ids(tokenizer, after.replace("{}", phrase(sup, adjectives)))
+    room = int(tokenizer.model_max_length) - 2  # BOS and EOS
+    if not word or len(head) + len(word) > room:
+        raise TrainingError(f"the supercategory {sup!r} does not fit in the text encoder's "
+                            f"{room + 2} tokens in the template {template!r}")
+    body = (head + word + tail)[:room]
+    ids = [int(tokenizer.bos_token_id), *body, int(tokenizer.eos_token_id)]
+    ids += [int(tokenizer.pad_token_id)] * (room + 2 - len(ids))
+    return torch.tensor(ids), range(1 + len(head), 1 + len(head) + len(word))
 
 
 @torch.no_grad()
 def super_encoding(pipe: Any, subject: Subject, templates: Sequence[str]) -> Tensor:
-    """i_super [D]: the encoder output at the supercategory's (last) token, in the captions
-    with the supercategory in place of the token; mean over supercategories and captions."""
+    """i_super [D]: the encoder output at the supercategory's last token where it replaced
+    the concept token, in the captions with the supercategory in place of the token; mean
+    over supercategories and captions. Of a word of several tokens ("sunflower" = "sun",
+    "flower") the last is used: the text encoder is causal, so only the last token has seen
+    the whole word, as the concept's own single token stands for the whole concept."""
     rows = []
     for sup in subject.supercategories:
-        word = _word_ids(pipe.tokenizer, sup)
-        hidden, ids = encode(pipe, [captions(t, sup, subject.adjectives) for t in templates])
-        for b in range(hidden.shape[0]):
-            rows.append(hidden[b, _last_position(ids[b], word)].float())
+        spliced = [super_caption(pipe.tokenizer, t, sup, subject.adjectives) for t in templates]
+        ids = torch.stack([ids for ids, _ in spliced]).to(pipe.text_encoder.device)
+        hidden = pipe.text_encoder(ids)[0]
+        for b, (_, span) in enumerate(spliced):
+            rows.append(hidden[b, span[-1]].float())
     return torch.stack(rows).mean(0)
 
 
@@ -209,15 +229,20 @@ class _Run:
     generator: torch.Generator
     precision: Precision | None = None
     i_star: Tensor | None = None
+    i_super: Tensor | None = None  # [D]: o*_K = W_K · i_super while keys are locked
     losses: list[float] = field(default_factory=list)
 
 
 def _attention_masks(pipe: Any, subject: Subject, recipe: Recipe, latents: Tensor) -> Tensor:
     """Masks from the base model's cross-attention to the (first) supercategory, read in the
-    first caption template with the supercategory in place of the token."""
-    sup = subject.supercategories[0]
-    hidden, ids = encode(pipe, [captions(recipe.templates[0], sup, subject.adjectives)])
-    hit = positions(ids, torch.tensor(_word_ids(pipe.tokenizer, sup)))
+    first caption template with the supercategory in place of the token: every token of the
+    substituted word, and only those (not a repetition of the word elsewhere)."""
+    ids, span = super_caption(pipe.tokenizer, recipe.templates[0], subject.supercategories[0],
+                              subject.adjectives)
+    ids = ids[None].to(pipe.text_encoder.device)
+    hidden = pipe.text_encoder(ids)[0]
+    hit = torch.zeros_like(ids, dtype=torch.bool)
+    hit[0, span.start:span.stop] = True
     generator = torch.Generator().manual_seed(recipe.seed)
     return attention_masks(pipe, latents, hidden.detach(), hit, generator)
 
@@ -226,12 +251,14 @@ def _targets(pipe: Any, i_super: Tensor, variant: str
              ) -> tuple[dict[str, Tensor], dict[str, nn.Parameter]]:
     """o*_K = W_K i_super (locked, never optimised: invariant 4; a parameter only in the
     "trained_keys" ablation); o*_V starts at W_V i_super."""
+    layers = cross_attention_layers(pipe.unet)
+    # the artifact rebuilds locked keys with the same function when loading: bit-exact
+    locked = locked_key_targets({n: a.to_k.weight for n, a in layers.items()}, i_super)
     o_k: dict[str, Tensor] = {}
     o_v = {}
-    for name, attn in cross_attention_layers(pipe.unet).items():
-        w_k = attn.to_k.weight.detach().float()
+    for name, attn in layers.items():
         w_v = attn.to_v.weight.detach().float()
-        o_k[name] = (w_k @ i_super).detach()
+        o_k[name] = locked[name].to(w_v.device)
         if variant == "trained_keys":
             o_k[name] = nn.Parameter(o_k[name].clone())
         o_v[name] = nn.Parameter((w_v @ i_super).detach().clone())
@@ -270,10 +297,11 @@ def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor) -> _Run:
     ids = add_concepts(pipe.tokenizer, pipe.text_encoder, {subject.token: start},
                        trainable=True)
     embedding = extended_embedding(pipe.text_encoder).vectors[str(ids[subject.token])]
-    o_k, o_v = _targets(pipe, super_encoding(pipe, subject, recipe.templates), recipe.variant)
+    i_super = super_encoding(pipe, subject, recipe.templates)
+    o_k, o_v = _targets(pipe, i_super, recipe.variant)
     generator = torch.Generator().manual_seed(recipe.seed)
     return _Run(pipe, subject, recipe, cinv.float(), ids[subject.token], embedding,
-                o_k, o_v, latents, masks, generator)
+                o_k, o_v, latents, masks, generator, i_super=i_super)
 
 
 def _batch(run: _Run, size: int) -> tuple[Tensor, Tensor | None, list[str]]:
@@ -541,4 +569,6 @@ def _concept(run: _Run, cinv_fingerprint: str, base_fingerprint: str,
         i_star=run.i_star.detach().float().cpu().clone(),
         o_k={n: t.detach().float().cpu().clone() for n, t in run.o_k.items()},
         o_v={n: t.detach().float().cpu().clone() for n, t in run.o_v.items()},
+        i_super=None if run.recipe.variant == "trained_keys" or run.i_super is None
+        else run.i_super.detach().float().cpu().clone(),
     )

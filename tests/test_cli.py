@@ -129,6 +129,25 @@ def test_perfusion_toml_above_sets_the_root(project: Project, run_cli: Run) -> N
     assert '"out": "out/a/a-photo_seed0_s0.5.png"' in result.out
 
 
+def test_compile_paths_from_elsewhere_roots_at_the_given_folder(
+        project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No perfusion.toml and a current folder that does not hold the specs (a notebook
+    elsewhere): the run root is the given folder, so its default outputs are inside it."""
+    from perfusion_dsl.compiler import compile_paths
+
+    folder = project({"specs/a.concept": 'generate "a photo"\n'})
+    elsewhere = tmp_path / "notebooks"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    compilation = compile_paths([folder / "specs"])
+    assert compilation.ok, [d.code for d in compilation.diagnostics]
+    assert compilation.context.root == (folder / "specs").resolve()
+    assert compile_paths([folder / "specs" / "a.concept"]).context.root == \
+        (folder / "specs").resolve()
+    monkeypatch.chdir(folder)  # the current folder holds the specs: it stays the root
+    assert compile_paths([Path("specs")]).context.root == folder.resolve()
+
+
 # ----------------------------------------------------------------------------- D7
 
 

@@ -137,9 +137,11 @@ def test_roundtrip_bit_exact(tmp_path: Path) -> None:
     for layer in LAYERS:
         assert torch.equal(bits(again.o_k[layer]), bits(concept.o_k[layer]))
         assert torch.equal(bits(again.o_v[layer]), bits(concept.o_v[layer]))
-    for field in ("token", "supercategories", "adjectives", "base_model", "base_fingerprint",
-                  "cinv_fingerprint", "options", "key"):
+    for field in ("token", "base_model", "base_fingerprint", "cinv_fingerprint", "lock"):
         assert getattr(again, field) == getattr(concept, field), field
+    # only what loading needs: the rest is in the store's manifest and the build history
+    assert again.supercategories == concept.supercategories[:1]
+    assert (again.adjectives, again.options, again.key) == ((), {"lock": "local"}, "")
     assert again.num_floats == concept.num_floats == size_for(LAYERS, D_TOKEN, D_TEXT)
     assert encode(again) == path.read_bytes()
     umask = os.umask(0o022)
@@ -158,10 +160,72 @@ def test_file_holds_four_float32_tensors_and_string_metadata(saved: Path) -> Non
     assert sorted(tensors) == ["embedding", "i_star", "o_k", "o_v"]
     assert all(t.dtype == torch.float32 and t.dim() == 1 for t in tensors.values())
     assert metadata["format"] == "perfusion-concept"
-    assert metadata["format_version"] == "1"
+    assert metadata["format_version"] == "2"
     assert json.loads(metadata["layers"]) == LAYERS
-    assert json.loads(metadata["supercategories"]) == ["teddy bear", "toy"]
+    assert metadata["supercategory"] == "teddy bear"
+    assert metadata["lock"] == "local"
+    assert sorted(metadata) == sorted(artifact._METADATA_KEYS["2"])  # no options, no adjectives
     assert tensors["o_k"].numel() == sum(LAYERS.values())
+
+
+def key_weights(seed: int = 3) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(o, D_TEXT, generator=generator) for n, o in LAYERS.items()}
+
+
+def test_locked_keys_are_stored_as_i_super_and_rebuilt_exactly(tmp_path: Path) -> None:
+    """o*_K = W_K · i_super: the file keeps i_super [D] instead of o*_K [ΣO] (12,480 floats
+    for SD 1.5) and loading rebuilds o*_K from the pipeline's W_K, bit for bit."""
+    weights = key_weights()
+    i_super = torch.randn(D_TEXT, generator=torch.Generator().manual_seed(5))
+    concept = make_concept(o_k=artifact.locked_key_targets(weights, i_super), i_super=i_super)
+    path = tmp_path / "locked.safetensors"
+    save(concept, path)
+    tensors, _ = read_parts(path)
+    assert sorted(tensors) == ["embedding", "i_star", "i_super", "o_v"]
+    again = load(path, expect_layers=LAYERS, key_weights=weights)
+    assert again.i_super is not None and torch.equal(again.i_super, i_super)
+    for layer in LAYERS:
+        assert torch.equal(bits(again.o_k[layer]), bits(concept.o_k[layer]))
+    assert encode(again) == path.read_bytes()
+    assert len(path.read_bytes()) < len(encode(make_concept()))
+    assert_rejected(path, "keys are locked", "key_weights")  # no weights: a clear error
+    assert_rejected(path, "not those of the file's layers",
+                    key_weights={**weights, next(iter(LAYERS)): torch.zeros(9, D_TEXT)})
+
+
+def test_half_precision_file_is_half_the_size_and_reads_as_float32(tmp_path: Path) -> None:
+    concept = make_concept()
+    path = tmp_path / "half.safetensors"
+    save(concept, path, half=True)
+    tensors, _ = read_parts(path)
+    assert all(t.dtype == torch.float16 for t in tensors.values())
+    again = load(path, expect_layers=LAYERS)
+    assert again.embedding.dtype == torch.float32
+    torch.testing.assert_close(again.embedding, concept.embedding.half().float(), rtol=0, atol=0)
+    full = len(encode(concept))
+    floats = concept.num_floats
+    assert len(path.read_bytes()) == full - 2 * floats  # two bytes a float instead of four
+    mixed = {**tensors, "o_v": tensors["o_v"].float()}
+    assert_rejected(rewrite(path, mixed), "o_v", "dtype F32", "F16")
+
+
+def test_format_1_files_are_still_read(tmp_path: Path) -> None:
+    """A file of the previous format (every option in the metadata, o_k in full)."""
+    concept = make_concept()
+    tensors = {"embedding": concept.embedding, "i_star": concept.i_star,
+               "o_k": torch.cat(list(concept.o_k.values())),
+               "o_v": torch.cat(list(concept.o_v.values()))}
+    metadata = {"format": "perfusion-concept", "format_version": "1", "token": "teddy*",
+                "supercategories": '["teddy bear","toy"]', "adjectives": '["brown"]',
+                "base_model": "m", "base_fingerprint": BASE, "cinv_fingerprint": "c" * 64,
+                "options": '{"lock":"global","steps":400}', "key": KEY,
+                "layers": json.dumps(LAYERS)}
+    path = tmp_path / "v1.safetensors"
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    again = load(path, expect_layers=LAYERS)
+    assert again.supercategories == ("teddy bear", "toy") and again.lock == "global"
+    assert torch.equal(again.o_k[next(iter(LAYERS))], concept.o_k[next(iter(LAYERS))])
 
 
 def test_M3_same_concept_same_bytes_across_processes(tmp_path: Path) -> None:
@@ -259,17 +323,18 @@ def test_M1_rejects_inconsistent_layers_metadata(saved: Path) -> None:
 def test_M1_rejects_wrong_dtype(saved: Path) -> None:
     tensors, _ = read_parts(saved)
     halves = {name: t.half() for name, t in tensors.items()}
-    assert_rejected(rewrite(saved, halves), "dtype F16", "F32")
+    assert_rejected(rewrite(saved, {**halves, "embedding": tensors["embedding"]}),
+                    "dtype F16", "F32")
     assert_rejected(rewrite(saved, {**tensors, "o_v": tensors["o_v"].double()}), "o_v", "F64")
     assert_rejected(rewrite(saved, {**tensors, "i_star": tensors["i_star"].bfloat16()}), "BF16")
     assert_rejected(rewrite(saved, {**tensors, "o_k": tensors["o_k"].int()}), "I32")
 
 
 def test_M1_rejects_unknown_format_version(saved: Path) -> None:
-    for version in ("2", "0", "1.0", ""):
+    for version in ("3", "0", "1.0", ""):
         error = assert_rejected(rewrite(saved, format_version=version),
                                 f"format version {version!r} is not supported", "reads format "
-                                "version 1")
+                                "version 1, 2")
         assert "1" in error.problem
     assert_rejected(rewrite(saved, format_version=None), "format version None")
 
@@ -285,11 +350,12 @@ def test_M1_rejects_other_safetensors_files(saved: Path, tmp_path: Path) -> None
 def test_M1_rejects_bad_metadata(saved: Path) -> None:
     assert_rejected(rewrite(saved, token=None), "lacks token")
     assert_rejected(rewrite(saved, trained_by="me"), "unexpected trained_by")
-    assert_rejected(rewrite(saved, supercategories="toy"), "supercategories is not a JSON list")
-    assert_rejected(rewrite(saved, adjectives="[1]"), "adjectives is not a list of strings")
-    assert_rejected(rewrite(saved, options="[]"), "options is not a JSON dict")
-    assert_rejected(rewrite(saved, key="XYZ"), "key must be lowercase hex")
+    assert_rejected(rewrite(saved, options="{}"), "unexpected options")
+    assert_rejected(rewrite(saved, lock="sideways"), "lock is 'sideways'")
     assert_rejected(rewrite(saved, token=""), "the token is empty")
+    old = rewrite(saved, format_version="1", supercategory=None, lock=None, key="XYZ",
+                  supercategories="toy", adjectives="[1]", options="[]")
+    assert_rejected(old, "supercategories is not a JSON list")
 
 
 def test_M1_rejects_missing_tensor(saved: Path) -> None:

@@ -4,6 +4,7 @@ with the built-in random tiny model (`tiny:random`); M2 and M7 at the build leve
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from perfusion_runtime.covariance import cinv_for
 from perfusion_runtime.device import choose
 from perfusion_runtime.fingerprint import base_fingerprint
 from perfusion_runtime.jobs import ModelUnavailable, load_pipeline
+from perfusion_runtime.layers import cross_attention_layers
 from perfusion_runtime.processor import PerfusionAttnProcessor
 from perfusion_runtime.progress import Reporter
 from perfusion_runtime.tiny import tiny_pipeline
@@ -54,6 +56,11 @@ generate "a plain red cube" {
 }
 """
 
+
+
+def key_weights(pipe: Any) -> dict[str, Any]:
+    """The pipeline's W_K per layer: a file with locked keys rebuilds o*_K from them."""
+    return {n: a.to_k.weight for n, a in cross_attention_layers(pipe.unet).items()}
 
 def write_project(root: Path) -> Path:
     """The spec, three photos (40×48, cropped to 32×32 by training) and their masks."""
@@ -167,16 +174,24 @@ def test_e2e_cpu_train_save_reload_render(first_run: FirstRun, pipes: list[Any])
     # the concept artifact, in the cache, valid for this base model
     path = artifact_path(cache, step.key)
     assert sorted(p.name for p in (cache / "concepts").iterdir()) == [step.key]
-    concept = artifact.load(path, expect_base_fingerprint=base_fingerprint(tiny_pipeline(0)))
-    assert concept.token == "teddy*" and concept.key == step.key
-    assert concept.options["mask"] == step.options["mask"]
+    tiny = tiny_pipeline(0)
+    concept = artifact.load(path, expect_base_fingerprint=base_fingerprint(tiny),
+                            key_weights=key_weights(tiny))
+    assert concept.token == "teddy*" and concept.i_super is not None  # keys locked
+    # what explains the concept is in the store's manifest, not in the file
+    manifest = json.loads((path.parent / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["key"] == step.key
+    assert manifest["inputs"]["options"]["mask"] == step.options["mask"]
+    assert manifest["inputs"]["supercategories"] == list(step.supercategories)
 
     # a second run reuses the artifact, and renders the same bytes (the render cache is
     # emptied too, or the images would be copied out of it)
     for out in planned:
         out.unlink()
     shutil.rmtree(cache / "renders")
-    again = build(plan, root, cache, batch_size=1)
+    # the first run's batch size: on the CPU another one may change the last bit of a pixel
+    # (docs/runtime.md, "One image per pipeline call on the CPU")
+    again = build(plan, root, cache, batch_size=4)
     assert again.trained == [] and again.reused == ["teddy*"]
     assert {root / p: (root / p).read_bytes() for p in again.rendered} == first_run.rendered
     (pipe,) = pipes
@@ -192,11 +207,11 @@ def test_user_caption_file_changes_cinv_so_the_concept_is_retrained(
                         encoding="utf-8")
     cache = shutil.copytree(first_run.cache, tmp_path / "cache")  # leave the shared one alone
     key = first_run.plan.concepts[0].key
-    shipped = artifact.load(artifact_path(cache, key))
+    shipped = artifact.load(artifact_path(cache, key), key_weights=key_weights(tiny_pipeline(0)))
     again = build(first_run.plan, first_run.root, cache, captions=captions)
     assert again.trained == ["teddy*"] and again.reused == []
     (entry,) = {p.name for p in (cache / "concepts").iterdir()} - {key}  # its own store key
-    mine = artifact.load(artifact_path(cache, entry))
+    mine = artifact.load(artifact_path(cache, entry), key_weights=key_weights(tiny_pipeline(0)))
     assert mine.cinv_fingerprint != shipped.cinv_fingerprint
     assert len(list((cache / "cinv").iterdir())) == 2
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -241,3 +242,15 @@ def test_default_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_root() == tmp_path / ".perfusion"
     monkeypatch.setenv("PERFUSION_CACHE", str(tmp_path / "elsewhere"))
     assert default_root() == tmp_path / "elsewhere"
+
+
+def test_manifest_keeps_what_the_concept_was_built_from(tmp_path: Path) -> None:
+    """The artifact holds only what loading needs; the manifest explains the concept."""
+    inputs = {"model": "tiny:random", "supercategories": ["teddy bear", "toy"],
+              "adjectives": ["brown"], "options": {"templates": ["a {}"] * 40, "steps": 8},
+              "images": [[f"photos/{i}.png", "0" * 64] for i in range(2_000)]}
+    store = Store(tmp_path / "store")
+    path = store.put(KEY, DATA, token="teddy*", tool_version="perfusion 0.1.0", inputs=inputs)
+    manifest = json.loads((path.parent / "manifest.json").read_text())
+    assert manifest["inputs"] == inputs
+    assert store.get(KEY) == path  # a large manifest is still a valid entry

@@ -332,3 +332,77 @@ def test_denoising_target_follows_the_schedulers_prediction_type(kind: str) -> N
         assert torch.allclose(out.pred_original_sample, latents[i:i + 1], atol=1e-3)
     with pytest.raises(ValueError, match="prediction_type"):
         trainer.denoising_target(DDIMScheduler(prediction_type="flow"), latents, noise, t)
+
+
+# ------------------------------------------------ i_super and the mask at the substitution
+
+
+def _hidden(pipe: Any, caption: str) -> tuple[Tensor, list[int]]:
+    hidden, ids = trainer.encode(pipe, [caption])
+    return hidden[0].detach(), ids[0].tolist()
+
+
+def test_i_super_reads_the_substituted_word_not_a_later_repeat() -> None:
+    """"a photo of a {} in a dog bed": i_super is the first "dog" (where the token was), not
+    the template's own later one, which the encoder outputs differently."""
+    pipe = tiny_pipeline(0)
+    subject = Subject("rex*", ("dog",), (), ())
+    template = "a photo of a {} in a dog bed"
+    hidden, ids = _hidden(pipe, "a photo of a dog in a dog bed")
+    dog = pipe.tokenizer("dog", add_special_tokens=False).input_ids
+    assert len(dog) == 1 and ids.count(dog[0]) == 2
+    first, last = ids.index(dog[0]), len(ids) - 1 - ids[::-1].index(dog[0])
+    i_super = super_encoding(pipe, subject, (template,))
+    torch.testing.assert_close(i_super, hidden[first].float())
+    apart = float((hidden[first] - hidden[last]).norm() / hidden[first].norm())
+    assert apart > 0.05, apart  # the two dogs really differ: the test can tell them apart
+
+
+def test_i_super_of_a_multi_token_word_is_its_last_token_at_the_substitution() -> None:
+    pipe = tiny_pipeline(0)
+    word = pipe.tokenizer("sunflower", add_special_tokens=False).input_ids
+    assert len(word) == 2  # several tokens in this vocabulary
+    hidden, ids = _hidden(pipe, "a small, yellow sunflower beside a sunflower field")
+    where = next(i for i in range(len(ids)) if ids[i:i + 2] == word) + 1  # the first, last token
+    subject = Subject("sunny*", ("sunflower",), ("small", "yellow"), ())
+    i_super = super_encoding(pipe, subject, ("a {} beside a sunflower field",))
+    torch.testing.assert_close(i_super, hidden[where].float())
+
+
+@pytest.mark.parametrize("template,adjectives", [
+    ("a photo of a {}", ()), ("a {} in a dog bed, at night", ("small", "red")),
+    ("{} on the left", ("striped",)), ("the {}", ())])
+def test_super_caption_equals_the_tokenizer_on_word_boundaries(
+        template: str, adjectives: tuple[str, ...]) -> None:
+    tokenizer = tiny_pipeline(0).tokenizer
+    ids, span = trainer.super_caption(tokenizer, template, "teddy bear", adjectives)
+    text = trainer.captions(template, "teddy bear", adjectives)
+    expected = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True).input_ids
+    assert ids.tolist() == expected
+    assert ids[span.start:span.stop].tolist() == \
+        tokenizer("teddy bear", add_special_tokens=False).input_ids
+
+
+def test_attention_mask_marks_only_the_substituted_word(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """mask: attention reads the attention to the "dog" that replaced the token, not to every
+    position holding the word's ids."""
+    pipe = tiny_pipeline(0)
+    seen: list[Tensor] = []
+    real = trainer.attention_masks
+
+    def spy(pipe: Any, latents: Tensor, hidden: Tensor, hit: Tensor, generator: Any) -> Tensor:
+        seen.append(hit)
+        result: Tensor = real(pipe, latents, hidden, hit, generator)
+        return result
+
+    monkeypatch.setattr(trainer, "attention_masks", spy)
+    subject = Subject("rex*", ("dog",), (), ())
+    recipe = Recipe(templates=("a photo of a {} in a dog bed",), mask="attention")
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    masks = trainer._attention_masks(pipe, subject, recipe, latents)
+    _, ids = _hidden(pipe, "a photo of a dog in a dog bed")
+    dog = pipe.tokenizer("dog", add_special_tokens=False).input_ids[0]
+    assert masks.shape == (2, 1, 4, 4)
+    assert seen[0].nonzero().tolist() == [[0, ids.index(dog)]]
