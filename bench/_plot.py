@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (127, 127, 127),
-           (255, 127, 14)]
+           (255, 127, 14), (23, 190, 207), (140, 86, 75)]
 Series = tuple[str, Sequence[tuple[float, float]], Sequence[str]]
 
 

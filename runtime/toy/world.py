@@ -110,7 +110,6 @@ TRAINING_FORMS = tuple(f for f in FORMS if f not in UNSEEN_FORMS)
 # (fill, second colour, pattern) never in the training data, on any outline
 UNSEEN_COMBINATIONS = (("purple", "yellow", "striped"), ("cyan", "red", "dotted"),
                        ("green", "pink", "dotted"))
-UNSEEN_SHAPES: tuple[str, ...] = ()  # every family is in training now (v1 held out three)
 
 
 @dataclass(frozen=True)
