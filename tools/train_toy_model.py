@@ -508,7 +508,7 @@ def main() -> None:
                         help="extra loss weight of the object's pixels in the VAE phase")
     parser.add_argument("--save-every", type=int, default=1000,
                         help="also save the pipeline (EMA weights) every N UNet steps")
-    parser.add_argument("--steps", type=int, default=24_000)
+    parser.add_argument("--steps", type=int, default=16_000)
     parser.add_argument("--prediction", choices=sorted(SCHEDULERS), default="v_prediction",
                         help="what the UNet predicts, with its noise schedule (docs/toy.md)")
     parser.add_argument("--min-snr", type=float, default=5.0,
@@ -518,7 +518,7 @@ def main() -> None:
                         help="share of samples drawn from t ∈ [900, 1000) instead of uniform t")
     parser.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
                         help="divide each noise level's loss by its running mean (docs/toy.md)")
-    parser.add_argument("--decay-steps", type=int, default=18_000,
+    parser.add_argument("--decay-steps", type=int, default=12_000,
                         help="the learning rate's cosine decay to 10 %% ends here and stays "
                              "flat after; 0: at --steps")
     parser.add_argument("--batch", type=int, default=32)
