@@ -1,6 +1,6 @@
 """Trains the built-in `toy:shapes` Stable Diffusion from scratch on the toy world (CPU).
 
-    .venv/bin/python tools/train_toy_model.py                 # the committed model
+    .venv/bin/python tools/train_toy_model.py                 # toy:shapes (docs/toy.md#model)
     .venv/bin/python tools/train_toy_model.py --quick --out /tmp/toy --state /tmp/toy.state
 
 The run can be stopped at any time and the same command resumes it: the VAE, the latents
