@@ -3,9 +3,11 @@
     .venv/bin/python tools/train_toy_model.py                 # toy:shapes (docs/toy.md#model)
     .venv/bin/python tools/train_toy_model.py --quick --out /tmp/toy --state /tmp/toy.state
 
-The run can be stopped at any time and the same command resumes it: the VAE, the latents
-and, every --save-every steps, the UNet phase (weights, EMA, AdamW, generators) are kept in
---state (git-ignored), and each saved step also refreshes --out with the EMA weights.
+The run can be stopped at any time and the same command resumes it: the VAE phase (every
+--save-every / 4 steps), the latents and, every --save-every steps, the UNet phase
+(weights, EMA, AdamW, generators) are kept in --state (git-ignored), with the sittings
+(where and how long each ran), and each saved UNet step also refreshes --out with the EMA
+weights. --threads may differ between sittings (the last bits of the sums may then differ).
 
 Phases, all seeded: (1) render the training scenes (runtime/toy/world.py), (2) train the
 VAE (AutoencoderKL, 64 px → 16×16×4 latents; the object's pixels weigh more), (3) encode
