@@ -29,7 +29,7 @@ from perfusion_runtime.layers import cross_attention_layers
 from perfusion_runtime.tiny import sd15_unet_and_text_encoder
 
 BUDGET_KIB, HALF_BUDGET_KIB = 104, 52
-EXPECTED_PER_PROJECTION = 12_480  # PERFUSION.md, "The concept artifact"
+EXPECTED_PER_PROJECTION = 12_480  # docs/runtime.md, "The concept file"
 EXPECTED_TOTAL = 26_496
 # What a plan's ConceptStep carries with default learn options (the built-in 10 templates).
 OPTIONS = {

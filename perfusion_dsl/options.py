@@ -1,4 +1,4 @@
-"""The option schema of `learn` and `generate`: types, ranges, defaults (LANGUAGE.md)."""
+"""The option schema of `learn` and `generate`: types, ranges, defaults (docs/language.md)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """C⁻¹ per base model: encode a caption corpus, invert its second moment, cache it by fingerprint.
 
 C is the uncentered covariance E[e eᵀ] of the text encoder's outputs e over typical prompts
-(PERFUSION.md): every one of the 77 positions the cross-attention sees, padding included, with
-no attention mask (SD 1.x was trained without one). The caption corpus shipped in
-`data/captions.txt` (provenance in `data/README.md`) stands in for the paper's dataset captions;
-a user-supplied file replaces it. Accumulation is float64; C⁻¹ is float32.
+(docs/runtime.md, "Inverse covariance"): every one of the 77 positions the cross-attention
+sees, padding included, with no attention mask (SD 1.x was trained without one). The caption
+corpus shipped in `data/captions.txt` (provenance in `data/README.md`) stands in for the
+paper's dataset captions; a user-supplied file replaces it. Accumulation is float64; C⁻¹ is float32.
 
 The cache entry `<cache_dir>/cinv/<fingerprint>.safetensors` is named by a fingerprint of the
 text encoder (weights and tokenizer vocabulary), the caption file's bytes and the estimation

@@ -1,4 +1,4 @@
-"""The Perfusion gated rank-1 edit as pure tensor functions (PERFUSION.md, "The gated rank-1 edit").
+"""The Perfusion gated rank-1 edit as pure tensor functions (docs/runtime.md, "The edit").
 
 Paper: Tewel et al., "Key-Locked Rank One Editing for Text-to-Image Personalization"
 (SIGGRAPH 2023, arXiv 2305.01644). For one concept, per text token e [D]:
@@ -6,7 +6,7 @@ Paper: Tewel et al., "Key-Locked Rank One Editing for Text-to-Image Personalizat
     (eq. 1)  s(e) = eᵀ C⁻¹ i* / (i*ᵀ C⁻¹ i*)
     (eq. 2)  h(e) = W (e − s(e)·i*) + σ((s(e) − β) / τ) · o*
 
-For K concepts at once (PERFUSION.md, "Inference"), s(e)·i* becomes the C⁻¹-orthogonal
+For K concepts at once (docs/runtime.md, "Inference"), s(e)·i* becomes the C⁻¹-orthogonal
 projection of e onto span{i*_k}, written Σ_k a_k(e)·i*_k, and each concept adds its own gated
 target:
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-INFERENCE_TAU = 0.15  # τ at inference (PERFUSION.md, "Inference"); training uses 0.1
+INFERENCE_TAU = 0.15  # τ at inference (docs/runtime.md, "Inference"); training uses 0.1
 DEFAULT_RIDGE = 1e-4  # relative to mean(diag(C)); see inverse_covariance
 # |R_kk| / ‖Lᵀ i*_k‖ is the sine of the angle (in the C⁻¹ metric) between i*_k and the span of
 # the earlier i*_j; below this the projection coefficients blow up by 1/sine, so we refuse.

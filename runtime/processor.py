@@ -2,7 +2,7 @@
 
 `PerfusionAttnProcessor` sits on every cross-attention `attn2` of a UNet and reads one shared
 `ConceptState`. It is diffusers' `AttnProcessor2_0` line for line except where K and V come
-from (PERFUSION.md, "Inference"):
+from (docs/runtime.md, "Inference"):
 
 - no concept active: `to_k(e)`, `to_v(e)` exactly as diffusers does (the parity test);
 - local key locking: K and V both through `key_locking.edited_projection`;
@@ -296,7 +296,7 @@ class PerfusionAttnProcessor:
 
     def _edited(self, linear: nn.Linear, e: Tensor, targets: Mapping[str, Tensor], name: str,
                 chosen: ConceptSet | None = None) -> Tensor:
-        """h(e) of PERFUSION.md for one projection of this layer; [B, T, D] -> [B, T, O]."""
+        """h(e) of docs/runtime.md for one projection of this layer; [B, T, D] -> [B, T, O]."""
         chosen = chosen or self.state.whole()
         assert chosen is not None
         if self.layer not in targets:

@@ -114,7 +114,7 @@ class Applied:
         every call has the same shape. On the CPU the default is one image per call: torch's
         CPU kernels (oneDNN convolutions, GroupNorm) give slightly different bits for
         different batch sizes and for different places in a batch, and image k must not
-        depend on what else is rendered with it (RELIABILITY.md M4)."""
+        depend on what else is rendered with it (docs/build.md)."""
         if self.removed:
             raise RuntimeError("these concepts were removed from the pipeline: apply them again")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)

@@ -32,8 +32,8 @@ def rewrite(prompt: str, tokens: Iterable[str]) -> str:
 class ExtendedEmbedding(nn.Module):
     """The text encoder's token embedding plus one learned row per concept token.
 
-    The base `nn.Embedding` is kept as it is (frozen, bit-identical: PERFUSION.md
-    invariant 5); ids at or above its vocabulary size are looked up in `vectors`."""
+    The base `nn.Embedding` is kept as it is (frozen, bit-identical: invariant 5 of
+    docs/runtime.md); ids at or above its vocabulary size are looked up in `vectors`."""
 
     def __init__(self, base: nn.Embedding) -> None:
         super().__init__()
@@ -115,6 +115,6 @@ def add_concepts(tokenizer: Any, text_encoder: Any, vectors: Mapping[str, Tensor
 
 def positions(input_ids: Tensor, ids: Tensor | int) -> Tensor:
     """Boolean [B, T] mask of the positions holding any of `ids` (found by token id, never by
-    word index: PERFUSION.md's known bugs)."""
+    word index, which shifts when a word splits into several tokens)."""
     wanted = torch.as_tensor(ids, device=input_ids.device).reshape(-1)
     return (input_ids.unsqueeze(-1) == wanted).any(-1)

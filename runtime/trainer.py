@@ -25,7 +25,7 @@ from .layers import cross_attention_layers
 from .processor import ConceptState, install
 from .tokens import add_concepts, extended_embedding, positions, remove_extension, rewrite
 
-EMA_DECAY = 0.99  # i* is an exponential moving average (PERFUSION.md)
+EMA_DECAY = 0.99  # i* is an exponential moving average (docs/runtime.md)
 ADAMW_SLOTS = ("step", "exp_avg", "exp_avg_sq")  # AdamW's state per parameter (no amsgrad)
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def initial_embedding(pipe: Any, subject: Subject) -> Tensor:
 
 @torch.no_grad()
 def encode_latents(pipe: Any, pixels: Tensor) -> Tensor:
-    """VAE latents of every training image, once (PERFUSION.md), deterministic (the mean)."""
+    """VAE latents of every training image, once (docs/runtime.md), deterministic (the mean)."""
     vae = pipe.vae
     out = []
     for chunk in torch.split(pixels, 8):

@@ -1,6 +1,6 @@
 """Writes the caption corpus for estimating C (`runtime/data/captions.txt`), deterministically.
 
-C⁻¹ (PERFUSION.md) is the inverse second moment of text-encoder outputs over typical prompts.
+C⁻¹ (docs/runtime.md) is the inverse second moment of text-encoder outputs over typical prompts.
 The paper took captions from a large image-caption dataset; we cannot download one, so this
 script composes English captions from word lists written for this project: subjects (people,
 animals, objects, vehicles, food, buildings), adjectives (colours, sizes, materials, moods),
