@@ -5,7 +5,7 @@ The concept token is added to the text encoder with its embedding started from t
 supercategory, as every other method starts it, and trained at the recipe's `embedding_lr`;
 every UNet parameter is trained at `lr`, AdamW. Everything else is the runtime trainer's own:
 the pictures' latents, the batches, captions, noise and timesteps drawn from the recipe's
-seed, the denoising target and the loss (`runtime/trainer.py`'s `_prepare` and `_step`, with
+seed, the denoising target and the loss (`runtime/method/trainer.py`'s `_prepare` and `_step`, with
 the "embedding_only" variant: its step runs the UNet as it is, without Perfusion's edit, and
 here the UNet's own weights are what moves). So the fine-tune differs from the other methods
 only in what is optimised. There is no prior-preservation loss (DreamBooth's class images):
@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from perfusion_runtime.processor import ConceptState
-from perfusion_runtime.tokens import remove_extension
-from perfusion_runtime.trainer import Recipe, Subject, _frozen, _prepare, _step
+from perfusion_runtime.method.processor import ConceptState
+from perfusion_runtime.method.tokens import remove_extension
+from perfusion_runtime.method.trainer import Recipe, Subject, _frozen, _prepare, _step
 
 
 @dataclass(frozen=True)

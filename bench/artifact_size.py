@@ -24,9 +24,16 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from perfusion_runtime.artifact import Concept, encode, load, locked_key_targets, save, size_for
-from perfusion_runtime.layers import cross_attention_layers
-from perfusion_runtime.tiny import sd15_unet_and_text_encoder
+from perfusion_runtime.method.artifact import (
+    Concept,
+    encode,
+    load,
+    locked_key_targets,
+    save,
+    size_for,
+)
+from perfusion_runtime.method.layers import cross_attention_layers
+from perfusion_runtime.method.tiny import sd15_unet_and_text_encoder
 
 BUDGET_KIB, HALF_BUDGET_KIB = 104, 52
 EXPECTED_PER_PROJECTION = 12_480  # docs/runtime.md, "The concept file"
@@ -140,13 +147,13 @@ def pixel_cost(model: str, concepts: int, prompts: list[str], steps: int) -> Non
     """Render each concept from its fp32 file and from its fp16 file; print |Δ| of 255."""
     import numpy as np
 
-    from perfusion_runtime.covariance import cinv_for
-    from perfusion_runtime.device import choose
-    from perfusion_runtime.fingerprint import base_fingerprint
-    from perfusion_runtime.jobs import default_captions, load_pipeline
-    from perfusion_runtime.render import apply_concepts
+    from perfusion_runtime.build.jobs import default_captions, load_pipeline
+    from perfusion_runtime.method.covariance import cinv_for
+    from perfusion_runtime.method.device import choose
+    from perfusion_runtime.method.fingerprint import base_fingerprint
+    from perfusion_runtime.method.render import apply_concepts
+    from perfusion_runtime.method.trainer import Recipe, Subject, train
     from perfusion_runtime.toy import world
-    from perfusion_runtime.trainer import Recipe, Subject, train
 
     pipe = load_pipeline(model, choose("cpu"))
     pipe.set_progress_bar_config(disable=True)

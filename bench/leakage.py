@@ -34,15 +34,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np
 import torch
 
-from perfusion_runtime.artifact import Concept
-from perfusion_runtime.covariance import cinv_for
-from perfusion_runtime.device import choose
-from perfusion_runtime.fingerprint import base_fingerprint
-from perfusion_runtime.jobs import default_captions, load_pipeline
-from perfusion_runtime.key_locking import coefficients, gate, make_basis, strength_to_beta
-from perfusion_runtime.render import apply_concepts
+from perfusion_runtime.build.jobs import default_captions, load_pipeline
+from perfusion_runtime.method.artifact import Concept
+from perfusion_runtime.method.covariance import cinv_for
+from perfusion_runtime.method.device import choose
+from perfusion_runtime.method.fingerprint import base_fingerprint
+from perfusion_runtime.method.key_locking import coefficients, gate, make_basis, strength_to_beta
+from perfusion_runtime.method.render import apply_concepts
+from perfusion_runtime.method.trainer import Recipe, Subject, encode, train
 from perfusion_runtime.toy import world
-from perfusion_runtime.trainer import Recipe, Subject, encode, train
 
 STRENGTH = 0.5
 

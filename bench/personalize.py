@@ -71,14 +71,20 @@ from _plot import line_plot
 from PIL import Image, ImageDraw, ImageFont
 
 from perfusion_dsl.options import GENERATE, LEARN, defaults_for
-from perfusion_runtime.covariance import cinv_for
-from perfusion_runtime.device import choose
-from perfusion_runtime.fingerprint import base_fingerprint
-from perfusion_runtime.images import load_images
-from perfusion_runtime.jobs import default_captions, load_pipeline
-from perfusion_runtime.render import Applied, apply_concepts
+from perfusion_runtime.build.jobs import default_captions, load_pipeline
+from perfusion_runtime.method.covariance import cinv_for
+from perfusion_runtime.method.device import choose
+from perfusion_runtime.method.fingerprint import base_fingerprint
+from perfusion_runtime.method.images import load_images
+from perfusion_runtime.method.render import Applied, apply_concepts
+from perfusion_runtime.method.trainer import (
+    Recipe,
+    Subject,
+    encode_latents,
+    native_resolution,
+    train,
+)
 from perfusion_runtime.toy import analyze, world
-from perfusion_runtime.trainer import Recipe, Subject, encode_latents, native_resolution, train
 
 REPO = Path(__file__).resolve().parent.parent
 ALIGNMENT = ("position", "size", "background")

@@ -52,15 +52,15 @@ import torch
 from _images import make_images
 from torch import Tensor
 
-from perfusion_runtime.artifact import Concept
-from perfusion_runtime.covariance import CAPTIONS_PATH, estimate_cinv, load_captions
-from perfusion_runtime.fingerprint import base_fingerprint
-from perfusion_runtime.key_locking import inverse_covariance, make_basis, second_moment
-from perfusion_runtime.layers import cross_attention_layers
-from perfusion_runtime.processor import ConceptState, PerfusionAttnProcessor, install
-from perfusion_runtime.render import Applied, apply_concepts
-from perfusion_runtime.tiny import sd15_unet_and_text_encoder, tiny_pipeline
-from perfusion_runtime.trainer import Recipe, Subject, train
+from perfusion_runtime.method.artifact import Concept
+from perfusion_runtime.method.covariance import CAPTIONS_PATH, estimate_cinv, load_captions
+from perfusion_runtime.method.fingerprint import base_fingerprint
+from perfusion_runtime.method.key_locking import inverse_covariance, make_basis, second_moment
+from perfusion_runtime.method.layers import cross_attention_layers
+from perfusion_runtime.method.processor import ConceptState, PerfusionAttnProcessor, install
+from perfusion_runtime.method.render import Applied, apply_concepts
+from perfusion_runtime.method.tiny import sd15_unet_and_text_encoder, tiny_pipeline
+from perfusion_runtime.method.trainer import Recipe, Subject, train
 
 SEED = 0
 CAPTIONS = 512  # of the shipped corpus, for C⁻¹ (not timed)

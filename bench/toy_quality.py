@@ -25,8 +25,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 
-from perfusion_runtime.device import choose
-from perfusion_runtime.jobs import load_pipeline
+from perfusion_runtime.build.jobs import load_pipeline
+from perfusion_runtime.method.device import choose
 from perfusion_runtime.toy import analyze, world
 
 ATTRIBUTES = ("background", "colour", "position", "size", "shape", "outline", "pattern",

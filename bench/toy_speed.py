@@ -24,12 +24,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 
 from perfusion_dsl.options import GENERATE, LEARN, defaults_for
-from perfusion_runtime.covariance import cinv_for
-from perfusion_runtime.device import choose
-from perfusion_runtime.fingerprint import base_fingerprint
-from perfusion_runtime.jobs import default_captions, load_pipeline
-from perfusion_runtime.render import apply_concepts
-from perfusion_runtime.trainer import Recipe, Subject, train
+from perfusion_runtime.build.jobs import default_captions, load_pipeline
+from perfusion_runtime.method.covariance import cinv_for
+from perfusion_runtime.method.device import choose
+from perfusion_runtime.method.fingerprint import base_fingerprint
+from perfusion_runtime.method.render import apply_concepts
+from perfusion_runtime.method.trainer import Recipe, Subject, train
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "toy:shapes"

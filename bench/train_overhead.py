@@ -52,13 +52,13 @@ import torch.nn.functional as F
 from _images import make_images
 from torch import Tensor, nn
 
-from perfusion_runtime import trainer
-from perfusion_runtime.covariance import CAPTIONS_PATH, estimate_cinv, load_captions
-from perfusion_runtime.key_locking import inverse_covariance, make_basis, second_moment
-from perfusion_runtime.layers import cross_attention_layers
-from perfusion_runtime.processor import ConceptState, install
-from perfusion_runtime.tiny import sd15_unet_and_text_encoder, tiny_pipeline
-from perfusion_runtime.tokens import extended_embedding, positions
+from perfusion_runtime.method import trainer
+from perfusion_runtime.method.covariance import CAPTIONS_PATH, estimate_cinv, load_captions
+from perfusion_runtime.method.key_locking import inverse_covariance, make_basis, second_moment
+from perfusion_runtime.method.layers import cross_attention_layers
+from perfusion_runtime.method.processor import ConceptState, install
+from perfusion_runtime.method.tiny import sd15_unet_and_text_encoder, tiny_pipeline
+from perfusion_runtime.method.tokens import extended_embedding, positions
 
 SEED = 0
 CAPTIONS = 512  # of the shipped corpus, for C⁻¹ (not timed; its exact value does not matter)

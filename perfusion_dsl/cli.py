@@ -118,7 +118,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     comp, status = _compiled(args)
     if status != EXIT_OK:
         return status
-    from perfusion_runtime.command import describe, with_status
+    from perfusion_runtime.build.command import describe, with_status
 
     plan, states = with_status(comp.plan(), comp.context.root, args.cache)
     print(plan.to_json() if args.json else describe(plan, states))
@@ -131,8 +131,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     comp, status = _compiled(args)
     if status != EXIT_OK:
         return status
-    from perfusion_runtime.build import RunOptions
-    from perfusion_runtime.command import run_command, store_root
+    from perfusion_runtime.build.command import run_command, store_root
+    from perfusion_runtime.build.run import RunOptions
 
     root = comp.context.root
     options = RunOptions(store_root(args.cache, root), device=args.device,
@@ -142,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from perfusion_runtime import command
+    from perfusion_runtime.build import command
 
     if args.action == "verify":
         from perfusion_dsl.compiler import run_root

@@ -48,25 +48,86 @@ def test_check_and_plan_import_no_model_library(tmp_path: Path) -> None:
     assert result == {"checked": 0, "planned": 0, "heavy": [], "plan": 2}
 
 
-def test_runtime_imports_only_the_plan_model_from_the_compiler() -> None:
-    """The runtime reads plans; it never imports the parser, the passes or the CLI (DESIGN.md)."""
+def _imports(path: Path) -> set[str]:
+    """Every module a runtime source file imports, relative imports made absolute."""
     import ast
 
-    for path in sorted((REPO / "runtime").glob("*.py")):
-        tree = ast.parse(path.read_text("utf-8"))
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            for name in names:
+    package = ["perfusion_runtime", *path.parent.relative_to(REPO / "runtime").parts]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found.add(module)
+            if not node.module:  # `from . import checkpoint`: the names are modules
+                found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _layer_files(layer: str) -> list[Path]:
+    files = sorted((REPO / "runtime" / layer).glob("*.py"))
+    assert files, f"runtime/{layer}/ has no modules"
+    return files
+
+
+PRODUCT_LAYERS = ("files", "method", "build")
+
+
+def test_runtime_imports_only_the_plan_model_from_the_compiler() -> None:
+    """The runtime reads plans (and keys them like the compiler); it never imports the
+    parser, the passes or the CLI (DESIGN.md)."""
+    for layer in PRODUCT_LAYERS:
+        for path in _layer_files(layer):
+            for name in _imports(path):
                 if name.split(".")[0] == "perfusion_dsl":
-                    assert name == "perfusion_dsl.plan", f"{path.name} imports {name}"
+                    assert name in ("perfusion_dsl.plan", "perfusion_dsl.keys"), \
+                        f"{path.name} imports {name}"
+
+
+def test_durable_files_layer_imports_no_torch_and_nothing_of_ours() -> None:
+    for path in _layer_files("files"):
+        for name in _imports(path):
+            top = name.split(".")[0]
+            assert top not in (*HEAVY, "numpy", "perfusion_dsl"), f"{path.name} imports {name}"
+            if top == "perfusion_runtime":
+                assert name.startswith("perfusion_runtime.files"), f"{path.name} imports {name}"
+
+
+def test_method_imports_no_build_code_and_product_no_toy() -> None:
+    for layer in PRODUCT_LAYERS:
+        for path in _layer_files(layer):
+            for name in _imports(path):
+                assert not name.startswith("perfusion_runtime.toy"), \
+                    f"{layer}/{path.name} imports the evaluation world {name}"
+                if layer == "method":
+                    assert not name.startswith("perfusion_runtime.build"), \
+                        f"method/{path.name} imports {name}"
+
+
+def test_build_planning_modules_load_no_torch() -> None:
+    """A no-op run and `perfusion plan` never load torch: the build's planning side and the
+    durable files import none of it, even lazily at module level."""
+    code = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import perfusion_runtime.build.run, perfusion_runtime.build.command
+        import perfusion_runtime.files.store, perfusion_runtime.files.outputs
+        import perfusion_runtime.files.lock
+        print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})))
+    """)
+    done = _run([sys.executable, "-c", code], cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
 def test_runtime_entry_point_loads_no_parser() -> None:
     code = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {str(REPO)!r})
-        import perfusion_runtime.build, perfusion_runtime.jobs, perfusion_runtime.command
+        import perfusion_runtime.build.run, perfusion_runtime.build.jobs
+        import perfusion_runtime.build.command
         print(json.dumps(sorted(m for m in sys.modules
                                 if m == "lark" or m.startswith(("lark.", "perfusion_dsl.")))))
     """)

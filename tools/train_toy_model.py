@@ -664,7 +664,7 @@ def save(args: argparse.Namespace, tokenizer: Any, text: CLIPTextModel, vae: Aut
 
 
 def write_corpus(path: Path) -> None:
-    """The model's caption corpus for C⁻¹ (perfusion_runtime.jobs.default_captions)."""
+    """The model's caption corpus for C⁻¹ (perfusion_runtime.build.jobs.default_captions)."""
     from runtime.toy.world import caption_corpus
 
     lines = caption_corpus(5000)

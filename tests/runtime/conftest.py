@@ -16,10 +16,10 @@ else:
     import torch
     from torch import Tensor
 
-    from perfusion_runtime.key_locking import inverse_covariance, make_basis, second_moment
-    from perfusion_runtime.layers import cross_attention_layers
-    from perfusion_runtime.processor import ConceptState
-    from perfusion_runtime.tiny import tiny_pipeline
+    from perfusion_runtime.method.key_locking import inverse_covariance, make_basis, second_moment
+    from perfusion_runtime.method.layers import cross_attention_layers
+    from perfusion_runtime.method.processor import ConceptState
+    from perfusion_runtime.method.tiny import tiny_pipeline
 
     Encode = Callable[[list[str]], Tensor]
 

@@ -23,8 +23,8 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from perfusion_runtime import artifact
-from perfusion_runtime.artifact import (
+from perfusion_runtime.method import artifact
+from perfusion_runtime.method.artifact import (
     ArtifactError,
     Concept,
     InvalidConcept,
@@ -233,8 +233,9 @@ def test_M3_same_concept_same_bytes_across_processes(tmp_path: Path) -> None:
     here = tmp_path / "here.safetensors"
     save(make_concept(), here)
     script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-              f"from test_artifact import make_concept; from perfusion_runtime.artifact import "
-              f"save; save(make_concept(), {str(tmp_path / 'there.safetensors')!r})")
+              f"from test_artifact import make_concept; "
+              f"from perfusion_runtime.method.artifact import save; "
+              f"save(make_concept(), {str(tmp_path / 'there.safetensors')!r})")
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
     assert (tmp_path / "there.safetensors").read_bytes() == here.read_bytes()
 
@@ -436,7 +437,7 @@ def test_M1_rejects_a_malformed_header(saved: Path) -> None:
 
 def test_S8_runtime_never_unpickles() -> None:
     unpickling = re.compile(r"(?<!safetensors\.)\btorch\.load\(|\bpickle\.|weights_only")
-    for source in sorted(Path(artifact.__file__).parent.rglob("*.py")):
+    for source in sorted(Path(artifact.__file__).parent.parent.rglob("*.py")):
         found = unpickling.search(source.read_text())
         assert found is None, f"{source.name} uses {found.group()}"
 

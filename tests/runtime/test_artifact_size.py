@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from perfusion_dsl.options import LEARN, defaults_for
-from perfusion_runtime.artifact import Concept, encode, locked_key_targets, size_for
-from perfusion_runtime.layers import cross_attention_layers
-from perfusion_runtime.tiny import sd15_unet_and_text_encoder
+from perfusion_runtime.method.artifact import Concept, encode, locked_key_targets, size_for
+from perfusion_runtime.method.layers import cross_attention_layers
+from perfusion_runtime.method.tiny import sd15_unet_and_text_encoder
 
 BUDGET, HALF_BUDGET, OLD_BUDGET = 104 * 1024, 52 * 1024, 106 * 1024
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from perfusion_runtime.attention_mask import THRESHOLD, _binarise, _to_grid, attention_masks
-from perfusion_runtime.layers import cross_attention_layers
-from perfusion_runtime.tiny import tiny_pipeline
-from perfusion_runtime.tokens import positions
-from perfusion_runtime.trainer import captions, encode
+from perfusion_runtime.method.attention_mask import THRESHOLD, _binarise, _to_grid, attention_masks
+from perfusion_runtime.method.layers import cross_attention_layers
+from perfusion_runtime.method.tiny import tiny_pipeline
+from perfusion_runtime.method.tokens import positions
+from perfusion_runtime.method.trainer import captions, encode
 
 
 def test_binarise_is_per_image_not_per_row() -> None:

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from perfusion_runtime.render import CPU_BATCH, apply_concepts
-from perfusion_runtime.tiny import tiny_pipeline
+from perfusion_runtime.method.render import CPU_BATCH, apply_concepts
+from perfusion_runtime.method.tiny import tiny_pipeline
 
 RENDER = {"num_inference_steps": 2, "output_type": "np"}
 

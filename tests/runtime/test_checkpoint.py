@@ -21,12 +21,12 @@ import pytest
 import torch
 from test_trainer import assert_bit_identical, state_dicts, write_photos
 
-from perfusion_runtime import artifact, checkpoint
-from perfusion_runtime.layers import cross_attention_layers
-from perfusion_runtime.processor import PerfusionAttnProcessor
-from perfusion_runtime.store import Store
-from perfusion_runtime.tiny import tiny_pipeline
-from perfusion_runtime.trainer import Progress, Recipe, Subject, TrainingInterrupted, train
+from perfusion_runtime.files.store import Store
+from perfusion_runtime.method import artifact, checkpoint
+from perfusion_runtime.method.layers import cross_attention_layers
+from perfusion_runtime.method.processor import PerfusionAttnProcessor
+from perfusion_runtime.method.tiny import tiny_pipeline
+from perfusion_runtime.method.trainer import Progress, Recipe, Subject, TrainingInterrupted, train
 
 RECIPE = Recipe(steps=6, batch=2, seed=0, templates=("a photo of a {}", "a close-up of a {}"))
 KEY = "ab" * 32
@@ -247,10 +247,10 @@ import json, sys
 import torch
 torch.set_num_threads(1)
 from pathlib import Path
-from perfusion_runtime import artifact
-from perfusion_runtime.store import Store
-from perfusion_runtime.tiny import tiny_pipeline
-from perfusion_runtime.trainer import Recipe, Subject, train
+from perfusion_runtime.method import artifact
+from perfusion_runtime.files.store import Store
+from perfusion_runtime.method.tiny import tiny_pipeline
+from perfusion_runtime.method.trainer import Recipe, Subject, train
 
 config = json.loads(Path(sys.argv[1]).read_text())
 recipe = Recipe(**{**config["recipe"], "templates": tuple(config["recipe"]["templates"])})

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from transformers import CLIPTokenizer
 
-from perfusion_runtime import covariance
-from perfusion_runtime.covariance import (
+from perfusion_runtime.method import covariance
+from perfusion_runtime.method.covariance import (
     CAPTIONS_PATH,
     TEXT_POSITIONS,
     CaptionFileError,
@@ -30,14 +30,14 @@ from perfusion_runtime.covariance import (
     load_captions,
     text_encoder_fingerprint,
 )
-from perfusion_runtime.key_locking import (
+from perfusion_runtime.method.key_locking import (
     coefficients,
     inverse_covariance,
     make_basis,
     second_moment,
 )
-from perfusion_runtime.tiny import TOKENIZER_DIR, tiny_pipeline, tiny_tokenizer
-from perfusion_runtime.tokens import add_concepts, placeholder, remove_extension
+from perfusion_runtime.method.tiny import TOKENIZER_DIR, tiny_pipeline, tiny_tokenizer
+from perfusion_runtime.method.tokens import add_concepts, placeholder, remove_extension
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "make_caption_corpus.py"

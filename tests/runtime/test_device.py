@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from perfusion_runtime.device import DeviceError, Precision, choose, math_dtype
+from perfusion_runtime.method.device import DeviceError, Precision, choose, math_dtype
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device on this machine")

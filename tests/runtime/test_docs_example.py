@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from perfusion_runtime import artifact
-from perfusion_runtime.covariance import cinv_for
-from perfusion_runtime.fingerprint import base_fingerprint
-from perfusion_runtime.tiny import tiny_pipeline
-from perfusion_runtime.trainer import Recipe, Subject, train
+from perfusion_runtime.method import artifact
+from perfusion_runtime.method.covariance import cinv_for
+from perfusion_runtime.method.fingerprint import base_fingerprint
+from perfusion_runtime.method.tiny import tiny_pipeline
+from perfusion_runtime.method.trainer import Recipe, Subject, train
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "runtime.md"
 

@@ -17,18 +17,18 @@ from torch import nn
 
 from perfusion_dsl.compiler import compile_paths
 from perfusion_dsl.plan import Plan
-from perfusion_runtime import artifact
-from perfusion_runtime import jobs as jobs_module
-from perfusion_runtime.build import RunOptions, Summary, run
-from perfusion_runtime.covariance import cinv_for
-from perfusion_runtime.device import choose
-from perfusion_runtime.fingerprint import base_fingerprint
-from perfusion_runtime.jobs import ModelUnavailable, load_pipeline
-from perfusion_runtime.layers import cross_attention_layers
-from perfusion_runtime.processor import PerfusionAttnProcessor
-from perfusion_runtime.progress import Reporter
-from perfusion_runtime.tiny import tiny_pipeline
-from perfusion_runtime.trainer import Recipe
+from perfusion_runtime.build import jobs as jobs_module
+from perfusion_runtime.build.jobs import ModelUnavailable, load_pipeline
+from perfusion_runtime.build.progress import Reporter
+from perfusion_runtime.build.run import RunOptions, Summary, run
+from perfusion_runtime.method import artifact
+from perfusion_runtime.method.covariance import cinv_for
+from perfusion_runtime.method.device import choose
+from perfusion_runtime.method.fingerprint import base_fingerprint
+from perfusion_runtime.method.layers import cross_attention_layers
+from perfusion_runtime.method.processor import PerfusionAttnProcessor
+from perfusion_runtime.method.tiny import tiny_pipeline
+from perfusion_runtime.method.trainer import Recipe
 
 SPEC = """\
 model "tiny:random"

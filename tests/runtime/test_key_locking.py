@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from perfusion_runtime.key_locking import (
+from perfusion_runtime.method.key_locking import (
     INFERENCE_TAU,
     apply_edit,
     coefficients,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from perfusion_runtime.outputs import (
+from perfusion_runtime.files.outputs import (
     MANIFEST,
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
@@ -405,7 +405,7 @@ def test_oversized_or_odd_manifest_is_ignored(root: Path,
 
 
 def assert_ignored(folder: Path, caplog: pytest.LogCaptureFixture, why: str = "") -> None:
-    with caplog.at_level(logging.WARNING, logger="perfusion_runtime.outputs"):
+    with caplog.at_level(logging.WARNING, logger="perfusion_runtime.files.outputs"):
         assert read_manifest(folder) == empty()
     [record] = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert str(folder / MANIFEST) in record.getMessage()
@@ -416,7 +416,7 @@ def assert_ignored(folder: Path, caplog: pytest.LogCaptureFixture, why: str = ""
 
 
 def test_importing_outputs_loads_no_torch_numpy_or_pillow() -> None:
-    script = ("import sys, perfusion_runtime.outputs; "
+    script = ("import sys, perfusion_runtime.files.outputs; "
               "print(sorted(m for m in ('torch', 'numpy', 'diffusers', 'PIL') "
               "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -12,10 +12,10 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor
 
-from perfusion_runtime import processor as processor_module
-from perfusion_runtime.key_locking import gate
-from perfusion_runtime.layers import cross_attention_layers
-from perfusion_runtime.processor import ConceptState, PerfusionAttnProcessor, install
+from perfusion_runtime.method import processor as processor_module
+from perfusion_runtime.method.key_locking import gate
+from perfusion_runtime.method.layers import cross_attention_layers
+from perfusion_runtime.method.processor import ConceptState, PerfusionAttnProcessor, install
 
 PROMPT = "a photo of a teddy bear on the beach"
 SUPER = "a photo of a toy on the beach"

@@ -13,10 +13,10 @@ from PIL import Image, ImageDraw
 
 from perfusion_dsl.compiler import compile_paths
 from perfusion_dsl.plan import Plan
-from perfusion_runtime.build import RunOptions, Summary, run
-from perfusion_runtime.covariance import cinv_for
-from perfusion_runtime.progress import Reporter
-from perfusion_runtime.tiny import tiny_pipeline
+from perfusion_runtime.build.progress import Reporter
+from perfusion_runtime.build.run import RunOptions, Summary, run
+from perfusion_runtime.method.covariance import cinv_for
+from perfusion_runtime.method.tiny import tiny_pipeline
 
 ray = pytest.importorskip("ray")
 

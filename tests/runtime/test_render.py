@@ -13,14 +13,14 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from perfusion_runtime import artifact
-from perfusion_runtime.artifact import Concept
-from perfusion_runtime.covariance import cinv_for
-from perfusion_runtime.fingerprint import base_fingerprint
-from perfusion_runtime.processor import SUPER_KWARG
-from perfusion_runtime.render import Applied, apply_concepts
-from perfusion_runtime.tiny import tiny_pipeline
-from perfusion_runtime.trainer import Recipe, Subject, train
+from perfusion_runtime.method import artifact
+from perfusion_runtime.method.artifact import Concept
+from perfusion_runtime.method.covariance import cinv_for
+from perfusion_runtime.method.fingerprint import base_fingerprint
+from perfusion_runtime.method.processor import SUPER_KWARG
+from perfusion_runtime.method.render import Applied, apply_concepts
+from perfusion_runtime.method.tiny import tiny_pipeline
+from perfusion_runtime.method.trainer import Recipe, Subject, train
 
 RECIPE = Recipe(steps=8, batch=2, seed=0, templates=("a photo of a {}", "a close-up of a {}"))
 RENDER = {"num_inference_steps": 3, "output_type": "np"}  # float images in [0, 1]

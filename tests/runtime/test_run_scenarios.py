@@ -23,11 +23,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from perfusion_dsl.cli import main
-from perfusion_runtime import jobs
-from perfusion_runtime.covariance import cinv_for
-from perfusion_runtime.outputs import read_png_text
-from perfusion_runtime.store import Store
-from perfusion_runtime.tiny import tiny_pipeline
+from perfusion_runtime.build import jobs
+from perfusion_runtime.files.outputs import read_png_text
+from perfusion_runtime.files.store import Store
+from perfusion_runtime.method.covariance import cinv_for
+from perfusion_runtime.method.tiny import tiny_pipeline
 
 SPEC = """\
 model "tiny:random"
@@ -200,7 +200,7 @@ def test_R6_corrupt_artifact_is_reported_then_rebuilt(project: Path) -> None:
 HOLD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from perfusion_runtime.lock import build_lock
+    from perfusion_runtime.files.lock import build_lock
     with build_lock(Path(sys.argv[1])):
         print("held", flush=True)
         time.sleep(float(sys.argv[2]))
@@ -277,7 +277,7 @@ def test_R1_a_checkpoint_left_beside_a_published_concept_is_removed(project: Pat
     """A run killed after publishing a concept and before removing its checkpoint leaves the
     checkpoint behind; the next run finds the concept built and removes it."""
     from perfusion_dsl.compiler import compile_paths
-    from perfusion_runtime.status import store_key
+    from perfusion_runtime.build.status import store_key
 
     code, _, err = cli(project, "run", ".", "--quiet")
     assert code == 0, err
@@ -314,7 +314,7 @@ def test_M6_out_of_memory_retries_with_a_smaller_batch_then_advises(project: Pat
     try:
         jobs_module_pipelines = pipes
         from perfusion_dsl.compiler import compile_paths
-        from perfusion_runtime.status import store_key
+        from perfusion_runtime.build.status import store_key
 
         plan = compile_paths([project], project).plan()
         (step,) = plan.concepts
@@ -404,7 +404,7 @@ def test_R3_base_model_weights_replaced_in_place_rebuild(project: Path) -> None:
     assert code == 0, err
     time.sleep(0.01)  # a new mtime even on coarse clocks
     tiny_pipeline(1).save_pretrained(folder, safe_serialization=True)
-    from perfusion_runtime import status
+    from perfusion_runtime.build import status
 
     status._STAMPS.clear()  # a new run is a new process; this test reuses one
     code, out, _ = cli(project, "plan", ".")

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from perfusion_runtime.store import (
+from perfusion_runtime.files.store import (
     ARTIFACT,
     MANIFEST,
     Store,
@@ -53,7 +53,7 @@ def leftovers(folder: Path) -> list[str]:
 def assert_miss_reported_and_rebuilt(store: Store, caplog: pytest.LogCaptureFixture,
                                      bad_path: Path, actual: str) -> None:
     """The corrupt entry is a miss, logged with path and both digests, trashed, then rebuilt."""
-    with caplog.at_level(logging.WARNING, logger="perfusion_runtime.store"):
+    with caplog.at_level(logging.WARNING, logger="perfusion_runtime.files.store"):
         assert store.get(KEY) is None
     [record] = [r for r in caplog.records if r.levelno == logging.WARNING]
     message = record.getMessage()
@@ -117,7 +117,7 @@ def crash_in_rename(tmp_path: Path, *, after: bool) -> None:
     """A real process dies (os._exit, no cleanup) just before or just after the rename."""
     script = (
         "import os, sys\n"
-        "from perfusion_runtime.store import Store\n"
+        "from perfusion_runtime.files.store import Store\n"
         "real = os.rename\n"
         "def crash(src, dst):\n"
         f"    if {after}: real(src, dst)\n"

@@ -14,8 +14,8 @@ import pytest
 import regex
 import torch
 
-from perfusion_runtime.layers import cross_attention_layers
-from perfusion_runtime.tiny import (
+from perfusion_runtime.method.layers import cross_attention_layers
+from perfusion_runtime.method.tiny import (
     TOKENIZER_DIR,
     sd15_unet_and_text_encoder,
     tiny_pipeline,

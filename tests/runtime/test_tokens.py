@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from perfusion_runtime.tokens import (
+from perfusion_runtime.method.tokens import (
     ExtendedEmbedding,
     add_concepts,
     placeholder,

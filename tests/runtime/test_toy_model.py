@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 import torch
 
-from perfusion_runtime.covariance import cinv_for
-from perfusion_runtime.device import choose
-from perfusion_runtime.fingerprint import base_fingerprint
-from perfusion_runtime.jobs import BUILTIN_MODELS, default_captions, load_pipeline
-from perfusion_runtime.render import apply_concepts
+from perfusion_runtime.build.jobs import default_captions, load_pipeline
+from perfusion_runtime.build.status import BUILTIN_MODELS
+from perfusion_runtime.method.covariance import cinv_for
+from perfusion_runtime.method.device import choose
+from perfusion_runtime.method.fingerprint import base_fingerprint
+from perfusion_runtime.method.render import apply_concepts
+from perfusion_runtime.method.trainer import Recipe, Subject, train
 from perfusion_runtime.toy import analyze, world
-from perfusion_runtime.trainer import Recipe, Subject, train
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,8 @@ def test_short_training_improves_concept_fidelity_over_the_untrained_token(
 def test_toy_shapes_ships_its_world_caption_corpus_for_cinv() -> None:
     """C⁻¹ for toy:shapes comes from its world's captions (the shipped file is current), and
     the corpus is part of the model's stamp, so a different corpus changes concept keys."""
-    from perfusion_runtime.covariance import load_captions
-    from perfusion_runtime.status import file_sha256, model_stamp
+    from perfusion_runtime.build.status import file_sha256, model_stamp
+    from perfusion_runtime.method.covariance import load_captions
 
     path = default_captions("toy:shapes")
     assert path == BUILTIN_MODELS["toy:shapes"] / "captions.txt"

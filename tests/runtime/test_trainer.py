@@ -13,15 +13,15 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from perfusion_runtime import artifact, trainer
-from perfusion_runtime.artifact import Concept
-from perfusion_runtime.covariance import cinv_for
-from perfusion_runtime.fingerprint import base_fingerprint
-from perfusion_runtime.layers import cross_attention_layers
-from perfusion_runtime.processor import PerfusionAttnProcessor
-from perfusion_runtime.render import apply_concepts
-from perfusion_runtime.tiny import tiny_pipeline
-from perfusion_runtime.trainer import (
+from perfusion_runtime.method import artifact, trainer
+from perfusion_runtime.method.artifact import Concept
+from perfusion_runtime.method.covariance import cinv_for
+from perfusion_runtime.method.fingerprint import base_fingerprint
+from perfusion_runtime.method.layers import cross_attention_layers
+from perfusion_runtime.method.processor import PerfusionAttnProcessor
+from perfusion_runtime.method.render import apply_concepts
+from perfusion_runtime.method.tiny import tiny_pipeline
+from perfusion_runtime.method.trainer import (
     NonFiniteLoss,
     Progress,
     Recipe,

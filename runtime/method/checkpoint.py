@@ -17,7 +17,13 @@ import torch
 from safetensors.torch import load as load_safetensors  # bytes in, tensors out; no pickle
 from torch import Tensor
 
-from .artifact import ArtifactError, _parse_header, _Problem, _read_file, _write_atomically
+from .artifact import (
+    ArtifactError,
+    _parse_header,
+    _Problem,
+    _read_file,
+    _write_atomically,
+)
 
 # File layout (format_version "1"): the tensors the caller names (a run's parameters, optimiser
 # slots, generator state as uint8, ...), and the metadata strings format, format_version, step,

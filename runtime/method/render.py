@@ -18,8 +18,22 @@ from .covariance import cinv_for
 from .fingerprint import base_fingerprint
 from .key_locking import make_basis, strength_to_beta
 from .layers import cross_attention_layers
-from .processor import SUPER_KWARG, ConceptSet, ConceptState, Installed, install, is_installed
-from .tokens import TOKEN, add_concepts, drop_concept, is_extended, remove_extension, rewrite
+from .processor import (
+    SUPER_KWARG,
+    ConceptSet,
+    ConceptState,
+    Installed,
+    install,
+    is_installed,
+)
+from .tokens import (
+    TOKEN,
+    add_concepts,
+    drop_concept,
+    is_extended,
+    remove_extension,
+    rewrite,
+)
 
 # Images per pipeline call when none is given: one on the CPU, where torch's kernels give
 # different bits for different batch sizes and even for different places in one batch (M4);

@@ -17,19 +17,17 @@ import torch
 
 from perfusion_dsl.plan import ConceptStep, RenderStep
 
-from .artifact import encode
-from .covariance import cinv_for
-from .device import Precision, choose
+from ..method.artifact import encode
+from ..method.covariance import cinv_for
+from ..method.device import Precision, choose
 from .executor import Stopped
-from .fingerprint import base_fingerprint
-from .render import apply_concepts
-from .status import concept_inputs, tool_version
-from .store import Store
-from .trainer import Progress, Recipe, Subject, train
+from ..method.fingerprint import base_fingerprint
+from ..method.render import apply_concepts
+from .status import BUILTIN_MODELS, concept_inputs, tool_version
+from ..files.store import Store
+from ..method.trainer import Progress, Recipe, Subject, train
 
 BUILTIN_TEST_MODEL = "tiny:random"  # a random tiny pipeline, for tests and CPU benches
-# Pretrained built-in models: diffusers folders shipped as package data (docs/toy.md).
-BUILTIN_MODELS = {"toy:shapes": Path(__file__).resolve().parent / "toy" / "shapes"}
 
 Stop = Callable[[], bool]
 
@@ -54,7 +52,7 @@ class OutOfMemory(RuntimeError):
 def load_pipeline(source: str, precision: Precision) -> Any:
     """A StableDiffusionPipeline for a plan's model name, from local files only."""
     if source == BUILTIN_TEST_MODEL:
-        from .tiny import tiny_pipeline
+        from ..method.tiny import tiny_pipeline
 
         return tiny_pipeline(0).to(precision.device)
     if source.startswith("toy:"):
@@ -271,7 +269,7 @@ def _render_with_retry(applied: Any, renders: Sequence[RenderStep],
 
 
 def applied_batch(pipe: Any) -> int:
-    from .render import CPU_BATCH, CUDA_BATCH
+    from ..method.render import CPU_BATCH, CUDA_BATCH
 
     return CPU_BATCH if pipe.unet.device.type == "cpu" else CUDA_BATCH
 

@@ -36,7 +36,7 @@ from .tokens import ExtendedEmbedding
 
 logger = logging.getLogger(__name__)
 
-CAPTIONS_PATH = Path(__file__).resolve().parent / "data" / "captions.txt"
+CAPTIONS_PATH = Path(__file__).resolve().parent.parent / "data" / "captions.txt"
 TEXT_POSITIONS = 77  # T of SD 1.x: every position is a sample of C, padding included
 RIDGE = DEFAULT_RIDGE
 CACHE_FORMAT = "perfusion-cinv"

@@ -15,11 +15,11 @@ from types import FrameType
 
 from perfusion_dsl.plan import Plan
 
-from .build import RunOptions, Summary, run
-from .lock import LockHeld, build_lock
+from .run import RunOptions, Summary, run
+from ..files.lock import LockHeld, build_lock
 from .progress import Reporter
 from .status import PlanStatus, plan_status, store_key
-from .store import Store, StoreError
+from ..files.store import Store, StoreError
 
 EXIT_OK, EXIT_FAILED = 0, 1
 RUNTIME_MODULES = ("torch", "diffusers", "transformers", "safetensors", "numpy", "tqdm")

@@ -23,7 +23,13 @@ from .images import load_images, load_masks
 from .key_locking import make_basis
 from .layers import cross_attention_layers
 from .processor import ConceptState, install
-from .tokens import add_concepts, extended_embedding, positions, remove_extension, rewrite
+from .tokens import (
+    add_concepts,
+    extended_embedding,
+    positions,
+    remove_extension,
+    rewrite,
+)
 
 EMA_DECAY = 0.99  # i* is an exponential moving average (docs/runtime.md)
 ADAMW_SLOTS = ("step", "exp_avg", "exp_avg_sq")  # AdamW's state per parameter (no amsgrad)

@@ -47,7 +47,7 @@ class LocalExecutor:
 
     def train_all(self, jobs: Sequence[TrainJob], done: TrainDone) -> None:
         from .jobs import train_job
-        from .trainer import TrainingInterrupted
+        from ..method.trainer import TrainingInterrupted
 
         for job in jobs:
             if self.stop():

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from perfusion_dsl.plan import Plan, RenderStep
 
 from .executor import Executor, Stopped
-from .lock import build_lock
+from ..files.lock import build_lock
 from .progress import Reporter, duration
 from .status import (
     Manifests,
@@ -25,7 +25,7 @@ from .status import (
     tool_version,
     write_history,
 )
-from .store import Store
+from ..files.store import Store
 
 if TYPE_CHECKING:
     from .jobs import Rendered, RenderJob, Trained, TrainJob
@@ -262,7 +262,7 @@ def provenance(r: RenderStep, image: Rendered, inputs: dict[str, Any], key: str)
 
 def _rendered(build: _Build, indices: list[int], images: list[Rendered]) -> None:
     """Write each image (provenance in its PNG chunks) and cache it, then the manifests."""
-    from .outputs import png_with_text
+    from ..files.outputs import png_with_text
 
     folders: set[str] = set()
     for image in images:
@@ -279,7 +279,7 @@ def _rendered(build: _Build, indices: list[int], images: list[Rendered]) -> None
 def _restore(build: _Build, todo: list[int]) -> list[int]:
     """Renders whose image the store already holds (made before, e.g. before an edit that
     was reverted: R5) are copied out without a model; returns the rest."""
-    from .outputs import read_png_text
+    from ..files.outputs import read_png_text
 
     rest, folders = [], set()
     for i in todo:
@@ -312,7 +312,7 @@ def _float(text: str | None) -> float | None:
 
 def _publish(build: _Build, i: int, data: bytes, settings: dict[str, Any]) -> str:
     """Write render i's PNG at its output path and record it; returns its folder."""
-    from .outputs import write_output
+    from ..files.outputs import write_output
 
     assert build.manifests is not None
     r, key = build.plan.renders[i], build.status.render_keys[i]
@@ -325,7 +325,7 @@ def _publish(build: _Build, i: int, data: bytes, settings: dict[str, Any]) -> st
 
 
 def _write_manifests(build: _Build, folders: set[str]) -> None:
-    from .outputs import write_manifest
+    from ..files.outputs import write_manifest
 
     assert build.manifests is not None
     for folder in sorted(folders):
@@ -369,7 +369,7 @@ def _sheet(build: _Build, renders: Sequence[RenderStep], folder: str) -> str | N
     if (isinstance(old, dict) and {k: old.get(k) for k in record} == record
             and file_sha256(build.root / rel) == old.get("sha256")):
         return rel
-    from .outputs import contact_sheet, png_with_text, write_manifest, write_output
+    from ..files.outputs import contact_sheet, png_with_text, write_manifest, write_output
 
     tiles = [(_open(build.root / r.out), f"seed {r.seed}  s {r.strength!r}\n{r.prompt}")
              for r, _ in present]

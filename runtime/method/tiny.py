@@ -16,7 +16,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"  # tools/make_tiny_tokenizer.py
+TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "tokenizer"  # tools/make_tiny_tokenizer.py
 TEXT_POSITIONS = 77  # T of SD 1.x
 TINY_SAMPLE_SIZE = 8  # latents 8×8 -> 32×32 px images (the tiny VAE downsamples by 4)
 

@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from perfusion_dsl.plan import ConceptStep, Plan, RenderStep
 
-from .outputs import read_manifest
-from .store import Store, write_json_atomically
+from ..files.outputs import read_manifest
+from ..files.store import Store, write_json_atomically
 
 State = Literal["new", "up to date", "changed"]
 RENDER_KEY_FORMAT = 1  # bump when a render's bytes would change for the same inputs
@@ -58,7 +58,8 @@ def tool_version() -> str:
         return "perfusion (not installed)"
 
 
-_TOY = Path(__file__).resolve().parent / "toy"
+# Pretrained built-in models: diffusers folders shipped as package data (docs/toy.md).
+BUILTIN_MODELS = {"toy:shapes": Path(__file__).resolve().parent.parent / "toy" / "shapes"}
 _STAMPS: dict[str, str | None] = {}
 
 
@@ -75,8 +76,8 @@ def model_stamp(model: str) -> str | None:
 def _stamp(model: str) -> str | None:
     if model == "tiny:random":
         return None
-    if model.startswith("toy:"):  # its training record and the caption corpus it ships
-        folder = _TOY / model.removeprefix("toy:")
+    if model in BUILTIN_MODELS:  # its training record and the caption corpus it ships
+        folder = BUILTIN_MODELS[model]
         record = file_sha256(folder / "training.json")
         if record is None:
             return "missing"
