@@ -131,11 +131,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     comp, status = _compiled(args)
     if status != EXIT_OK:
         return status
-    from perfusion_runtime.build.command import run_command, store_root
+    from perfusion_runtime.build.command import run_command
     from perfusion_runtime.build.run import RunOptions
+    from perfusion_runtime.files.store import cache_root
 
     root = comp.context.root
-    options = RunOptions(store_root(args.cache, root), device=args.device,
+    options = RunOptions(cache_root(args.cache, root), device=args.device,
                          batch_size=args.batch_size, keep_going=args.keep_going,
                          wait=args.wait, executor=args.executor, ray_address=args.ray_address)
     return int(run_command(comp.plan(), root, options, quiet=args.quiet))
@@ -143,11 +144,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from perfusion_runtime.build import command
+    from perfusion_runtime.files.store import cache_root
 
     if args.action == "verify":
         from perfusion_dsl.compiler import run_root
 
-        store = command.store_root(args.cache, run_root(args.paths, args.root))
+        store = cache_root(args.cache, run_root(args.paths, args.root))
         return int(command.verify_command(store))
     comp, status = _compiled(args)
     if status != EXIT_OK:
@@ -155,7 +157,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
               "decide what is kept)", file=sys.stderr)
         return status
     root = comp.context.root
-    return int(command.gc_command(command.store_root(args.cache, root),
+    return int(command.gc_command(cache_root(args.cache, root),
                                   command.keys_of(comp.plan()), wait=args.wait))
 
 
@@ -170,7 +172,7 @@ COMMANDS = {"check": cmd_check, "plan": cmd_plan, "run": cmd_run, "fmt": cmd_fmt
 
 
 def _crash(exc: BaseException) -> int:
-    """D7: an internal bug exits 70 with a short message and a crash log, not a traceback."""
+    """An internal bug exits 70 with a short message and a crash log, not a traceback."""
     fd, log = tempfile.mkstemp(prefix="perfusion-crash-", suffix=".log")
     with os.fdopen(fd, "w") as handle:
         handle.write(f"perfusion {__version__} crashed at {time.ctime()}\n")

@@ -52,7 +52,7 @@ def warning(code: str, message: str, file: str, span: Span | None, *,
 
 
 def closest(word: str, candidates: Iterable[str]) -> str | None:
-    """The candidate `word` was most likely meant to be, if any is close (D5)."""
+    """The candidate `word` was most likely meant to be, if any is close."""
     pool = sorted(set(candidates))
     matches = get_close_matches(word, pool, n=1, cutoff=0.7)
     if matches:

@@ -209,7 +209,7 @@ def _comment_texts(module: n.Module) -> list[str]:
 
 
 def _faithful(text: str, module: n.Module) -> bool:
-    """Whether `text` parses back to `module` with the same comments (F2's safety net)."""
+    """Whether `text` parses back to `module` with the same comments (a safety net)."""
     source, _ = decode(text.encode("utf-8"), "<formatted>", len(text.encode("utf-8")) + 1)
     if source is None:
         return False
@@ -233,11 +233,6 @@ def format_bytes(data: bytes, file: str) -> tuple[str | None, list[Diagnostic]]:
                            "faithfully, so it was left unchanged (this is a bug)", file, None))
         return None, diags
     return text, diags
-
-
-def format_text(text: str, file: str) -> tuple[str | None, list[Diagnostic]]:
-    """Like `format_bytes`, for text already in memory (a BOM or CRLF in it is removed)."""
-    return format_bytes(text.encode("utf-8", errors="surrogatepass"), file)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Every bound the compiler enforces (S5-S7). `perfusion.toml` may set these
+    """Every bound the compiler enforces. `perfusion.toml` may set these
     within `CEILINGS`; spec files have no syntax to change them at all."""
 
     max_spec_bytes: int = 262_144  # ~6,000 lines; checks in about 1 s (docs/performance.md)

@@ -19,7 +19,6 @@ from perfusion_dsl.source import Source
 from perfusion_dsl.syntax_errors import span_at, translate
 
 MAX_SYNTAX_ERRORS = 20
-KEYWORDS = ("model", "use", "let", "defaults", "learn", "generate")
 # A line in column 0 that starts like a statement: the keyword and what must follow it (so
 # a list item `learn` or `model,` on a line of its own is not mistaken for a statement).
 _STATEMENT_START = re.compile(

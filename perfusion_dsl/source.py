@@ -1,4 +1,4 @@
-"""Reads a spec file's bytes into text, reporting encoding and size problems (D8)."""
+"""Reads a spec file's bytes into text, reporting encoding and size problems."""
 
 from __future__ import annotations
 

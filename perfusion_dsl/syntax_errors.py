@@ -1,4 +1,4 @@
-"""Turns Lark's parse errors into diagnostics in the spec author's words (D3, D4)."""
+"""Turns Lark's parse errors into diagnostics in the spec author's words."""
 
 from __future__ import annotations
 

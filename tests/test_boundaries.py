@@ -106,6 +106,28 @@ def test_method_imports_no_build_code_and_product_no_toy() -> None:
                         f"method/{path.name} imports {name}"
 
 
+def test_runtime_modules_import_no_circle() -> None:
+    """No two runtime modules import each other, directly or round a longer circle (lazy
+    imports count: they are the same dependency, only later)."""
+    graph: dict[str, set[str]] = {}
+    for layer in (*PRODUCT_LAYERS, "toy"):
+        for path in _layer_files(layer):
+            name = f"perfusion_runtime.{layer}.{path.stem}"
+            graph[name] = {m for m in _imports(path) if m.startswith("perfusion_runtime.")}
+    graph = {name: {m for m in deps if m in graph and m != name} for name, deps in graph.items()}
+    done: set[str] = set()
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        assert name not in trail, "import circle: " + " → ".join((*trail, name))
+        if name not in done:
+            for dep in sorted(graph[name]):
+                visit(dep, (*trail, name))
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+
+
 def test_build_planning_modules_load_no_torch() -> None:
     """A no-op run and `perfusion plan` never load torch: the build's planning side and the
     durable files import none of it, even lazily at module level."""
@@ -133,7 +155,7 @@ def test_runtime_entry_point_loads_no_parser() -> None:
     """)
     done = _run([sys.executable, "-c", code], cwd=REPO)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == ["perfusion_dsl.plan"]
+    assert json.loads(done.stdout.splitlines()[-1]) == ["perfusion_dsl.keys", "perfusion_dsl.plan"]
 
 
 def test_grammar_builds_in_strict_mode() -> None:

@@ -16,9 +16,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from perfusion_dsl import nodes as n
-from perfusion_dsl.formatter import format_bytes, format_module, format_text
+from perfusion_dsl.diagnostics import Diagnostic
+from perfusion_dsl.formatter import format_bytes, format_module
 from perfusion_dsl.parser import Parsed, parse
 from perfusion_dsl.source import decode
+
+
+def format_text(text: str, file: str) -> tuple[str | None, list[Diagnostic]]:
+    """`format_bytes` of text in memory (lone surrogates kept, to reach the decoder)."""
+    return format_bytes(text.encode("utf-8", errors="surrogatepass"), file)
+
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

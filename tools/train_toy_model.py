@@ -290,8 +290,13 @@ def save_state(state: Path, step: int, models: dict[str, nn.Module],
                rng: random.Random, losses: list[float], settings: dict[str, Any],
                sittings: list[dict[str, Any]], phase: str = "unet") -> None:
     """Everything a phase ("vae" or "unet") needs to go on exactly: weights, EMA, AdamW,
-    generators; and the sittings so far (where and how long each ran)."""
-    from safetensors.torch import save_file
+    generators; and the sittings so far (where and how long each ran). One file, written
+    atomically, holds all of it (the record in its metadata too), so a crash never pairs
+    the weights of one step with the record of another; the .json beside it is a copy to
+    read."""
+    from safetensors.torch import save
+
+    from perfusion_runtime.files.atomic import write_atomically
 
     tensors: dict[str, torch.Tensor] = {}
     for name, module in models.items():
@@ -300,13 +305,13 @@ def save_state(state: Path, step: int, models: dict[str, nn.Module],
         for slot, value in opt.state[p].items():
             tensors[f"opt.{i}.{slot}"] = value.detach().clone().contiguous()
     tensors["gen"] = gen.get_state()
-    temp = state / f"{phase}_state.safetensors.tmp"
-    save_file(tensors, str(temp))
-    (state / f"{phase}_state.json.tmp").write_text(json.dumps(
-        {"step": step, "losses": losses, "settings": settings, "sittings": sittings,
-         "rng": [rng.getstate()[0], list(rng.getstate()[1]), rng.getstate()[2]]}))
-    os.replace(temp, state / f"{phase}_state.safetensors")
-    os.replace(state / f"{phase}_state.json.tmp", state / f"{phase}_state.json")
+    record = json.dumps({"step": step, "losses": losses, "settings": settings,
+                         "sittings": sittings, "rng": [rng.getstate()[0],
+                                                       list(rng.getstate()[1]),
+                                                       rng.getstate()[2]]})
+    write_atomically(state / f"{phase}_state.safetensors",
+                     save(tensors, metadata={"record": record}))
+    write_atomically(state / f"{phase}_state.json", record.encode("utf-8"))
 
 
 def load_state(state: Path, models: dict[str, nn.Module], opt: torch.optim.Optimizer,
@@ -314,13 +319,18 @@ def load_state(state: Path, models: dict[str, nn.Module], opt: torch.optim.Optim
                rng: random.Random, settings: dict[str, Any], phase: str = "unet"
                ) -> tuple[int, list[float], list[dict[str, Any]]]:
     """(steps done, losses, sittings) from `save_state`, or (0, [], []) when there is none."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    if not (state / f"{phase}_state.json").is_file():
+    path = state / f"{phase}_state.safetensors"
+    if not path.is_file():
         return 0, [], []
-    meta = json.loads((state / f"{phase}_state.json").read_text())
-    check_resume(state / f"{phase}_state.json", meta.get("settings"), settings)
-    tensors = load_file(str(state / f"{phase}_state.safetensors"))
+    with safe_open(str(path), "pt") as handle:
+        record = (handle.metadata() or {}).get("record")
+    # a state from before the record was kept inside the file has only the .json
+    meta = json.loads(record if record else (state / f"{phase}_state.json").read_text())
+    check_resume(path, meta.get("settings"), settings)
+    tensors = load_file(str(path))
     for name, module in models.items():
         _load(module, name, tensors)
     for i, p in enumerate(params):

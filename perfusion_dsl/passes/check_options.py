@@ -1,4 +1,4 @@
-"""Types and ranges of every option; effective options after `defaults` (D5, D6)."""
+"""Types and ranges of every option; effective options after `defaults`."""
 
 from __future__ import annotations
 

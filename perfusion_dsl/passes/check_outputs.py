@@ -1,4 +1,4 @@
-"""Names every output image, keeps outputs inside the run root (S1), and finds clashes."""
+"""Names every output image, keeps outputs inside the run root, and finds clashes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Checks every quoted string: known escapes only, and the length limit (S7)."""
+"""Checks every quoted string: known escapes only, and the length limit."""
 
 from __future__ import annotations
 

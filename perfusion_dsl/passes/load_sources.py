@@ -17,7 +17,7 @@ _LET = re.compile(r"^[ \t]*let\s+([A-Za-z_][A-Za-z0-9_-]*)", re.MULTILINE)
 
 
 def _read(ctx: Context, path: Path, file: str) -> bytes | None:
-    """The file's bytes, or None after reporting why they cannot be used (S7)."""
+    """The file's bytes, or None after reporting why they cannot be used."""
     limit = ctx.config.limits.max_spec_bytes
     try:
         with open(path, "rb") as handle:

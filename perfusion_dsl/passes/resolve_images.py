@@ -1,4 +1,4 @@
-"""Resolves `learn` patterns and mask patterns to decodable images (S3, S5)."""
+"""Resolves `learn` patterns and mask patterns to decodable images."""
 
 from __future__ import annotations
 

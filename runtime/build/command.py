@@ -19,27 +19,16 @@ from .run import RunOptions, Summary, run
 from ..files.lock import LockHeld, build_lock
 from .progress import Reporter
 from .status import PlanStatus, plan_status, store_key
-from ..files.store import Store, StoreError
+from ..files.store import Store, StoreError, cache_root
 
 EXIT_OK, EXIT_FAILED = 0, 1
 RUNTIME_MODULES = ("torch", "diffusers", "transformers", "safetensors", "numpy", "tqdm")
-STORE_DIR = ".perfusion"
-
-
-def store_root(cache: Path | None, root: Path) -> Path:
-    """--cache, else $PERFUSION_CACHE, else .perfusion/ in the run root."""
-    if cache is not None:
-        return cache
-    env = os.environ.get("PERFUSION_CACHE")
-    return Path(env) if env else root / STORE_DIR
-
-
 # ---------------------------------------------------------------- plan
 
 
 def with_status(plan: Plan, root: Path, cache: Path | None) -> tuple[Plan, PlanStatus]:
     """The plan with `up_to_date` filled in from the store, and every step's status."""
-    status = plan_status(plan, root, Store(store_root(cache, root)))
+    status = plan_status(plan, root, Store(cache_root(cache, root)))
     concepts = [c.model_copy(update={"up_to_date": status.concepts[c.token].state ==
                                      "up to date"}) for c in plan.concepts]
     return plan.model_copy(update={"concepts": concepts}), status

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
 
 from .progress import Reporter
+from .stop import Stop, Stopped
 
 if TYPE_CHECKING:
     from .jobs import Pipelines, Rendered, RenderJob, Trained, TrainJob
@@ -14,15 +15,10 @@ if TYPE_CHECKING:
 TrainDone = Callable[["TrainJob", "Trained | BaseException"], None]
 Emit = Callable[["RenderJob", "list[Rendered]"], None]
 RenderFailed = Callable[["RenderJob", BaseException], None]
-Stop = Callable[[], bool]
 
 # What a job may fail with and the run goes on (keep-going); anything else stops the run.
 # Stopped and KeyboardInterrupt are never a job's failure.
 JOB_ERRORS: tuple[type[BaseException], ...] = (Exception,)
-
-
-class Stopped(BaseException):  # a signal like KeyboardInterrupt
-    """The run was asked to stop (Ctrl-C, SIGTERM) between two pieces of work."""
 
 
 class Executor(Protocol):

@@ -20,16 +20,15 @@ from perfusion_dsl.plan import ConceptStep, RenderStep
 from ..method.artifact import encode
 from ..method.covariance import cinv_for
 from ..method.device import Precision, choose
-from .executor import Stopped
 from ..method.fingerprint import base_fingerprint
 from ..method.render import apply_concepts
+from .stop import Stop, Stopped
 from .status import BUILTIN_MODELS, concept_inputs, tool_version
 from ..files.store import Store
 from ..method.trainer import Progress, Recipe, Subject, train
 
 BUILTIN_TEST_MODEL = "tiny:random"  # a random tiny pipeline, for tests and CPU benches
 
-Stop = Callable[[], bool]
 
 
 def default_captions(model: str) -> Path | None:
@@ -42,7 +41,7 @@ def default_captions(model: str) -> Path | None:
 
 
 class ModelUnavailable(RuntimeError):
-    """The base model cannot be loaded (never downloaded: M7)."""
+    """The base model cannot be loaded (it is never downloaded)."""
 
 
 class OutOfMemory(RuntimeError):
@@ -167,13 +166,13 @@ def train_job(job: TrainJob, pipes: Pipelines, *, progress: Callable[[Progress],
               = None, stop: Stop | None = None) -> Trained:
     """Train the job's concept and publish it in the store (unless a valid entry exists).
 
-    Resumes from the store's checkpoint of this key when there is one (M3). On out of memory
+    Resumes from the store's checkpoint of this key when there is one. On out of memory
     it retries with half the micro-batch (the same batch, by gradient accumulation) down to
-    one image, then stops with advice (M6); nothing is published by a failed attempt."""
+    one image, then stops with advice; nothing is published by a failed attempt."""
     store = Store(job.store)
     started = time.monotonic()
     if store.get(job.key) is not None:
-        # a run killed between publishing and removing its checkpoint (R1) left it behind
+        # a run killed between publishing and removing its checkpoint left it behind
         store.checkpoint(job.key).unlink(missing_ok=True)
         return Trained(job.step.token, job.key, 0.0)
     pipe, base = pipes.get(job.step.model)
@@ -240,16 +239,15 @@ def render_job(job: RenderJob, pipes: Pipelines, emit: Callable[[list[Rendered]]
     images to `emit` at once, so a stop or a failure keeps what is done.
 
     `stop()` is polled between groups (Stopped). On out of memory the batch is halved down
-    to one image, then OutOfMemory says what to try (M6)."""
+    to one image, then OutOfMemory says what to try."""
     store = Store(job.store)
     pipe, _ = pipes.get(job.renders[0].options["model"])
     files = [_concept_file(store, token, key) for token, key in job.concepts]
-    batch = job.batch_size or applied_batch(pipe)
     captions = Path(job.captions) if job.captions else \
         default_captions(job.renders[0].options["model"])
     order = sorted(range(len(job.renders)), key=lambda i: repr(_group_key(job.renders[i])))
     with apply_concepts(pipe, files, cache_dir=Path(job.store), captions=captions,
-                        batch_size=batch) as applied:
+                        batch_size=job.batch_size) as applied:
         for _, group in groupby(order, key=lambda i: repr(_group_key(job.renders[i]))):
             if stop is not None and stop():
                 raise Stopped
@@ -266,12 +264,6 @@ def _render_with_retry(applied: Any, renders: Sequence[RenderStep],
                 raise
             applied.batch_size = _halve(applied.batch_size, "batches", "lower `size`, or "
                                         "render on a machine with more memory")
-
-
-def applied_batch(pipe: Any) -> int:
-    from ..method.render import CPU_BATCH, CUDA_BATCH
-
-    return CPU_BATCH if pipe.unet.device.type == "cpu" else CUDA_BATCH
 
 
 def _concept_file(store: Store, token: str, key: str) -> Path:

@@ -6,7 +6,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .executor import Emit, RenderFailed, Stop, Stopped, TrainDone, counted
+from .executor import Emit, RenderFailed, TrainDone, counted
+from .stop import Stop, Stopped
 from .progress import Reporter
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """`perfusion run`: train what is missing or changed, render what is, like a build system.
 
 Torch is imported only when there is work: a run whose work is done reads the store and the
-output manifests and stops (R4)."""
+output manifests and stops."""
 
 from __future__ import annotations
 
@@ -13,18 +13,19 @@ from typing import TYPE_CHECKING, Any
 
 from perfusion_dsl.plan import Plan, RenderStep
 
-from .executor import Executor, Stopped
+from .executor import Executor
+from .stop import Stopped
 from ..files.lock import build_lock
 from .progress import Reporter, duration
 from .status import (
     Manifests,
     PlanStatus,
     concept_inputs,
-    file_sha256,
     plan_status,
     tool_version,
     write_history,
 )
+from ..files.atomic import file_sha256
 from ..files.store import Store
 
 if TYPE_CHECKING:
@@ -278,7 +279,7 @@ def _rendered(build: _Build, indices: list[int], images: list[Rendered]) -> None
 
 def _restore(build: _Build, todo: list[int]) -> list[int]:
     """Renders whose image the store already holds (made before, e.g. before an edit that
-    was reverted: R5) are copied out without a model; returns the rest."""
+    was reverted) are copied out without a model; returns the rest."""
     from ..files.outputs import read_png_text
 
     rest, folders = [], set()

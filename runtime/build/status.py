@@ -11,14 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from perfusion_dsl.keys import digest
 from perfusion_dsl.plan import ConceptStep, Plan, RenderStep
 
 from ..files.outputs import read_manifest
-from ..files.store import Store, write_json_atomically
+from ..files.atomic import file_sha256, write_json_atomically
+from ..files.store import Store, StoreError
 
 State = Literal["new", "up to date", "changed"]
 RENDER_KEY_FORMAT = 1  # bump when a render's bytes would change for the same inputs
-_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass(frozen=True)
@@ -28,23 +29,6 @@ class Status:
 
     def __str__(self) -> str:
         return self.state + (f": {'; '.join(self.reasons)}" if self.reasons else "")
-
-
-def _digest(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def file_sha256(path: Path) -> str | None:
-    """sha256 of the regular file at `path` (never through a symlink), or None."""
-    try:
-        fd = os.open(path, _READ_FLAGS)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return None
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tool_version() -> str:
@@ -82,7 +66,7 @@ def _stamp(model: str) -> str | None:
         if record is None:
             return "missing"
         corpus = file_sha256(folder / "captions.txt")
-        return record if corpus is None else _digest({"record": record, "captions": corpus})
+        return record if corpus is None else digest({"record": record, "captions": corpus})
     folder = Path(model).expanduser()
     try:
         files = sorted(p for p in folder.rglob("*") if p.is_file())
@@ -90,7 +74,7 @@ def _stamp(model: str) -> str | None:
                  for p in files]
     except OSError:
         return "missing"
-    return _digest(stats) if stats else "missing"
+    return digest(stats) if stats else "missing"
 
 
 def store_key(step: ConceptStep, captions_sha256: str | None = None) -> str:
@@ -99,7 +83,7 @@ def store_key(step: ConceptStep, captions_sha256: str | None = None) -> str:
     stamp = model_stamp(step.model)
     if captions_sha256 is None and stamp is None:
         return step.key
-    return _digest({"concept": step.key, "captions": captions_sha256, "model": stamp})
+    return digest({"concept": step.key, "captions": captions_sha256, "model": stamp})
 
 
 # ---------------------------------------------------------------- concepts
@@ -180,7 +164,7 @@ def read_history(store: Store, token: str) -> dict[str, Any] | None:
 def write_history(store: Store, token: str, key: str, inputs: Mapping[str, Any]) -> None:
     record = {"token": token, "key": key, "inputs": dict(inputs)}
     if read_history(store, token) != record:
-        write_json_atomically(history_path(store, token), record)
+        write_json_atomically(history_path(store, token), record, StoreError)
 
 
 def concept_status(step: ConceptStep, key: str, store: Store, root: Path) -> Status:
@@ -213,7 +197,7 @@ def render_inputs(step: RenderStep, concept_keys: Mapping[str, str]) -> dict[str
 
 
 def render_key(inputs: Mapping[str, Any]) -> str:
-    return _digest({"format": RENDER_KEY_FORMAT, **inputs})
+    return digest({"format": RENDER_KEY_FORMAT, **inputs})
 
 
 def render_reasons(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

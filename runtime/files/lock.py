@@ -1,4 +1,4 @@
-"""One run per store at a time: a kernel file lock that dies with its holder (R7, R8)."""
+"""One run per store at a time: a kernel file lock that dies with its holder."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def holder(path: Path) -> int | None:
 def build_lock(folder: Path, *, wait: bool = False,
                waiting: Callable[[int | None], None] | None = None) -> Iterator[Path]:
     """Hold `folder`/lock for the duration. The kernel drops an flock when its holder exits,
-    even by kill -9, so a stale lock never blocks anyone (R8). The file stays behind:
+    even by kill -9, so a stale lock never blocks anyone. The file stays behind:
     removing it would let a third process lock a fresh inode while the second holds the old
     one."""
     folder.mkdir(parents=True, exist_ok=True)

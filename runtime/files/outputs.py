@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import json
 import logging
 import math
 import os
-import secrets
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
+
+from .atomic import (
+    FOLDER_FLAGS,
+    FileError,
+    check_target,
+    fsync_folder,
+    read_regular,
+    reason,
+    replace_in,
+)
 
 if TYPE_CHECKING:  # Pillow is imported inside the functions that use it: importing is cheap
     from typing import TypeAlias
@@ -35,36 +43,16 @@ _BACKGROUND = (255, 255, 255)
 _INK = (32, 32, 32)
 _ELLIPSIS = "..."  # ASCII: every font has the glyph
 
-_DIR_FLAGS = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
-              | getattr(os, "O_CLOEXEC", 0))
-_ROOT_FLAGS = _DIR_FLAGS & ~getattr(os, "O_NOFOLLOW", 0)  # the root itself may be a link
-_CREATE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-                 | getattr(os, "O_CLOEXEC", 0))
-_READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-               | getattr(os, "O_CLOEXEC", 0))
-_UNSYNCABLE = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
+_DIR_FLAGS = FOLDER_FLAGS | getattr(os, "O_NOFOLLOW", 0)  # folders below the root: never links
 
 log = logging.getLogger(__name__)
 
 
-class OutputError(Exception):
+class OutputError(FileError):
     """An output could not be written; names the path and the reason."""
 
-    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
-        self.path = Path(path)
-        self.problem = problem
 
-
-# --- confined, symlink-safe, atomic writes (S1, S2, R11) ---------------------------------
-
-
-def output_path(root: Path, rel: str) -> Path:
-    """root / rel after checking: rel is relative, has no `..` component that escapes, and
-    the resolved (realpath) result stays inside realpath(root) (S1). Raises OutputError."""
-    path = root.joinpath(*_parts(root, rel))
-    _check_inside(root, path)
-    return path
+# --- confined, symlink-safe, atomic writes ---------------------------------
 
 
 def write_output(root: Path, rel: str, data: bytes) -> Path:
@@ -72,20 +60,20 @@ def write_output(root: Path, rel: str, data: bytes) -> Path:
 
     Missing folders are created one at a time below root; a folder component that is a
     symlink or not a folder is refused, and so is a symlink or non-file at the final name
-    (S1, S2). Every step goes through folder descriptors opened with O_NOFOLLOW, so a link
+   . Every step goes through folder descriptors opened with O_NOFOLLOW, so a link
     swapped in meanwhile makes the write fail rather than go through it. The data goes to a
     temp file renamed over the final name: on any OSError the temp file is removed and the
-    earlier file is intact (R11).
+    earlier file is intact.
     """
     *folders, name = _parts(root, rel)
     final = root.joinpath(*folders, name)
     fd = _open_folders(root, folders)
     try:
-        _check_target(fd, name, final)
+        check_target(fd, name, final, OutputError)
         _check_inside(root, final)  # defence in depth: nothing above may have escaped
-        _replace(fd, name, data)
+        replace_in(fd, name, data)
     except OSError as exc:
-        raise OutputError(final, f"cannot write: {_reason(exc)}") from exc
+        raise OutputError(final, f"cannot write: {reason(exc)}") from exc
     finally:
         os.close(fd)
     return final
@@ -120,9 +108,9 @@ def _check_inside(root: Path, path: Path) -> None:
 def _open_folders(root: Path, folders: Sequence[str]) -> int:
     """A descriptor of root/folders, creating missing folders; symlinks are refused."""
     try:
-        fd = os.open(root, _ROOT_FLAGS)
+        fd = os.open(root, FOLDER_FLAGS)
     except OSError as exc:
-        raise OutputError(root, f"cannot open the output root: {_reason(exc)}") from exc
+        raise OutputError(root, f"cannot open the output root: {reason(exc)}") from exc
     here = root
     try:
         for name in folders:
@@ -141,7 +129,7 @@ def _enter(parent: int, name: str, here: Path) -> int:
     try:
         try:
             os.mkdir(name, 0o777, dir_fd=parent)
-            _fsync_folder(parent)  # the new folder's name survives a power cut too
+            fsync_folder(parent)  # the new folder's name survives a power cut too
         except FileExistsError:
             pass
         mode = os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode
@@ -151,62 +139,7 @@ def _enter(parent: int, name: str, here: Path) -> int:
             raise OutputError(here, "cannot create the folder: something else has its name")
         return os.open(name, _DIR_FLAGS, dir_fd=parent)
     except OSError as exc:
-        raise OutputError(here, f"cannot create the folder: {_reason(exc)}") from exc
-
-
-def _check_target(folder: int, name: str, final: Path) -> None:
-    """Refuse to replace anything but a regular file (S2): a link's target stays untouched."""
-    try:
-        mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(mode):
-        target = os.readlink(name, dir_fd=folder)
-        raise OutputError(final, f"refusing to replace the symbolic link to {target!r}; "
-                                 "remove the link to write the output here")
-    if not stat.S_ISREG(mode):
-        raise OutputError(final, "refusing to replace something that is not a regular file")
-
-
-def _replace(folder: int, name: str, data: bytes) -> None:
-    """`data` as a fsynced temp file renamed onto `name`; the temp file never outlives this."""
-    temp = f".{name[:100]}.{secrets.token_hex(8)}.tmp"  # stays under the name-length limit
-    created = False
-    try:
-        out = os.open(temp, _CREATE_FLAGS, 0o666, dir_fd=folder)  # 0o666 & ~umask
-        created = True
-        try:
-            _write_all(out, data)
-            os.fsync(out)
-        finally:
-            os.close(out)
-        os.replace(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
-        created = False
-        _fsync_folder(folder)
-    finally:
-        if created:
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=folder)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _fsync_folder(fd: int) -> None:
-    """Make new names and renames in the folder `fd` durable."""
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in _UNSYNCABLE:  # filesystems that cannot sync a folder
-            raise
-
-
-def _reason(exc: OSError) -> str:
-    code = errno.errorcode.get(exc.errno or 0)
-    return f"{exc.strerror or exc}" + (f" ({code})" if code else "")
+        raise OutputError(here, f"cannot create the folder: {reason(exc)}") from exc
 
 
 # --- PNG text chunks ---------------------------------------------------------------------
@@ -386,7 +319,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     except FileNotFoundError:
         return empty_manifest()
     except OSError as exc:
-        why = f"cannot read it: {_reason(exc)}"
+        why = f"cannot read it: {reason(exc)}"
     except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, deep nesting, shape
         why = str(exc) or type(exc).__name__
     log.warning("ignoring the render manifest %s (%s); starting from an empty one",
@@ -405,11 +338,7 @@ def _read_small(path: Path) -> bytes:
     """The bytes of the regular file `path`, never through a link, at most 16 MiB."""
     if path.is_symlink():  # O_NOFOLLOW's ELOOP would name no link; say what it is
         raise OSError(errno.ELOOP, "it is a symbolic link")
-    fd = os.open(path, _READ_FLAGS)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        data = f.read(MAX_MANIFEST_BYTES + 1)
+    data = read_regular(path, MAX_MANIFEST_BYTES + 1)
     if len(data) > MAX_MANIFEST_BYTES:
         raise OSError(errno.EFBIG, f"larger than {MAX_MANIFEST_BYTES >> 20} MiB")
     return data

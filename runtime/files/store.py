@@ -11,19 +11,20 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-# Layout, one folder per key, published whole by one rename (R1/R2):
+from .atomic import FileError, fsync_folder, open_regular, read_regular, reason, write_new
+
+# Layout, one folder per key, published whole by one rename:
 #   <root>/concepts/<key>/artifact.safetensors
 #   <root>/concepts/<key>/manifest.json
 #   <root>/tmp/<key>.<random>/     staging, same filesystem as concepts/
-#   <root>/trash/<key>.<time>.<random>/   corrupt entries moved aside (R6)
-#   <root>/renders/<render key>/<sha256>.png   rendered images by render key (R5: a revert
+#   <root>/trash/<key>.<time>.<random>/   corrupt entries moved aside
+#   <root>/renders/<render key>/<sha256>.png   rendered images by render key (a revert
 #                                             restores them without loading a model)
 FORMAT = "perfusion-store"
 FORMAT_VERSION = 1
@@ -33,21 +34,12 @@ GRACE_SECONDS = 3600.0  # gc leaves younger tmp/ and trash/ leftovers: a put may
 MAX_MANIFEST_BYTES = 1 << 24  # the inputs list every image: 10,000 of them fit
 
 _KEY = re.compile(r"[0-9A-Za-z_-]{1,128}")  # no dots or slashes: a key is never a path
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-_READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-               | getattr(os, "O_CLOEXEC", 0))
-_UNSYNCABLE = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
 
 log = logging.getLogger(__name__)
 
 
-class StoreError(Exception):
+class StoreError(FileError):
     """The store could not be written or cleaned; names the path and the reason."""
-
-    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
-        self.path = Path(path)
-        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -69,10 +61,23 @@ class _Bad(Exception):
         self.problem = Problem(path, message)
 
 
-def default_root() -> Path:
-    """`$PERFUSION_CACHE` when set, else `.perfusion/` in the current directory."""
+STORE_DIR = ".perfusion"  # a build's store, in its run root, unless told otherwise
+
+
+def cache_root(explicit: str | os.PathLike[str] | None = None,
+               run_root: Path | None = None) -> Path:
+    """The one answer to "where do the store and the C⁻¹ cache live": `explicit` (`--cache`,
+    `cache_dir=`), else `$PERFUSION_CACHE`, else `.perfusion/` in the run root for a build,
+    else, for the Python API, which has no run root, the user's cache folder
+    (`$XDG_CACHE_HOME`, else `~/.cache`) `/perfusion`."""
+    if explicit is not None:
+        return Path(explicit)
     env = os.environ.get("PERFUSION_CACHE")
-    return Path(env) if env else Path.cwd() / ".perfusion"
+    if env:
+        return Path(env)
+    if run_root is not None:
+        return run_root / STORE_DIR
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "perfusion"
 
 
 class Store:
@@ -94,7 +99,7 @@ class Store:
         """The artifact of `key` when its entry is complete and its digest matches, else None.
 
         A corrupt or partial entry is logged (path and both digests), moved to trash/ and
-        reported as a miss, so the caller rebuilds it (R6).
+        reported as a miss, so the caller rebuilds it.
         """
         folder = self.entry(key)
         if not os.path.lexists(folder):
@@ -106,7 +111,7 @@ class Store:
             try:
                 self._move_aside(folder)
             except OSError as exc:
-                log.warning("could not move %s aside: %s", folder, _reason(exc))
+                log.warning("could not move %s aside: %s", folder, reason(exc))
             return None
         return folder / ARTIFACT
 
@@ -138,11 +143,11 @@ class Store:
         self.tmp.mkdir(parents=True, exist_ok=True)
         temp = self.tmp / f"render.{secrets.token_hex(8)}"
         try:
-            _write_file(temp, data)
+            write_new(temp, data)
             folder.mkdir(parents=True, exist_ok=True)
             os.replace(temp, final)
         except OSError as exc:
-            raise StoreError(final, f"cannot save the render: {_reason(exc)}") from exc
+            raise StoreError(final, f"cannot save the render: {reason(exc)}") from exc
         finally:
             temp.unlink(missing_ok=True)
 
@@ -154,8 +159,8 @@ class Store:
         options, images), kept in the manifest: the artifact holds only what loading needs.
 
         Staged complete and fsynced in tmp/, then one rename of the folder: no final-named
-        entry is ever incomplete (R1/R2). A valid existing entry is kept. On any OSError the
-        staging folder is removed and a StoreError names the entry (R11).
+        entry is ever incomplete. A valid existing entry is kept. On any OSError the
+        staging folder is removed and a StoreError names the entry.
         """
         existing = self.get(key)
         if existing is not None:
@@ -166,9 +171,9 @@ class Store:
         try:
             temp = self._stage(key, data, manifest)
             self._publish(key, temp)
-            _fsync_folder(self.concepts)
+            fsync_folder(self.concepts)
         except OSError as exc:
-            raise StoreError(folder, f"cannot save the concept artifact: {_reason(exc)}") from exc
+            raise StoreError(folder, f"cannot save the concept artifact: {reason(exc)}") from exc
         finally:
             if temp is not None:
                 shutil.rmtree(temp, ignore_errors=True)  # gone already once published
@@ -208,7 +213,7 @@ class Store:
             try:
                 _remove(path)
             except OSError as exc:
-                raise StoreError(path, f"cannot remove: {_reason(exc)}") from exc
+                raise StoreError(path, f"cannot remove: {reason(exc)}") from exc
             removed.append(str(path))
         return removed
 
@@ -218,9 +223,9 @@ class Store:
         temp = self.tmp / f"{key}.{secrets.token_hex(8)}"
         os.mkdir(temp, 0o777)  # not mkdtemp: its 0700 would ignore the user's umask
         try:
-            _write_file(temp / ARTIFACT, data)
-            _write_file(temp / MANIFEST, manifest)
-            _fsync_folder(temp)
+            write_new(temp / ARTIFACT, data)
+            write_new(temp / MANIFEST, manifest)
+            fsync_folder(temp)
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
             raise
@@ -245,17 +250,6 @@ class Store:
         """Move a bad entry to trash/ (a rename, so it is never seen half-removed)."""
         self.trash.mkdir(parents=True, exist_ok=True)
         os.rename(folder, self.trash / f"{folder.name}.{time.time_ns()}.{secrets.token_hex(4)}")
-
-
-def write_json_atomically(path: Path, value: Any) -> None:
-    """`value` as JSON at `path`, written to a temp file and renamed (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    try:
-        _write_file(temp, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def _manifest(key: str, data: bytes, token: str, tool_version: str,
@@ -304,7 +298,7 @@ def _read_manifest(path: Path, key: str) -> dict[str, Any]:
     try:
         manifest = json.loads(_read_small(path))
     except OSError as exc:
-        raise _Bad(path, f"manifest unreadable: {_reason(exc)}") from exc
+        raise _Bad(path, f"manifest unreadable: {reason(exc)}") from exc
     except ValueError as exc:
         raise _Bad(path, f"manifest is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict):
@@ -323,18 +317,12 @@ def _read_manifest(path: Path, key: str) -> dict[str, Any]:
 
 
 def _read_small(path: Path) -> bytes:
-    fd = os.open(path, _READ_FLAGS)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        return f.read(MAX_MANIFEST_BYTES + 1)[:MAX_MANIFEST_BYTES]
+    return read_regular(path, MAX_MANIFEST_BYTES + 1)[:MAX_MANIFEST_BYTES]
 
 
 def _read_regular(path: Path) -> bytes | None:
     try:
-        fd = os.open(path, _READ_FLAGS)
-        with os.fdopen(fd, "rb") as f:
-            return f.read() if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else None
+        return read_regular(path)
     except OSError:
         return None
 
@@ -342,36 +330,12 @@ def _read_regular(path: Path) -> bytes | None:
 def _digest(path: Path) -> tuple[str, int | None]:
     """sha256 and size of the regular file at `path` (never through a symlink), or why not."""
     try:
-        fd = os.open(path, _READ_FLAGS)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                return "none (artifact is not a regular file)", None
+        with open_regular(path) as f:
             return hashlib.file_digest(f, "sha256").hexdigest(), f.tell()
     except OSError as exc:
-        return f"none (artifact unreadable: {_reason(exc)})", None
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, _CREATE_FLAGS, 0o666)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make renames and new names in `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in _UNSYNCABLE:  # filesystems that cannot sync a folder
-            raise
-    finally:
-        os.close(fd)
+        if exc.errno == errno.EINVAL and str(exc.strerror).startswith("not a regular"):
+            return "none (artifact is not a regular file)", None
+        return f"none (artifact unreadable: {reason(exc)})", None
 
 
 def _children(folder: Path) -> list[Path]:
@@ -392,8 +356,3 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path)
-
-
-def _reason(exc: OSError) -> str:
-    code = errno.errorcode.get(exc.errno or 0)
-    return f"{exc.strerror or exc}" + (f" ({code})" if code else "")

@@ -21,13 +21,9 @@ option in the metadata) is still read.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import re
-import secrets
-import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +34,21 @@ import torch
 from safetensors.torch import load as load_safetensors  # bytes in, tensors out; no pickle
 from torch import Tensor
 
+from ..files.atomic import FileError, write_atomically
+from ..files.safetensors_file import (
+    FormatProblem,
+    canonical,
+    no_duplicates,
+    parse_header,
+    read_file,
+)
+
 FORMAT = "perfusion-concept"
 FORMAT_VERSION = "2"
 SUPPORTED_VERSIONS: tuple[str, ...] = ("1", "2")
 # Bounds that keep a hostile file from costing memory. An SD 1.5 concept is ~108 KB with a
 # ~2 KB header; SDXL-sized ones stay well under a megabyte.
 MAX_FILE_BYTES = 64 * 1024 * 1024
-MAX_HEADER_BYTES = 1024 * 1024
 
 _METADATA_KEYS = {
     "1": ("format", "format_version", "token", "supercategories", "adjectives", "base_model",
@@ -58,17 +62,10 @@ _DTYPES = {"F32": 4, "F16": 2}  # safetensors dtype -> bytes per value
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 _HEX = re.compile(r"[0-9a-f]*")
 _PROJECTIONS = ("o_k", "o_v")
-_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)  # a FIFO cannot block us
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
-class ArtifactError(Exception):
+class ArtifactError(FileError):
     """A concept file that cannot be read or written; the message names the file."""
-
-    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
-        super().__init__(f"{os.fspath(path)}: {problem}")
-        self.path = Path(path)
-        self.problem = problem
 
 
 class InvalidConcept(ValueError):
@@ -80,8 +77,7 @@ class InvalidConcept(ValueError):
         self.problem = problem
 
 
-class _Problem(Exception):
-    """Raised by the checks below; `load` adds the path and turns it into ArtifactError."""
+_Problem = FormatProblem  # raised by the checks below; `load` adds the path (ArtifactError)
 
 
 @dataclass(frozen=True, eq=False)
@@ -224,15 +220,15 @@ def _names(names: Iterable[str], most: int = 5) -> str:
 def save(concept: Concept, path: str | os.PathLike[str], *, half: bool = False) -> None:
     """Write `concept` to `path` atomically: temp file in the same folder, fsync, rename.
 
-    Readers see the old file or the new one, never a mixture (R2). On any failure, disk
-    full included (R11), the temp file is removed, the old file is untouched and the error
+    Readers see the old file or the new one, never a mixture. On any failure, disk
+    full included, the temp file is removed, the old file is untouched and the error
     is an ArtifactError naming `path`. A symlink at `path` is replaced, not written through.
-    The bytes depend only on the concept (sorted header), so a retrain is byte-identical (M3).
+    The bytes depend only on the concept (sorted header), so a retrain is byte-identical.
     """
     problem = _concept_problem(concept)  # tensors may have been changed in place since
     if problem:
         raise InvalidConcept(problem, concept.token)
-    _write_atomically(Path(path), encode(concept, half=half))
+    write_atomically(Path(path), encode(concept, half=half), ArtifactError)
 
 
 def encode(concept: Concept, *, half: bool = False) -> bytes:
@@ -252,13 +248,7 @@ def encode(concept: Concept, *, half: bool = False) -> bytes:
         tensors["i_super"] = flat([concept.i_super])
     else:
         tensors["o_k"] = flat(concept.o_k[layer] for layer in layers)
-    raw: bytes = safetensors.torch.save(tensors, metadata=_metadata(concept))
-    # safetensors writes metadata in hash-map order, which changes from process to process.
-    length = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + length])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("ascii")
-    text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors does
-    return len(text).to_bytes(8, "little") + text + raw[8 + length:]
+    return canonical(safetensors.torch.save(tensors, metadata=_metadata(concept)))
 
 
 def _metadata(c: Concept) -> dict[str, str]:
@@ -285,61 +275,6 @@ def _compact(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    # Hidden, random and not *.safetensors: no glob or reader mistakes it for an artifact.
-    # Not tempfile.mkstemp: its mode 0600 would ignore the user's umask.
-    temp = str(path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp"))
-    try:
-        fd = os.open(temp, _CREATE_FLAGS, 0o666)
-    except OSError as exc:
-        raise ArtifactError(path, f"cannot create a file in {path.parent}: "
-                                  f"{_reason(exc)}") from exc
-    try:
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
-    except OSError as exc:
-        _remove_quietly(temp)
-        raise ArtifactError(path, f"cannot save: {_reason(exc)}") from exc
-    except BaseException:
-        _remove_quietly(temp)
-        raise
-    _fsync_folder(path)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _fsync_folder(path: Path) -> None:
-    """Make the rename itself durable. The new file is complete and in place either way."""
-    try:
-        fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-            return  # filesystems that cannot sync a folder
-        raise ArtifactError(path, f"saved, but syncing its folder failed: {_reason(exc)}") from exc
-
-
-def _remove_quietly(temp: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(temp)
-
-
-def _reason(exc: OSError) -> str:
-    code = errno.errorcode.get(exc.errno or 0)
-    return f"{exc.strerror or exc}" + (f" ({code})" if code else "")
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -360,7 +295,7 @@ def load(
     pipeline_model: str | None = None,
     key_weights: Mapping[str, Tensor] | None = None,
 ) -> Concept:
-    """Read a concept file, accepting only what `save` writes (M1, S8); never unpickles.
+    """Read a concept file, accepting only what `save` writes; never unpickles.
 
     expect_layers: layer path -> O of the pipeline's to_k/to_v; expect_dims: (D_tok, D), the
     token-embedding width and the text-encoder output width. `pipeline_model` only names the
@@ -368,11 +303,11 @@ def load(
     pipeline's to_k weight [O, D], needed for a file with locked keys (it stores i_super, and
     o*_K = W_K · i_super is rebuilt here). Values are returned in float32 whatever the file
     holds. A zeroed or flipped byte inside the tensor data still decodes to finite numbers:
-    the store's digest catches that (R6).
+    the store's digest catches that.
     """
     try:
-        data = _read_file(Path(path))
-        header, start = _parse_header(data)
+        data = read_file(Path(path), MAX_FILE_BYTES, "concept file")
+        header, start = parse_header(data)
         metadata, entries = _split_header(header, len(data) - start)
         fields, layers = _check_metadata(metadata)
         d_token, d_text = _check_entries(entries, layers, fields.version)
@@ -381,84 +316,6 @@ def load(
         return _build(fields, _decode(data), layers, key_weights)
     except _Problem as problem:
         raise ArtifactError(path, str(problem)) from None
-
-
-def _read_file(path: Path) -> bytes:
-    try:
-        fd = os.open(path, _READ_FLAGS)
-    except FileNotFoundError:
-        raise _Problem("no such file") from None
-    except OSError as exc:
-        raise _Problem(f"cannot open: {_reason(exc)}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise _Problem(f"not a regular file (it is {_kind(mode)})")
-    with os.fdopen(fd, "rb") as file:
-        try:
-            data = file.read(MAX_FILE_BYTES + 1)
-        except OSError as exc:
-            raise _Problem(f"cannot read: {_reason(exc)}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise _Problem(f"too large for a concept file (over {MAX_FILE_BYTES:,} bytes)")
-    return data
-
-
-def _kind(mode: int) -> str:
-    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a named pipe",
-             stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
-             stat.S_ISBLK: "a block device"}
-    return next((name for test, name in kinds.items() if test(mode)), "not a file")
-
-
-def _parse_header(data: bytes) -> tuple[dict[str, Any], int]:
-    """The safetensors header: 8-byte little-endian length, then that many bytes of JSON."""
-    if len(data) < 8:
-        sniffed = _sniff(data)
-        raise _Problem(f"too small to be a safetensors file ({len(data)} bytes)"
-                       + (f"; {sniffed}" if sniffed else ""))
-    length = int.from_bytes(data[:8], "little")
-    if not 2 <= length <= MAX_HEADER_BYTES or data[8:9] != b"{":
-        raise _Problem("not a safetensors file: " + (
-            _sniff(data) or "its first 8 bytes do not give the length of a JSON header"))
-    if 8 + length > len(data):
-        raise _Problem(f"truncated: the header is {length:,} bytes but only "
-                       f"{len(data) - 8:,} follow the length field")
-    try:
-        text = data[8:8 + length].decode("utf-8")
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
-    except UnicodeDecodeError as exc:
-        raise _Problem(f"the header is not UTF-8 (byte {8 + exc.start})") from None
-    except ValueError as exc:
-        raise _Problem(f"the header is not valid JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise _Problem("the header is not a JSON object")
-    return header, 8 + length
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"a key appears twice ({_names(k for k in keys if keys.count(k) > 1)})")
-    return dict(pairs)
-
-
-def _sniff(data: bytes) -> str:
-    """What the file looks like instead, for the error message ("" when unsure)."""
-    if not data:
-        return "the file is empty"
-    if data.startswith(b"PK\x03\x04"):
-        return "it is a zip archive, which is what torch.save writes (pickles are never loaded)"
-    if data[0] == 0x80 and data[1:2] and 2 <= data[1] <= 5:
-        return "it is a Python pickle (pickles are never loaded)"
-    head = data[:512]
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        text = head[:exc.start].decode("utf-8") if exc.start > len(head) - 4 else ""
-    if text and all(ch.isprintable() or ch in "\t\r\n" for ch in text):
-        return "it looks like a text file"
-    return ""
 
 
 def _split_header(
@@ -553,7 +410,7 @@ def _check_metadata(metadata: Mapping[str, str]) -> tuple[_Fields, dict[str, int
 
 def _json_field(metadata: Mapping[str, str], key: str, kind: type) -> Any:
     try:
-        value = json.loads(metadata[key], object_pairs_hook=_no_duplicates)
+        value = json.loads(metadata[key], object_pairs_hook=no_duplicates)
     except ValueError:
         value = None
     if not isinstance(value, kind):
@@ -572,7 +429,7 @@ def _json_layers(metadata: Mapping[str, str]) -> dict[str, int]:
     """metadata `layers`: {module path: O}, in the order the targets are concatenated."""
     text = metadata["layers"]
     try:
-        layers = json.loads(text, object_pairs_hook=_no_duplicates)
+        layers = json.loads(text, object_pairs_hook=no_duplicates)
     except ValueError as exc:
         raise _Problem(f"metadata layers is not valid JSON: {exc}") from None
     if not (isinstance(layers, dict) and layers and all(

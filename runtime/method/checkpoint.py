@@ -17,13 +17,8 @@ import torch
 from safetensors.torch import load as load_safetensors  # bytes in, tensors out; no pickle
 from torch import Tensor
 
-from .artifact import (
-    ArtifactError,
-    _parse_header,
-    _Problem,
-    _read_file,
-    _write_atomically,
-)
+from ..files.atomic import FileError, write_atomically
+from ..files.safetensors_file import FormatProblem, parse_header, read_file
 
 # File layout (format_version "1"): the tensors the caller names (a run's parameters, optimiser
 # slots, generator state as uint8, ...), and the metadata strings format, format_version, step,
@@ -32,18 +27,14 @@ from .artifact import (
 FORMAT = "perfusion-checkpoint"
 FORMAT_VERSION = "1"
 _OWN_KEYS = ("format", "format_version", "step", "losses", "sha256")
+MAX_FILE_BYTES = 64 * 1024 * 1024  # a concept's training state is well under a megabyte
 
 Layout = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]  # name -> (dtype, shape)
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used for this run; the message names the file and why."""
-
-    def __init__(self, path: Path, problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
-        self.path = path
-        self.problem = problem
+class CheckpointError(FileError):
+    """A checkpoint that cannot be written, or used for this run; names the file and why."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +48,7 @@ class Saved:
 
 def save(path: Path, identity: Mapping[str, str], saved: Saved) -> None:
     """Write `saved` to `path` atomically (temp file in the same folder, fsync, rename; the
-    folder is created). A failure raises ArtifactError naming `path`; the old file stays."""
+    folder is created). A failure raises CheckpointError naming `path`; the old file stays."""
     if set(identity) & set(_OWN_KEYS):
         raise ValueError(f"identity fields may not be named {_OWN_KEYS}")
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in saved.tensors.items()}
@@ -67,8 +58,8 @@ def save(path: Path, identity: Mapping[str, str], saved: Saved) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ArtifactError(path, f"cannot create its folder: {exc}") from exc
-    _write_atomically(path, safetensors.torch.save(tensors, metadata=metadata))
+        raise CheckpointError(path, f"cannot create its folder: {exc}") from exc
+    write_atomically(path, safetensors.torch.save(tensors, metadata=metadata), CheckpointError)
 
 
 def resume(path: Path, identity: Mapping[str, str], layout: Layout, steps: int) -> Saved | None:
@@ -86,9 +77,9 @@ def resume(path: Path, identity: Mapping[str, str], layout: Layout, steps: int) 
 def load(path: Path, identity: Mapping[str, str], layout: Layout, steps: int) -> Saved:
     """Read and check a checkpoint; raises CheckpointError (never unpickles)."""
     try:
-        data = _read_file(path)
-        header, _ = _parse_header(data)
-    except _Problem as problem:
+        data = read_file(path, MAX_FILE_BYTES, "training checkpoint")
+        header, _ = parse_header(data)
+    except FormatProblem as problem:
         raise CheckpointError(path, str(problem)) from None
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict):

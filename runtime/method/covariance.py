@@ -13,13 +13,10 @@ settings, so any change to one of them is a miss. A corrupt entry is logged and 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import struct
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -31,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors  # bytes in, tensors out; no pickle
 from torch import Tensor, nn
 
+from ..files.atomic import FileError, reason, write_atomically
 from .key_locking import DEFAULT_RIDGE, inverse_covariance, second_moment
 from .tokens import ExtendedEmbedding
 
@@ -301,22 +299,6 @@ def _read_cache(path: Path, fingerprint: str, width: int) -> Tensor:
     return cinv
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-
-
 def _metadata(fingerprint: str, encoder: str, captions_sha256: str,
               count: int) -> dict[str, str]:
     return {"format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION,
@@ -339,10 +321,12 @@ def _estimate(tokenizer: Any, text_encoder: nn.Module, source: Path,
 
 def _store(path: Path, cinv: Tensor, metadata: dict[str, str]) -> None:
     try:
-        _write_atomically(path, safetensors.torch.save({"cinv": cinv}, metadata))
-    except OSError as exc:  # the cache only saves time: the caller still gets its C⁻¹
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, safetensors.torch.save({"cinv": cinv}, metadata))
+    except (OSError, FileError) as exc:  # the cache only saves time: C⁻¹ is still returned
+        problem = exc.problem if isinstance(exc, FileError) else reason(exc)
         logger.warning("cannot write the C⁻¹ cache entry %s (%s): it will be recomputed "
-                       "next time", path, exc.strerror or exc)
+                       "next time", path, problem)
 
 
 def cinv_for(pipeline_or_parts: Any, cache_dir: Path,

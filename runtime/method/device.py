@@ -25,11 +25,6 @@ class Precision:
     autocast: bool  # whether to wrap the forward passes in torch.autocast
 
 
-def math_dtype() -> torch.dtype:
-    """The dtype of C⁻¹ and the gate math, whatever the model dtype: always float32."""
-    return torch.float32
-
-
 def choose(device: str = "auto", prefer: str = "bf16") -> Precision:
     """The precision for a device string; "auto" is CUDA when present, else CPU in fp32."""
     if prefer not in PREFERENCES:

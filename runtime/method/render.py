@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..files.store import cache_root
 from .artifact import Concept, load
 from .covariance import cinv_for
 from .fingerprint import base_fingerprint
@@ -36,17 +37,10 @@ from .tokens import (
 )
 
 # Images per pipeline call when none is given: one on the CPU, where torch's kernels give
-# different bits for different batch sizes and even for different places in one batch (M4);
-# on CUDA a batch of 8, where throughput matters more (and M4 is not promised).
+# different bits for different batch sizes and even for different places in one batch;
+# on CUDA a batch of 8, where throughput matters more than the same bits in any batch.
 CPU_BATCH, CUDA_BATCH = 1, 8
 DEFAULT_STRENGTH = 0.5  # the published default gate (β = 0.7 when locking locally)
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("PERFUSION_CACHE")
-    if base:
-        return Path(base)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "perfusion"
 
 
 @dataclass(eq=False)
@@ -259,7 +253,7 @@ def apply_concepts(pipe: Any, concepts: Sequence[str | os.PathLike[str] | Concep
     if not loaded:  # nothing to gate: C⁻¹ (minutes to estimate on a CPU) is not needed
         cinv = torch.zeros(0, 0)
     elif cinv is None:
-        cinv, cinv_print = cinv_for(pipe, cache_dir or default_cache_dir(), captions)
+        cinv, cinv_print = cinv_for(pipe, cache_root(cache_dir), captions)
     for concept in loaded.values():
         if cinv_print is not None and concept.cinv_fingerprint != cinv_print:
             raise ValueError(f"concept {concept.token!r} was trained with another C⁻¹ "

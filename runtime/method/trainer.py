@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as checkpoints
-from .artifact import ArtifactError, Concept, locked_key_targets
+from .artifact import Concept, locked_key_targets
 from .attention_mask import attention_masks
 from .device import Precision
 from .images import load_images, load_masks
@@ -420,12 +420,12 @@ def train(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor, *,
 
     checkpoint: a file to resume from and save to (None: no checkpoints). A valid checkpoint of
     this very run (same subject key and words, recipe, C⁻¹ and base fingerprints, format
-    version) resumes it, and the concept is bit-identical to an uninterrupted run's (M3); an
+    version) resumes it, and the concept is bit-identical to an uninterrupted run's; an
     invalid or foreign one is ignored with a warning and training starts from step 0. It is
     saved atomically every `checkpoint_every` completed steps (a failed save is a warning) and
     left in place on success: the caller deletes it once the artifact is published.
     stop: polled after every completed step but the last; when it returns True the checkpoint
-    is saved and TrainingInterrupted raised (R10).
+    is saved and TrainingInterrupted raised.
     """
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
@@ -506,7 +506,7 @@ class _Checkpoints:
                                  checkpoints.Saved(step, tuple(run.losses),
                                                    _snapshot(run, optimiser)))
                 saved = True
-            except ArtifactError as exc:
+            except checkpoints.CheckpointError as exc:
                 log.warning("could not save the training checkpoint (%s); training goes on "
                             "without it", exc)
         if stopping:

@@ -5,17 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from perfusion_runtime.method.device import DeviceError, Precision, choose, math_dtype
+from perfusion_runtime.method.device import DeviceError, Precision, choose
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device on this machine")
 needs_no_cuda = pytest.mark.skipif(CUDA, reason="asserts the error raised without CUDA")
 
 CPU_FP32 = Precision(device=torch.device("cpu"), dtype=torch.float32, autocast=False)
-
-
-def test_math_dtype_is_float32() -> None:
-    assert math_dtype() is torch.float32
 
 
 @pytest.mark.parametrize("prefer", ["bf16", "fp16", "fp32"])

@@ -24,7 +24,7 @@ from perfusion_runtime.files.store import (
     MANIFEST,
     Store,
     StoreError,
-    default_root,
+    cache_root,
 )
 
 DATA = b"concept artifact bytes \x00\x01\x02" * 8
@@ -236,12 +236,20 @@ def test_keys_are_never_paths(tmp_path: Path) -> None:
             put(store, bad)
 
 
-def test_default_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
+def test_cache_root_explicit_then_environment_then_run_root_then_user_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One resolver for the store and the C⁻¹ cache, for the CLI and the Python API."""
     monkeypatch.delenv("PERFUSION_CACHE", raising=False)
-    assert default_root() == tmp_path / ".perfusion"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "perfusion"
+    assert cache_root(None, tmp_path / "run") == tmp_path / "run" / ".perfusion"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "perfusion"
     monkeypatch.setenv("PERFUSION_CACHE", str(tmp_path / "elsewhere"))
-    assert default_root() == tmp_path / "elsewhere"
+    assert cache_root(None, tmp_path / "run") == tmp_path / "elsewhere"
+    assert cache_root() == tmp_path / "elsewhere"
+    assert cache_root(tmp_path / "given", tmp_path / "run") == tmp_path / "given"
 
 
 def test_manifest_keeps_what_the_concept_was_built_from(tmp_path: Path) -> None:

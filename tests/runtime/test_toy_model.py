@@ -75,7 +75,8 @@ def test_short_training_improves_concept_fidelity_over_the_untrained_token(
 def test_toy_shapes_ships_its_world_caption_corpus_for_cinv() -> None:
     """C⁻¹ for toy:shapes comes from its world's captions (the shipped file is current), and
     the corpus is part of the model's stamp, so a different corpus changes concept keys."""
-    from perfusion_runtime.build.status import file_sha256, model_stamp
+    from perfusion_runtime.build.status import model_stamp
+    from perfusion_runtime.files.atomic import file_sha256
     from perfusion_runtime.method.covariance import load_captions
 
     path = default_captions("toy:shapes")
