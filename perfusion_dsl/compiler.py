@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 from perfusion_dsl.config import CONFIG_NAME, find_root, load_config
 from perfusion_dsl.context import Context
 from perfusion_dsl.diagnostics import Diagnostic
-from perfusion_dsl.fsutil import MatchLimitExceeded, discover_specs, is_within
 from perfusion_dsl.passes import run_all
+from perfusion_dsl.patterns import MatchLimitExceeded
+from perfusion_dsl.spec_files import discover_specs, is_within
 
 if TYPE_CHECKING:
     from perfusion_dsl.plan import Plan

@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from perfusion_dsl.diagnostics import Diagnostic, did_you_mean, error
 from perfusion_dsl.limits import CEILINGS, DEFAULT_LIMITS, Limits
 from perfusion_dsl.nodes import Span
+from perfusion_dsl.source import point, span_at
 
 CONFIG_NAME = "perfusion.toml"
 MAX_CONFIG_BYTES = 1_048_576
@@ -109,7 +110,7 @@ def _read_text(path: Path, file: str) -> tuple[str | None, list[Diagnostic]]:
     except UnicodeDecodeError as exc:
         good = data[: exc.start].decode("utf-8")
         msg = f"{CONFIG_NAME} is not valid UTF-8 at byte {exc.start}"
-        return None, [error(SYNTAX, msg, file, _point(good, len(good)),
+        return None, [error(SYNTAX, msg, file, point(good, len(good)),
                             help="save the file as UTF-8")]
 
 
@@ -123,7 +124,7 @@ def _syntax_error(exc: tomllib.TOMLDecodeError, text: str, file: str) -> Diagnos
     if line is None and found and found.group(1):
         line, col = int(found.group(1)), int(found.group(2))
     if line is None or col is None:
-        span = _point(text, len(text))  # "at end of document"
+        span = point(text, len(text))  # "at end of document"
     else:
         shift = 1 if line == 1 and text.startswith(BOM) else 0  # tomllib never saw the BOM
         span = _at_line_col(text, line, col + shift)
@@ -136,19 +137,12 @@ def _syntax_error(exc: tomllib.TOMLDecodeError, text: str, file: str) -> Diagnos
 # --- spans ---------------------------------------------------------------------------------
 
 
-def _point(text: str, offset: int) -> Span:
-    """A one-character span at `offset` of `text`."""
-    line = text.count("\n", 0, offset) + 1
-    col = offset - (text.rfind("\n", 0, offset) + 1) + 1
-    return Span(offset, offset + 1, line, col, line, col + 1)
-
-
 def _at_line_col(text: str, line: int, col: int) -> Span:
     """A one-character span at 1-based `line`/`col`, clamped to the text."""
     starts = [0] + [m.end() for m in re.finditer("\n", text)]
     line = min(max(line, 1), len(starts))
     offset = min(starts[line - 1] + max(col, 1) - 1, len(text))
-    return _point(text, offset)
+    return point(text, offset)
 
 
 def _lines(text: str) -> Iterator[tuple[int, str]]:
@@ -157,11 +151,6 @@ def _lines(text: str) -> Iterator[tuple[int, str]]:
     for line in text.split("\n"):
         yield offset, line
         offset += len(line) + 1
-
-
-def _span_of(text: str, start: int, length: int) -> Span:
-    head = _point(text, start)
-    return Span(start, start + length, head.line, head.col, head.line, head.col + length)
 
 
 def _locate(text: str, table: str | None, key: str | None) -> Span:
@@ -178,7 +167,7 @@ def _locate(text: str, table: str | None, key: str | None) -> Span:
         header = _HEADER.match(line)
         if header:  # an array of tables `[[x]]` is never one of our tables
             if header["name"] == target:
-                return _span_of(text, offset + header.start("name"), len(header["name"]))
+                return span_at(text, offset + header.start("name"), len(header["name"]))
             section = header["name"] if header["open"] == "[" else "[[array]]"
             continue
         if key is None or section not in (table, None):
@@ -186,10 +175,10 @@ def _locate(text: str, table: str | None, key: str | None) -> Span:
         pattern = wanted[0] if section == table else wanted[1]
         found = pattern.match(line) if pattern else None
         if found:
-            return _span_of(text, offset + found.start("key"), len(found.group("key")))
+            return span_at(text, offset + found.start("key"), len(found.group("key")))
     if table is not None and key is not None:
         return _locate(text, table, None)
-    return _span_of(text, 0, 1)
+    return span_at(text, 0, 1)
 
 
 def _key_pattern(table: str | None, key: str | None) -> tuple[re.Pattern[str] | None, ...]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from perfusion_dsl.config import ProjectConfig
 from perfusion_dsl.diagnostics import Diagnostic
-from perfusion_dsl.fsutil import ImageInfo
+from perfusion_dsl.images import ImageInfo
 from perfusion_dsl.nodes import Generate, Learn, Let, Module
 from perfusion_dsl.source import Source
 

@@ -248,7 +248,8 @@ class _Tally:
 
 def _discover(paths: list[Path]) -> list[Path]:
     from perfusion_dsl.compiler import UsageError
-    from perfusion_dsl.fsutil import MatchLimitExceeded, discover_specs
+    from perfusion_dsl.patterns import MatchLimitExceeded
+    from perfusion_dsl.spec_files import discover_specs
 
     try:
         files, problems = discover_specs(paths, DEFAULT_LIMITS.max_spec_files)

@@ -15,8 +15,8 @@ from lark import Lark, Token, Transformer, UnexpectedInput
 
 from perfusion_dsl import nodes as n
 from perfusion_dsl.diagnostics import Diagnostic, error
-from perfusion_dsl.source import Source
-from perfusion_dsl.syntax_errors import span_at, translate
+from perfusion_dsl.source import Source, span_at
+from perfusion_dsl.syntax_errors import translate
 
 MAX_SYNTAX_ERRORS = 20
 # A line in column 0 that starts like a statement: the keyword and what must follow it (so
@@ -28,6 +28,14 @@ _STRING_OR_COMMENT = re.compile(r'"(?:[^"\\\n]|\\[^\n])*"?|#[^\n]*')
 _BRACKETS = re.compile(r'"(?:[^"\\\n]|\\[^\n])*"?|#[^\n]*|[\[\]{}\n]')
 _LEARNED = re.compile(r"\bas\s+([A-Za-z_][A-Za-z0-9_-]*\*)")
 _LET = re.compile(r"^[ \t]*let\s+([A-Za-z_][A-Za-z0-9_-]*)", re.MULTILINE)
+
+
+def defined_names(text: str, start: int = 0, end: int | None = None) -> set[str]:
+    """The concept tokens (`as me*`) and `let` names that `text[start:end]` seems to define,
+    read without parsing: what a broken region marks as broken, so that the files using
+    them get no cascade of unknown names."""
+    end = len(text) if end is None else end
+    return set(_LEARNED.findall(text, start, end)) | set(_LET.findall(text, start, end))
 
 
 def grammar_text() -> str:
@@ -252,8 +260,7 @@ def _close_brackets(source: Source, text: str, diags: list[Diagnostic],
         diags.append(error("syntax", f"this `{char}` is never closed", source.file,
                            span_at(text, opener, 1),
                            help=f"close the {what} with `{closer}`"))
-        broken.update(_LEARNED.findall(text, start, end))
-        broken.update(_LET.findall(text, start, end))
+        broken.update(defined_names(text, start, end))
         text = _blank(text, start, end)
     return text
 
@@ -283,8 +290,7 @@ def parse(source: Source) -> Parsed:
             diags.append(translate(exc, source))
             start, end = _chunk_around(text, _error_offset(exc, text))
             bad = text[start:end]
-            broken.update(_LEARNED.findall(bad))
-            broken.update(_LET.findall(bad))
+            broken.update(defined_names(bad))
             blanked = _blank(text, start, end)
             if blanked == text:
                 break

@@ -20,11 +20,17 @@ class Source:
     text: str
 
 
-def point(text: str, offset: int) -> Span:
-    """A one-character span at `offset` of `text`."""
+def span_at(text: str, offset: int, length: int = 1) -> Span:
+    """The span of `length` characters at `offset` of `text` (on one line), with its line and
+    column (1-based); a zero length still shows one column, for a caret."""
     line = text.count("\n", 0, offset) + 1
     col = offset - (text.rfind("\n", 0, offset) + 1) + 1
-    return Span(offset, offset + 1, line, col, line, col + 1)
+    return Span(offset, offset + length, line, col, line, col + max(length, 1))
+
+
+def point(text: str, offset: int) -> Span:
+    """A one-character span at `offset` of `text`."""
+    return span_at(text, offset, 1)
 
 
 def _utf8_error(data: bytes, exc: UnicodeDecodeError, file: str) -> Diagnostic:

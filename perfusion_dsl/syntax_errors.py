@@ -7,8 +7,7 @@ import re
 from lark import Token, UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from perfusion_dsl.diagnostics import Diagnostic, did_you_mean, error
-from perfusion_dsl.nodes import Span
-from perfusion_dsl.source import Source
+from perfusion_dsl.source import Source, span_at
 
 STATEMENTS = ("model", "use", "let", "defaults", "learn", "generate")
 
@@ -40,12 +39,6 @@ def _expected(names: set[str]) -> str:
     if not words:
         return "something else"
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
-
-
-def span_at(text: str, offset: int, length: int) -> Span:
-    line = text.count("\n", 0, offset) + 1
-    col = offset - (text.rfind("\n", 0, offset) + 1) + 1
-    return Span(offset, offset + length, line, col, line, col + max(length, 1))
 
 
 def _found(text: str, offset: int) -> tuple[str, int]:

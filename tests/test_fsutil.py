@@ -12,17 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from perfusion_dsl.fsutil import (
-    ImageInfo,
-    ImageProblem,
-    MatchLimitExceeded,
-    WalkLimitExceeded,
-    check_image,
-    discover_specs,
-    file_digest,
-    glob_files,
-    is_within,
-)
+from perfusion_dsl.images import ImageInfo, ImageProblem, check_image, file_digest
+from perfusion_dsl.patterns import MatchLimitExceeded, WalkLimitExceeded, glob_files
+from perfusion_dsl.spec_files import discover_specs, is_within
 
 MAX_PIXELS = 64_000_000
 MAX_BYTES = 64 << 20

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from perfusion_dsl.context import Context, RenderDecl
 from perfusion_dsl.diagnostics import Label, error, warning
-from perfusion_dsl.fsutil import is_within
 from perfusion_dsl.nodes import Generate, Span
+from perfusion_dsl.spec_files import is_within
 
 _NON_WORD = re.compile(r"[^a-z0-9]+")
 MAX_SLUG = 80

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from perfusion_dsl.context import Context, Unit, use_target
 from perfusion_dsl.diagnostics import error, warning
 from perfusion_dsl.nodes import Module, Use
-from perfusion_dsl.parser import parse
+from perfusion_dsl.parser import defined_names, parse
 from perfusion_dsl.source import Source, decode
-
-_LEARNED = re.compile(r"\bas\s+([A-Za-z_][A-Za-z0-9_-]*\*)")
-_LET = re.compile(r"^[ \t]*let\s+([A-Za-z_][A-Za-z0-9_-]*)", re.MULTILINE)
 
 
 def _read(ctx: Context, path: Path, file: str) -> bytes | None:
@@ -58,7 +54,7 @@ def _undecodable(path: Path, file: str, data: bytes, requested: bool) -> Unit:
     on the bad byte, and the concepts and lists it seems to define are marked broken so that
     files using them get no cascade of unknown names."""
     text = data.decode("utf-8", errors="replace")
-    broken = frozenset(_LEARNED.findall(text) + _LET.findall(text))
+    broken = frozenset(defined_names(text))
     return Unit(path, file, Source(file, text), Module(()), broken, requested, ())
 
 

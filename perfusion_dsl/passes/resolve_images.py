@@ -8,15 +8,9 @@ from pathlib import Path
 
 from perfusion_dsl.context import Context, Unit
 from perfusion_dsl.diagnostics import error
-from perfusion_dsl.fsutil import (
-    ImageInfo,
-    ImageProblem,
-    MatchLimitExceeded,
-    WalkLimitExceeded,
-    check_image,
-    glob_files,
-)
+from perfusion_dsl.images import ImageInfo, ImageProblem, check_image
 from perfusion_dsl.nodes import Learn, Span
+from perfusion_dsl.patterns import MatchLimitExceeded, WalkLimitExceeded, glob_files
 
 
 class _Images:

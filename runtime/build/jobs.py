@@ -23,11 +23,10 @@ from ..method.device import Precision, choose
 from ..method.fingerprint import base_fingerprint
 from ..method.render import apply_concepts
 from .stop import Stop, Stopped
-from .status import BUILTIN_MODELS, concept_inputs, tool_version
+from .status import BUILTIN_MODELS, BUILTIN_TEST_MODEL, concept_inputs, tool_version
 from ..files.store import Store
 from ..method.trainer import Progress, Recipe, Subject, train
 
-BUILTIN_TEST_MODEL = "tiny:random"  # a random tiny pipeline, for tests and CPU benches
 
 
 

@@ -42,6 +42,7 @@ def tool_version() -> str:
         return "perfusion (not installed)"
 
 
+BUILTIN_TEST_MODEL = "tiny:random"  # a random tiny pipeline, for tests and CPU benches
 # Pretrained built-in models: diffusers folders shipped as package data (docs/toy.md).
 BUILTIN_MODELS = {"toy:shapes": Path(__file__).resolve().parent.parent / "toy" / "shapes"}
 _STAMPS: dict[str, str | None] = {}
@@ -58,7 +59,7 @@ def model_stamp(model: str) -> str | None:
 
 
 def _stamp(model: str) -> str | None:
-    if model == "tiny:random":
+    if model == BUILTIN_TEST_MODEL:
         return None
     if model in BUILTIN_MODELS:  # its training record and the caption corpus it ships
         folder = BUILTIN_MODELS[model]
