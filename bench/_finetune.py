@@ -6,7 +6,7 @@ supercategory, as every other method starts it, and trained at the recipe's `emb
 every UNet parameter is trained at `lr`, AdamW. Everything else is the runtime trainer's own:
 the pictures' latents, the batches, captions, noise and timesteps drawn from the recipe's
 seed, the denoising target and the loss (`runtime/method/trainer.py`'s `_prepare` and `_step`, with
-the "embedding_only" variant: its step runs the UNet as it is, without Perfusion's edit, and
+`ablations.EmbeddingOnly`: its step runs the UNet as it is, without Perfusion's edit, and
 here the UNet's own weights are what moves). So the fine-tune differs from the other methods
 only in what is optimised. There is no prior-preservation loss (DreamBooth's class images):
 the benchmark measures what the fine-tune does to other prompts as leakage instead.
@@ -15,12 +15,12 @@ the benchmark measures what the fine-tune does to other prompts as leakage inste
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from ablations import EmbeddingOnly
 from torch import Tensor
 
 from perfusion_runtime.method.processor import ConceptState
@@ -58,8 +58,7 @@ def _train(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor, lr: float)
         # _frozen: every base parameter frozen and in eval mode, and put back as found on
         # exit; the UNet's are then unfrozen for this run only
         with _frozen(pipe):
-            run = _prepare(pipe, subject, dataclasses.replace(recipe, variant="embedding_only"),
-                           cinv)
+            run = _prepare(pipe, subject, recipe, cinv, EmbeddingOnly())
             unet.requires_grad_(True)
             # weight decay 0, as the trainer's own AdamW (trainer._optimiser)
             optimiser = torch.optim.AdamW(

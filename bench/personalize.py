@@ -68,6 +68,7 @@ import numpy as np
 import torch
 from _finetune import finetuned
 from _plot import line_plot
+from ablations import METHODS as ABLATIONS
 from PIL import Image, ImageDraw, ImageFont
 
 from perfusion_dsl.options import GENERATE, LEARN, defaults_for
@@ -321,9 +322,9 @@ def _concept(pipe: Any, spec: Spec, args: argparse.Namespace, recipe: Recipe, ci
     for variant in TRAININGS:
         started = time.perf_counter()
         concepts[variant] = train(
-            pipe, subject, dataclasses.replace(recipe, variant=variant), cinv,
-            cinv_fingerprint=cinv_print, base_fingerprint=base_print,
-            options={"lock": "local"})
+            pipe, subject, recipe, cinv, cinv_fingerprint=cinv_print,
+            base_fingerprint=base_print, options={"lock": "local"},
+            method=ABLATIONS[variant])
         row["train_seconds"][variant] = time.perf_counter() - started
         log(f"{spec.token}: trained {variant} in {row['train_seconds'][variant]:.0f} s")
     scenes = prompts_for(spec, args.prompts)

@@ -37,10 +37,6 @@ ADAMW_SLOTS = ("step", "exp_avg", "exp_avg_sq")  # AdamW's state per parameter (
 log = logging.getLogger(__name__)
 
 
-# "perfusion": locked keys (o*_K = W_K i_super, never optimised), trained o*_V and embedding.
-# "trained_keys": the same, but o*_K is optimised too (the paper's unlocked ablation).
-# "embedding_only": textual inversion: only the token embedding, no edit in the UNet.
-VARIANTS = ("perfusion", "trained_keys", "embedding_only")
 
 
 @dataclass(frozen=True)
@@ -59,14 +55,6 @@ class Recipe:
     tau: float = 0.1
     mask: str = "none"  # "none", "attention", or "files" (Subject.masks holds them)
     micro_batch: int | None = None  # images per forward pass; None: the whole batch
-    # the method; "trained_keys" and "embedding_only" are ablations for bench/personalize.py,
-    # not reachable from the language: see VARIANTS
-    variant: str = "perfusion"
-
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, "
-                             f"not {self.variant!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], micro_batch: int | None = None) -> Recipe:
@@ -218,6 +206,38 @@ def native_resolution(pipe: Any) -> int:
     return int(pipe.unet.config.sample_size) * scale
 
 
+class Method:
+    """What a training optimises and how each step edits the UNet: Perfusion's, the only one
+    the language reaches. Keys locked (o*_K = W_K i_super, never optimised: invariant 4),
+    o*_V and the token embedding trained, the gated edit on in every step. The benchmarks
+    subclass it for their ablations (`bench/ablations.py`); the trainer has this one path."""
+
+    name = "perfusion"  # recorded in a checkpoint's identity
+
+    def key_target(self, locked: Tensor) -> Tensor:
+        """o*_K of one layer, from its locked value W_K i_super: that value, a constant."""
+        return locked
+
+    def trainable(self, run: _Run) -> dict[str, nn.Parameter]:
+        """The optimised parameters by stable name: the embedding, then o*_V per layer."""
+        return {"embedding": run.embedding, **{f"o_v.{n}": p for n, p in run.o_v.items()}}
+
+    def edit(self, state: ConceptState, run: _Run, i_star: Tensor) -> None:
+        """Switch the gated edit on for this step (every prompt names the concept)."""
+        names = list(run.o_k)
+        state.activate(make_basis(i_star[None], run.cinv),
+                       {n: run.o_k[n][None] for n in names},
+                       {n: run.o_v[n][None] for n in names},
+                       beta=run.recipe.beta, lock="local", tau=run.recipe.tau)
+
+    def stored_i_super(self, run: _Run) -> Tensor | None:
+        """What the artifact stores for the keys: i_super (locked keys are rebuilt from it)."""
+        return run.i_super
+
+
+PERFUSION = Method()
+
+
 @dataclass
 class _Run:
     """The tensors of one training run."""
@@ -237,6 +257,7 @@ class _Run:
     i_star: Tensor | None = None
     i_super: Tensor | None = None  # [D]: o*_K = W_K · i_super while keys are locked
     losses: list[float] = field(default_factory=list)
+    method: Method = PERFUSION
 
 
 def _attention_masks(pipe: Any, subject: Subject, recipe: Recipe, latents: Tensor) -> Tensor:
@@ -253,10 +274,10 @@ def _attention_masks(pipe: Any, subject: Subject, recipe: Recipe, latents: Tenso
     return attention_masks(pipe, latents, hidden.detach(), hit, generator)
 
 
-def _targets(pipe: Any, i_super: Tensor, variant: str
+def _targets(pipe: Any, i_super: Tensor, method: Method
              ) -> tuple[dict[str, Tensor], dict[str, nn.Parameter]]:
-    """o*_K = W_K i_super (locked, never optimised: invariant 4; a parameter only in the
-    "trained_keys" ablation); o*_V starts at W_V i_super."""
+    """o*_K per layer from its locked value W_K i_super (`method.key_target`); o*_V starts
+    at W_V i_super."""
     layers = cross_attention_layers(pipe.unet)
     # the artifact rebuilds locked keys with the same function when loading: bit-exact
     locked = locked_key_targets({n: a.to_k.weight for n, a in layers.items()}, i_super)
@@ -264,9 +285,7 @@ def _targets(pipe: Any, i_super: Tensor, variant: str
     o_v = {}
     for name, attn in layers.items():
         w_v = attn.to_v.weight.detach().float()
-        o_k[name] = locked[name].to(w_v.device)
-        if variant == "trained_keys":
-            o_k[name] = nn.Parameter(o_k[name].clone())
+        o_k[name] = method.key_target(locked[name].to(w_v.device))
         o_v[name] = nn.Parameter((w_v @ i_super).detach().clone())
     return o_k, o_v
 
@@ -290,7 +309,8 @@ def _frozen(pipe: Any) -> Iterator[None]:
             param.requires_grad_(wanted)
 
 
-def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor) -> _Run:
+def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor,
+             method: Method = PERFUSION) -> _Run:
     resolution = recipe.resolution or native_resolution(pipe)
     pixels = load_images(subject.images, resolution, recipe.flip)
     latents = encode_latents(pipe, pixels)
@@ -304,10 +324,10 @@ def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor) -> _Run:
                        trainable=True)
     embedding = extended_embedding(pipe.text_encoder).vectors[str(ids[subject.token])]
     i_super = super_encoding(pipe, subject, recipe.templates)
-    o_k, o_v = _targets(pipe, i_super, recipe.variant)
+    o_k, o_v = _targets(pipe, i_super, method)
     generator = torch.Generator().manual_seed(recipe.seed)
     return _Run(pipe, subject, recipe, cinv.float(), ids[subject.token], embedding,
-                o_k, o_v, latents, masks, generator, i_super=i_super)
+                o_k, o_v, latents, masks, generator, i_super=i_super, method=method)
 
 
 def _batch(run: _Run, size: int) -> tuple[Tensor, Tensor | None, list[str]]:
@@ -364,12 +384,7 @@ def _micro_step(run: _Run, state: ConceptState, size: int) -> Tensor:
     noisy = pipe.scheduler.add_noise(latents, noise, t)
     hidden, ids = encode(pipe, prompts)
     i_star = _update_i_star(run, hidden, ids)
-    names = list(run.o_k)
-    if run.recipe.variant != "embedding_only":  # textual inversion: the UNet as it is
-        state.activate(make_basis(i_star[None], run.cinv),
-                       {n: run.o_k[n][None] for n in names},
-                       {n: run.o_v[n][None] for n in names},
-                       beta=run.recipe.beta, lock="local", tau=run.recipe.tau)
+    run.method.edit(state, run, i_star)
     device = pipe.unet.device
     pred = pipe.unet(noisy.to(device), t.to(device), encoder_hidden_states=hidden).sample
     target = denoising_target(pipe.scheduler, latents, noise, t)
@@ -379,7 +394,7 @@ def _micro_step(run: _Run, state: ConceptState, size: int) -> Tensor:
 def _optimiser(run: _Run) -> torch.optim.Optimizer:
     """AdamW: the embedding at `embedding_lr`, the layer targets (o*_V; o*_K too when keys are
     trained) at `lr`."""
-    targets = [p for name, p in _trainable(run).items() if name != "embedding"]
+    targets = [p for name, p in run.method.trainable(run).items() if name != "embedding"]
     groups: list[dict[str, Any]] = [{"params": [run.embedding], "lr": run.recipe.embedding_lr}]
     if targets:
         groups.append({"params": targets, "lr": run.recipe.lr})
@@ -415,7 +430,8 @@ def train(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor, *,
           cinv_fingerprint: str, base_fingerprint: str, options: Mapping[str, Any] | None = None,
           progress: Callable[[Progress], None] | None = None,
           precision: Precision | None = None, checkpoint: Path | None = None,
-          checkpoint_every: int = 50, stop: Callable[[], bool] | None = None) -> Concept:
+          checkpoint_every: int = 50, stop: Callable[[], bool] | None = None,
+          method: Method = PERFUSION) -> Concept:
     """Train `subject` on `pipe` (left as it was found, whatever happens) and return the concept.
 
     checkpoint: a file to resume from and save to (None: no checkpoints). A valid checkpoint of
@@ -425,16 +441,16 @@ def train(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor, *,
     saved atomically every `checkpoint_every` completed steps (a failed save is a warning) and
     left in place on success: the caller deletes it once the artifact is published.
     stop: polled after every completed step but the last; when it returns True the checkpoint
-    is saved and TrainingInterrupted raised.
+    is saved and TrainingInterrupted raised. method: the benchmarks' ablations only.
     """
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
-    identity = _identity(subject, recipe, cinv_fingerprint, base_fingerprint)
+    identity = _identity(subject, recipe, method, cinv_fingerprint, base_fingerprint)
     keeper = _Checkpoints(checkpoint, checkpoint_every, identity, stop)
     state = ConceptState(caching=False)
     try:  # _prepare already adds the token: a failure there must take it out again
         with _frozen(pipe):
-            run = _prepare(pipe, subject, recipe, cinv)
+            run = _prepare(pipe, subject, recipe, cinv, method)
             run.precision = precision
             _loop(run, state, progress, keeper)
     finally:
@@ -458,13 +474,15 @@ def _loop(run: _Run, state: ConceptState, progress: Callable[[Progress], None] |
             keeper.after(run, optimiser, step)
 
 
-def _identity(subject: Subject, recipe: Recipe, cinv_fingerprint: str,
+def _identity(subject: Subject, recipe: Recipe, method: Method, cinv_fingerprint: str,
               base_fingerprint: str) -> dict[str, str]:
     """What a checkpoint must match to resume this run (not image paths: projects move)."""
     words = [subject.token, subject.supercategories, subject.adjectives, subject.base_model,
              len(subject.images), subject.masks is not None]
     return {"key": subject.key, "subject": json.dumps(words),
-            "recipe": json.dumps(dataclasses.asdict(recipe), sort_keys=True),
+            # "variant": the method's name, under the key it had when Recipe held it
+            "recipe": json.dumps({**dataclasses.asdict(recipe), "variant": method.name},
+                                 sort_keys=True),
             "steps": str(recipe.steps), "cinv_fingerprint": cinv_fingerprint,
             "base_fingerprint": base_fingerprint}
 
@@ -513,22 +531,11 @@ class _Checkpoints:
             raise TrainingInterrupted(step, self.path if saved else None)
 
 
-def _trainable(run: _Run) -> dict[str, nn.Parameter]:
-    """The optimised parameters by stable name: the embedding, then o*_V per layer (then o*_K
-    per layer in the "trained_keys" ablation; only the embedding in "embedding_only")."""
-    out = {"embedding": run.embedding}
-    if run.recipe.variant == "embedding_only":
-        return out
-    out.update({f"o_v.{n}": p for n, p in run.o_v.items()})
-    out.update({f"o_k.{n}": p for n, p in run.o_k.items() if isinstance(p, nn.Parameter)})
-    return out
-
-
 def _layout(run: _Run) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Name -> (dtype, shape) of every tensor in this run's checkpoint."""
     layout = {"generator": (torch.uint8, tuple(run.generator.get_state().shape)),
               "i_star": (torch.float32, (int(run.cinv.shape[-1]),))}
-    for name, param in _trainable(run).items():
+    for name, param in run.method.trainable(run).items():
         layout[f"param.{name}"] = (torch.float32, tuple(param.shape))
         for slot in ADAMW_SLOTS:
             layout[f"adamw.{slot}.{name}"] = (torch.float32,
@@ -540,7 +547,7 @@ def _snapshot(run: _Run, optimiser: torch.optim.Optimizer) -> dict[str, Tensor]:
     """Everything that decides the rest of the run (the losses so far go in the metadata)."""
     assert run.i_star is not None  # set by the first step
     tensors = {"generator": run.generator.get_state(), "i_star": run.i_star.detach()}
-    for name, param in _trainable(run).items():
+    for name, param in run.method.trainable(run).items():
         tensors[f"param.{name}"] = param.detach()
         for slot in ADAMW_SLOTS:
             tensors[f"adamw.{slot}.{name}"] = optimiser.state[param][slot].detach()
@@ -553,7 +560,7 @@ def _restore(run: _Run, optimiser: torch.optim.Optimizer, saved: checkpoints.Sav
     tensors = saved.tensors
     run.generator.set_state(tensors["generator"])
     run.i_star = tensors["i_star"].to(run.embedding.device)
-    for name, param in _trainable(run).items():
+    for name, param in run.method.trainable(run).items():
         param.copy_(tensors[f"param.{name}"])
         optimiser.state[param] = {
             "step": tensors[f"adamw.step.{name}"].clone(),  # AdamW keeps it on the CPU
@@ -575,6 +582,6 @@ def _concept(run: _Run, cinv_fingerprint: str, base_fingerprint: str,
         i_star=run.i_star.detach().float().cpu().clone(),
         o_k={n: t.detach().float().cpu().clone() for n, t in run.o_k.items()},
         o_v={n: t.detach().float().cpu().clone() for n, t in run.o_v.items()},
-        i_super=None if run.recipe.variant == "trained_keys" or run.i_super is None
-        else run.i_super.detach().float().cpu().clone(),
+        i_super=None if (kept := run.method.stored_i_super(run)) is None
+        else kept.detach().float().cpu().clone(),
     )

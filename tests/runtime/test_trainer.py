@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ from perfusion_runtime.method.trainer import (
     super_encoding,
     train,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from ablations import METHODS as ABLATIONS
 
 RECIPE = Recipe(steps=6, batch=2, seed=0, templates=("a photo of a {}", "a close-up of a {}"))
 
@@ -284,13 +288,13 @@ def test_training_restores_module_modes_and_grad_flags(tmp_path: Path) -> None:
 def test_benchmark_ablations_train_what_they_name(variant: str, subject: Subject,
                                                   trained: Trained,
                                                   cinv: tuple[Tensor, str]) -> None:
-    """bench/personalize.py's ablations: "trained_keys" optimises o*_K too (it moves off
-    W_K i_super), "embedding_only" (textual inversion) only the embedding (o*_K and o*_V
-    stay at their starts). Neither touches the base weights."""
+    """bench/ablations.py, subclasses of the trainer's Method: "trained_keys" optimises o*_K
+    too (it moves off W_K i_super), "embedding_only" (textual inversion) only the embedding
+    (o*_K and o*_V stay at their starts). Neither touches the base weights."""
     pipe = tiny_pipeline(0)
     before = state_dicts(pipe)
-    concept = train(pipe, subject, dataclasses.replace(RECIPE, variant=variant), cinv[0],
-                    cinv_fingerprint=cinv[1], base_fingerprint=base_fingerprint(pipe))
+    concept = train(pipe, subject, RECIPE, cinv[0], cinv_fingerprint=cinv[1],
+                    base_fingerprint=base_fingerprint(pipe), method=ABLATIONS[variant])
     assert_bit_identical(before, pipe)
     i_super = super_encoding(pipe, subject, RECIPE.templates)
     for name, attn in cross_attention_layers(pipe.unet).items():
@@ -304,11 +308,16 @@ def test_benchmark_ablations_train_what_they_name(variant: str, subject: Subject
             assert torch.equal(concept.o_v[name], start_v), name
     # the embedding learns in both, and differently from Perfusion's
     assert not torch.equal(concept.embedding, trained.concept.embedding)
+    assert (concept.i_super is None) == (variant == "trained_keys")  # o*_K stored in full
 
 
-def test_unknown_variant_is_refused() -> None:
-    with pytest.raises(ValueError, match="variant must be one of"):
-        Recipe(variant="dreambooth")
+def test_checkpoint_identity_names_the_method(subject: Subject) -> None:
+    """A benchmark's checkpoint never resumes a product training of the same subject, and
+    the product's identity is the one it had when the recipe named the method."""
+    product = trainer._identity(subject, RECIPE, trainer.PERFUSION, "c", "b")
+    ablation = trainer._identity(subject, RECIPE, ABLATIONS["trained_keys"], "c", "b")
+    assert product != ablation
+    assert '"variant": "perfusion"' in product["recipe"]
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])

@@ -1,0 +1,44 @@
+"""The benchmarks' training ablations, as subclasses of the runtime trainer's `Method`
+(`runtime/method/trainer.py`), so that the product trainer has one path (Perfusion's):
+
+- `TrainedKeys`: o*_K is optimised too, from the same start (the paper's unlocked ablation);
+  the artifact stores o*_K in full.
+- `EmbeddingOnly`: textual inversion: only the token embedding is trained and the UNet runs
+  as it is, with no edit (`_finetune.py` also uses it, and trains the UNet's own weights).
+
+`METHODS` maps the names `personalize.py` records to them.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from perfusion_runtime.method.processor import ConceptState
+from perfusion_runtime.method.trainer import PERFUSION, Method, _Run
+
+
+class TrainedKeys(Method):
+    name = "trained_keys"
+
+    def key_target(self, locked: Tensor) -> Tensor:
+        return nn.Parameter(locked.clone())
+
+    def trainable(self, run: _Run) -> dict[str, nn.Parameter]:
+        keys = {f"o_k.{n}": p for n, p in run.o_k.items() if isinstance(p, nn.Parameter)}
+        return {**super().trainable(run), **keys}
+
+    def stored_i_super(self, run: _Run) -> Tensor | None:
+        return None  # the keys were trained: the file keeps o*_K itself
+
+
+class EmbeddingOnly(Method):
+    name = "embedding_only"
+
+    def trainable(self, run: _Run) -> dict[str, nn.Parameter]:
+        return {"embedding": run.embedding}
+
+    def edit(self, state: ConceptState, run: _Run, i_star: Tensor) -> None:
+        pass  # the UNet as it is
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (PERFUSION, TrainedKeys(), EmbeddingOnly())}
