@@ -39,4 +39,4 @@ def _render(ctx: Context, render: RenderDecl) -> RenderStep:
 def build(ctx: Context) -> Plan:
     concepts = sorted(ctx.concepts.values(), key=lambda d: (d.unit.file, d.learn.span.line))
     return Plan(concepts=[_concept(ctx, d) for d in concepts],
-                renders=[_render(ctx, r) for r in ctx.renders])
+                renders=[_render(ctx, r) for r in ctx.outputs])

@@ -105,7 +105,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if status == EXIT_OK:
         ctx = comp.context
         print(f"checked {len(ctx.requested)} file(s): {len(ctx.concepts)} concept(s), "
-              f"{len(ctx.renders)} image(s) to render; no errors")
+              f"{len(ctx.outputs)} image(s) to render; no errors")
     return status
 
 

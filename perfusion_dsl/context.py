@@ -51,7 +51,9 @@ class RenderDecl:
 
 @dataclass
 class Context:
-    """Mutable only in that passes append to it; what they append is frozen."""
+    """Mutable only in that passes append to it (each to its own tables: `check_outputs`
+    appends the named renders to `outputs` rather than rewrite `renders`); what they append
+    is frozen."""
 
     root: Path
     config: ProjectConfig
@@ -66,7 +68,9 @@ class Context:
     options: dict[tuple[Path, int], dict[str, Any]] = field(default_factory=dict)
     images: dict[tuple[Path, int], tuple[ImageInfo, ...]] = field(default_factory=dict)
     masks: dict[tuple[Path, int], tuple[ImageInfo, ...]] = field(default_factory=dict)
-    renders: list[RenderDecl] = field(default_factory=list)
+    renders: list[RenderDecl] = field(default_factory=list)  # every expanded prompt
+    # the renders that write a file: named (`out`), without duplicates, in plan order
+    outputs: list[RenderDecl] = field(default_factory=list)
     extra_sources: dict[str, str] = field(default_factory=dict)  # e.g. perfusion.toml
 
     def display(self, path: Path) -> str:

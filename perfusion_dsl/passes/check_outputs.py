@@ -43,7 +43,6 @@ def run(ctx: Context) -> None:
     checked: dict[Path, bool] = {}
     claimed: dict[Path, RenderDecl] = {}
     reported: set[tuple[int, int]] = set()
-    kept: list[RenderDecl] = []
     for render in ctx.renders:
         inside = checked.get(render.out_dir)
         if inside is None:
@@ -61,7 +60,7 @@ def run(ctx: Context) -> None:
         first = claimed.get(out)
         if first is None:
             claimed[out] = render = dataclasses.replace(render, out=out)
-            kept.append(render)
+            ctx.outputs.append(render)
             continue
         pair = (id(first.generate), id(render.generate))
         if pair in reported:
@@ -76,4 +75,3 @@ def run(ctx: Context) -> None:
                      labels=(Label(first.unit.file, first.generate.template.span,
                                    "also rendered here"),),
                      help=None if same else "give one of them another `out:` folder or seed"))
-    ctx.renders[:] = kept
