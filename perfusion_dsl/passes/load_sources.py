@@ -76,7 +76,6 @@ def _resolve_use(ctx: Context, path: Path, file: str, use: Use) -> Path | None:
     return full
 
 
-
 def run(ctx: Context) -> None:
     requested = set(ctx.requested)
     queue = list(ctx.requested)

@@ -28,8 +28,6 @@ from ..files.store import Store
 from ..method.trainer import Progress, Recipe, Subject, train
 
 
-
-
 def default_captions(model: str) -> Path | None:
     """The caption corpus a built-in model ships for C⁻¹ (`<folder>/captions.txt`: prompts of
     its own world, which is what its users write), or None: the general corpus."""

@@ -37,8 +37,6 @@ ADAMW_SLOTS = ("step", "exp_avg", "exp_avg_sq")  # AdamW's state per parameter (
 log = logging.getLogger(__name__)
 
 
-
-
 @dataclass(frozen=True)
 class Recipe:
     """Training hyperparameters, from a plan's effective learn options."""
