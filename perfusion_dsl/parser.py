@@ -16,13 +16,12 @@ from lark import Lark, Token, Transformer, UnexpectedInput
 from perfusion_dsl import nodes as n
 from perfusion_dsl.diagnostics import Diagnostic, error
 from perfusion_dsl.source import Source, span_at
-from perfusion_dsl.syntax_errors import translate
+from perfusion_dsl.syntax_errors import STATEMENT_STARTS, translate
 
 MAX_SYNTAX_ERRORS = 20
-# A line in column 0 that starts like a statement: the keyword and what must follow it (so
-# a list item `learn` or `model,` on a line of its own is not mistaken for a statement).
+# A line in column 0 that starts like a statement: the keyword and what must follow it
 _STATEMENT_START = re.compile(
-    r'^(?:(?:model|use|generate)[ \t]+"|let[ \t]+[A-Za-z_]|defaults[ \t]*\{|learn[ \t]+\S)',
+    "^(?:" + "|".join(word + follow for word, follow in STATEMENT_STARTS.items()) + ")",
     re.MULTILINE)
 _STRING_OR_COMMENT = re.compile(r'"(?:[^"\\\n]|\\[^\n])*"?|#[^\n]*')
 _BRACKETS = re.compile(r'"(?:[^"\\\n]|\\[^\n])*"?|#[^\n]*|[\[\]{}\n]')

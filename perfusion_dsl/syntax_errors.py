@@ -9,7 +9,11 @@ from lark import Token, UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 from perfusion_dsl.diagnostics import Diagnostic, did_you_mean, error
 from perfusion_dsl.source import Source, span_at
 
-STATEMENTS = ("model", "use", "let", "defaults", "learn", "generate")
+# Every statement keyword of grammar/concept.lark, with what must follow it for a line to
+# start that statement (so a list item `learn` or `model,` on a line of its own does not).
+STATEMENT_STARTS = {"model": '[ \t]+"', "use": '[ \t]+"', "let": "[ \t]+[A-Za-z_]",
+                    "defaults": "[ \t]*\\{", "learn": "[ \t]+\\S", "generate": '[ \t]+"'}
+STATEMENTS = tuple(STATEMENT_STARTS)
 
 # What each terminal of grammar/concept.lark is called in messages.
 DESCRIBE = {
@@ -34,10 +38,13 @@ HELP = {
 def _expected(names: set[str]) -> str:
     known = sorted((x for x in names if x in DESCRIBE), key=_ORDER.index)
     if set(STATEMENTS) <= {x.lower() for x in known}:
-        return "a statement (`model`, `use`, `let`, `defaults`, `learn` or `generate`)"
+        return f"a statement ({_either([DESCRIBE[s.upper()] for s in STATEMENTS])})"
     words = [DESCRIBE[x] for x in known if x not in ("MODEL", "USE", "LET", "DEFAULTS")]
-    if not words:
-        return "something else"
+    return _either(words) if words else "something else"
+
+
+def _either(words: list[str]) -> str:
+    """`a`, `a or b`, `a, b or c`."""
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
