@@ -52,15 +52,15 @@ class OutputError(FileError):
     """An output could not be written; names the path and the reason."""
 
 
-# --- confined, symlink-safe, atomic writes ---------------------------------
+# --- confined, symlink-safe, atomic writes ------------------------------------------------
 
 
 def write_output(root: Path, rel: str, data: bytes) -> Path:
     """Write `data` to root/rel atomically and return the final path.
 
     Missing folders are created one at a time below root; a folder component that is a
-    symlink or not a folder is refused, and so is a symlink or non-file at the final name
-   . Every step goes through folder descriptors opened with O_NOFOLLOW, so a link
+    symlink or not a folder is refused, and so is a symlink or non-file at the final name.
+    Every step goes through folder descriptors opened with O_NOFOLLOW, so a link
     swapped in meanwhile makes the write fail rather than go through it. The data goes to a
     temp file renamed over the final name: on any OSError the temp file is removed and the
     earlier file is intact.
