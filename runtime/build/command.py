@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -15,11 +14,11 @@ from types import FrameType
 
 from perfusion_dsl.plan import Plan
 
-from .run import RunOptions, Summary, run
 from ..files.lock import LockHeld, build_lock
-from .progress import Reporter
-from .status import PlanStatus, plan_status, store_key
 from ..files.store import Store, StoreError, cache_root
+from .progress import Reporter
+from .run import RunOptions, Summary, run
+from .status import PlanStatus, plan_status, store_key
 
 EXIT_OK, EXIT_FAILED = 0, 1
 RUNTIME_MODULES = ("torch", "diffusers", "transformers", "safetensors", "numpy", "tqdm")

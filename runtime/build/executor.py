@@ -42,8 +42,8 @@ class LocalExecutor:
         self.stop = stop
 
     def train_all(self, jobs: Sequence[TrainJob], done: TrainDone) -> None:
-        from .jobs import train_job
         from ..method.trainer import TrainingInterrupted
+        from .jobs import train_job
 
         for job in jobs:
             if self.stop():

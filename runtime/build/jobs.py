@@ -17,15 +17,15 @@ import torch
 
 from perfusion_dsl.plan import ConceptStep, RenderStep
 
+from ..files.store import Store
 from ..method.artifact import encode
 from ..method.covariance import cinv_for
 from ..method.device import Precision, choose
 from ..method.fingerprint import base_fingerprint
 from ..method.render import apply_concepts
-from .stop import Stop, Stopped
-from .status import BUILTIN_MODELS, BUILTIN_TEST_MODEL, concept_inputs, tool_version
-from ..files.store import Store
 from ..method.trainer import Progress, Recipe, Subject, train
+from .status import BUILTIN_MODELS, BUILTIN_TEST_MODEL, concept_inputs, tool_version
+from .stop import Stop, Stopped
 
 
 def default_captions(model: str) -> Path | None:

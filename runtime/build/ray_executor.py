@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .executor import Emit, RenderFailed, TrainDone, counted
-from .stop import Stop, Stopped
 from .progress import Reporter
+from .stop import Stop, Stopped
 
 if TYPE_CHECKING:
     from .jobs import Pipelines, Rendered, RenderJob, Trained, TrainJob

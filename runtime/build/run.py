@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from perfusion_dsl.plan import Plan, RenderStep
 
-from .executor import Executor
-from .stop import Stopped
+from ..files.atomic import file_sha256
 from ..files.lock import build_lock
+from ..files.store import Store
+from .executor import Executor
 from .progress import Reporter, duration
 from .status import (
     Manifests,
@@ -25,8 +26,7 @@ from .status import (
     tool_version,
     write_history,
 )
-from ..files.atomic import file_sha256
-from ..files.store import Store
+from .stop import Stopped
 
 if TYPE_CHECKING:
     from .jobs import Rendered, RenderJob, Trained, TrainJob

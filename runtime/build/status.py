@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -14,8 +13,8 @@ from typing import Any, Literal
 from perfusion_dsl.keys import digest
 from perfusion_dsl.plan import ConceptStep, Plan, RenderStep
 
-from ..files.outputs import read_manifest
 from ..files.atomic import file_sha256, write_json_atomically
+from ..files.outputs import read_manifest
 from ..files.store import Store, StoreError
 
 State = Literal["new", "up to date", "changed"]
