@@ -1,4 +1,4 @@
-"""Diagnostics scenarios D1-D8 of RELIABILITY.md: goldens, ordering, positions, hints, limits.
+"""Diagnostics scenarios D1-D8 (docs/build.md): goldens, ordering, positions, hints, limits.
 
 D1 fixtures live in tests/fixtures/diagnostics/<code>[--variant]/: the spec files and
 `expected.txt`, the exact stderr of `perfusion check .` run in that folder. Rewrite them

@@ -1,4 +1,4 @@
-"""The parser builds the documented tree for every construct of LANGUAGE.md."""
+"""The parser builds the documented tree for every construct of docs/language.md."""
 
 from __future__ import annotations
 

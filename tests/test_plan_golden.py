@@ -33,13 +33,13 @@ from perfusion_dsl.plan import Plan
 
 CASES = plan_cases()
 
-# The keys of LANGUAGE.md's `plan --json` example, in its order.
+# The keys of the `plan --json` example in docs/language.md ("The plan"), in its order.
 PLAN_KEYS = ["version", "concepts", "renders"]
 CONCEPT_KEYS = ["token", "file", "line", "model", "supercategories", "adjectives", "images",
                 "options", "key", "up_to_date"]
 RENDER_KEYS = ["file", "line", "prompt", "concepts", "seed", "strength", "out", "options"]
-# LANGUAGE.md's learn option table; the generate options other than those a render step
-# has as its own fields (seed, strength, out), plus the base model it renders with.
+# The learn option table of docs/language.md ("Options"); the generate options other than
+# those a render step has as its own fields (seed, strength, out), plus its base model.
 LEARN_OPTIONS = {"steps", "batch", "lr", "embedding_lr", "lock", "mask", "resolution", "flip",
                  "seed", "templates", "beta", "tau"}
 RENDER_OPTIONS = {"steps", "guidance", "size", "negative", "model"}
@@ -75,7 +75,7 @@ def test_specs_plan_golden(run_cli: Run) -> None:
 
 
 def assert_shape(plan: dict[str, Any]) -> None:
-    """Exactly the keys of LANGUAGE.md's example, and the plan model accepts it back."""
+    """Exactly the keys of docs/language.md's plan example; the plan model accepts it back."""
     assert list(plan) == PLAN_KEYS
     assert plan["version"] == 1
     for concept in plan["concepts"]:

@@ -20,7 +20,7 @@ def sd15_concept(**changes: Any) -> tuple[Concept, dict[str, int]]:
     unet, text_encoder = sd15_unet_and_text_encoder("meta")  # shapes only, no memory
     layers = {name: int(attn.to_k.out_features)
               for name, attn in cross_attention_layers(unet).items()}
-    assert len(layers) == 16 and sum(layers.values()) == 12_480  # PERFUSION.md's numbers
+    assert len(layers) == 16 and sum(layers.values()) == 12_480  # docs/runtime.md's numbers
     width = int(text_encoder.config.hidden_size)
     generator = torch.Generator().manual_seed(0)
     options = {k: list(v) if isinstance(v, tuple) else v

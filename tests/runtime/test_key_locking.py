@@ -1,4 +1,4 @@
-"""Invariants 1, 2, 3 and 6 of PERFUSION.md for the pure tensor math in key_locking.py."""
+"""Invariants 1, 2, 3 and 6 of docs/runtime.md for the pure tensor math in key_locking.py."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def concept_setup(
 def reference_single(
     e: Tensor, weight: Tensor, i_star: Tensor, o_star: Tensor, cinv: Tensor, beta: float, tau: float
 ) -> Tensor:
-    """Eq. 1 and 2 of PERFUSION.md written out in float64, independently of the module."""
+    """Eq. 1 and 2 of docs/runtime.md written out in float64, independently of the module."""
     e, weight, i_star, o_star, m = (t.double() for t in (e, weight, i_star, o_star, cinv))
     s = (e @ m @ i_star) / (i_star @ m @ i_star)  # [...]
     gated = torch.sigmoid((s - beta) / tau)[..., None] * o_star
@@ -189,7 +189,7 @@ def test_projection_coefficients_match_normal_equations() -> None:
 
 
 def test_dropping_cinv_changes_the_multi_concept_result() -> None:
-    """The known public bug: projecting with the identity instead of C⁻¹ (PERFUSION.md)."""
+    """The known public bug: projecting with the identity instead of C⁻¹ (docs/runtime.md)."""
     cinv, i_stars, weight, o_stars = concept_setup(9, 2, torch.float64)
     e = gaussian(torch.Generator().manual_seed(90), 6, D)
     beta = torch.tensor([0.7, 0.7], dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""PerfusionAttnProcessor on the tiny pipeline's real diffusers modules (PERFUSION.md)."""
+"""PerfusionAttnProcessor on the tiny pipeline's real diffusers modules (docs/runtime.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Rendering with trained concepts on the real tiny diffusers pipeline: invariants 7 and 8 of
-PERFUSION.md, M4, global key locking and several concepts in one prompt."""
+docs/runtime.md, M4, global key locking and several concepts in one prompt."""
 
 from __future__ import annotations
 

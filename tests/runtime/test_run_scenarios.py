@@ -1,6 +1,6 @@
 """`perfusion run` as a user meets it: the CLI on a real project with the tiny model, and the
-RELIABILITY.md scenarios of the build (R3–R8, R10, M6, S2), with subprocesses for locks,
-kills and signals."""
+reliability scenarios of the build in docs/build.md (R3–R8, R10, M6, S2), with subprocesses
+for locks, kills and signals."""
 
 from __future__ import annotations
 

@@ -87,7 +87,7 @@ def test_R6_truncated(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_R6_zeroed_tail(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Same size, wrong content: what a safetensors loader cannot see (RELIABILITY.md)."""
+    """Same size, wrong content: what a safetensors loader cannot see (docs/build.md)."""
     store = Store(tmp_path)
     path = put(store)
     zeroed = DATA[:-16] + bytes(16)

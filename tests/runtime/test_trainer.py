@@ -1,4 +1,4 @@
-"""The trainer on the real tiny diffusers pipeline: invariants 4 and 5 of PERFUSION.md, M2 (a
+"""The trainer on the real tiny diffusers pipeline: invariants 4 and 5 of docs/runtime.md, M2 (a
 non-finite loss), seeded determinism (the basis of M3) and the per-image loss mask."""
 
 from __future__ import annotations
