@@ -20,7 +20,22 @@ FIXTURE = PLANS / "use-multi-file"
 # Left out of the copy that is installed: environments, caches, build outputs, VCS.
 NOT_SOURCES = shutil.ignore_patterns(".venv", "venv", ".git", "*.egg-info", "__pycache__",
                                      ".mypy_cache", ".ruff_cache", ".pytest_cache",
-                                     ".hypothesis", "build", "dist", ".perfusion", "renders")
+                                     ".hypothesis", ".perfusion", "renders")
+
+
+def _copy_sources(target: Path) -> Path:
+    """The repository as a fresh clone has it: its tracked files when git can list them
+    (so a git-ignored training folder or a setuptools `build/` never travels, while a
+    package named `build` does), else the tree without caches and environments."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+                            check=False)
+    if listed.returncode != 0:
+        return Path(shutil.copytree(REPO, target, ignore=NOT_SOURCES))
+    for name in listed.stdout.decode("utf-8").split("\0"):
+        if name and (REPO / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, target / name)
+    return target
 
 
 def _run(argv: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -174,7 +189,7 @@ def test_grammar_is_package_data() -> None:
 def test_installed_package_checks_a_project(tmp_path: Path) -> None:
     """`pip install .` (not editable) into a fresh venv; the installed `perfusion` works
     outside the repository, so the grammar must have been shipped as package data."""
-    source = shutil.copytree(REPO, tmp_path / "src", ignore=NOT_SOURCES)
+    source = _copy_sources(tmp_path / "src")
     venv = tmp_path / "venv"
     made = _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
     assert made.returncode == 0, made.stderr
