@@ -24,6 +24,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 
 from perfusion_dsl.options import GENERATE, LEARN, defaults_for
+from perfusion_dsl.plan import LearnOptions
 from perfusion_runtime.build.jobs import default_captions, load_pipeline
 from perfusion_runtime.method.covariance import cinv_for
 from perfusion_runtime.method.device import choose
@@ -51,7 +52,7 @@ def main() -> None:
         cinv_seconds = time.perf_counter() - clock
     images = tuple(sorted((REPO / "specs" / "images" / "moon").glob("*.png")))
     subject = Subject("moon*", ("circle",), (), images, base_model=MODEL)
-    recipe = Recipe.from_options(learn)
+    recipe = Recipe.from_options(LearnOptions(**learn))
     clock = time.perf_counter()
     concept = train(pipe, subject, recipe, cinv, cinv_fingerprint=cinv_print,
                     base_fingerprint=base_fingerprint(pipe))

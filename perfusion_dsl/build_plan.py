@@ -2,38 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from perfusion_dsl.context import ConceptDecl, Context, RenderDecl
 from perfusion_dsl.keys import concept_key
 from perfusion_dsl.passes.check_duplicates import concept_inputs
-from perfusion_dsl.plan import ConceptStep, Plan, RenderStep
-
-
-def _jsonable(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+from perfusion_dsl.plan import ConceptStep, LearnOptions, Plan, RenderStep
 
 
 def _concept(ctx: Context, decl: ConceptDecl) -> ConceptStep:
     where = (decl.unit.path, decl.index)
-    options = {k: _jsonable(v) for k, v in ctx.options[where].items()}
+    options = ctx.options[where]
     masks = ctx.masks.get(where)
-    if masks is not None:
-        options["mask"] = [ctx.display(m.path) for m in masks]
+    mask = tuple(ctx.display(m.path) for m in masks) if masks is not None else options["mask"]
     inputs = concept_inputs(ctx, decl)
     return ConceptStep(token=inputs["token"], file=decl.unit.file, line=decl.learn.span.line,
                        model=inputs["model"], supercategories=inputs["supercategories"],
                        adjectives=inputs["adjectives"],
                        images=[ctx.display(i.path) for i in ctx.images[where]],
-                       options=options, key=concept_key(inputs))
+                       options=LearnOptions(**{k: options[k] for k in LearnOptions.model_fields
+                                               if k != "mask"}, mask=mask),
+                       key=concept_key(inputs))
 
 
 def _render(ctx: Context, render: RenderDecl) -> RenderStep:
     assert render.out is not None
-    return RenderStep(file=render.unit.file, line=render.generate.span.line,
+    return RenderStep(file=render.unit.file, line=render.generate.span.line, model=render.model,
                       prompt=render.prompt, concepts=list(render.concepts), seed=render.seed,
                       strength=render.strength, out=ctx.display(render.out),
-                      options=dict(render.options))
+                      options=render.options)
 
 
 def build(ctx: Context) -> Plan:

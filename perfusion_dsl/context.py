@@ -11,6 +11,7 @@ from perfusion_dsl.config import ProjectConfig
 from perfusion_dsl.diagnostics import Diagnostic
 from perfusion_dsl.images import ImageInfo
 from perfusion_dsl.nodes import Generate, Learn, Let, Module
+from perfusion_dsl.plan import RenderOptions
 from perfusion_dsl.source import Source
 
 
@@ -44,7 +45,8 @@ class RenderDecl:
     concepts: tuple[str, ...]
     seed: int
     strength: float
-    options: dict[str, Any]
+    model: str
+    options: RenderOptions  # shared by all renders of a statement
     out_dir: Path
     out: Path | None = None
 

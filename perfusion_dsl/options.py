@@ -1,33 +1,23 @@
-"""The option schema of `learn` and `generate`: types, ranges, defaults (docs/language.md)."""
+"""How `learn` and `generate` options are written and checked (docs/language.md); their
+types, ranges and defaults are declared once, by the plan's option models."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
+
+from pydantic import BaseModel
 
 from perfusion_dsl.nodes import Bare, ListV, Str, Value
+from perfusion_dsl.plan import MAX_SEED, LearnOptions, RenderOptions
 
 INT = re.compile(r"[+-]?\d+")
 NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 SIZE = re.compile(r"(\d+)x(\d+)")
-MAX_SEED = 2**63 - 1
 MAX_DIGITS = 30
-
-DEFAULT_TEMPLATES = (
-    "a photo of a {}",
-    "a rendering of a {}",
-    "a cropped photo of the {}",
-    "the photo of a {}",
-    "a photo of a clean {}",
-    "a close-up photo of a {}",
-    "a bright photo of the {}",
-    "a good photo of a {}",
-    "a photo of one {}",
-    "a rendition of the {}",
-)
 
 
 class Invalid(Exception):
@@ -192,38 +182,81 @@ def templates(value: Value, key: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _bounds(model: type[BaseModel], key: str) -> tuple[Any, Any, bool]:
+    """(low, high, low_open) of a numeric field as the plan's option model declares it."""
+    low, high, low_open = None, None, False
+    for rule in model.model_fields[key].metadata:
+        if getattr(rule, "ge", None) is not None:
+            low = rule.ge
+        elif getattr(rule, "gt", None) is not None:
+            low, low_open = rule.gt, True
+        elif getattr(rule, "le", None) is not None:
+            high = rule.le
+    return low, high, low_open
+
+
+def _int(model: type[BaseModel], key: str) -> Callable[[Value, str], int]:
+    low, high, _ = _bounds(model, key)
+    return int_range(low, high)
+
+
+def _float(model: type[BaseModel], key: str) -> Callable[[Value, str], float]:
+    low, high, low_open = _bounds(model, key)
+    return float_range(low, high, lo_open=low_open)
+
+
+def _choice(model: type[BaseModel], key: str) -> Callable[[Value, str], str]:
+    return choice(*get_args(model.model_fields[key].annotation))
+
+
+def _resolution() -> Callable[[Value, str], int]:
+    within = _int(LearnOptions, "resolution")
+    step = next(r.multiple_of for r in LearnOptions.model_fields["resolution"].metadata
+                if getattr(r, "multiple_of", None))
+
+    def parse(value: Value, key: str) -> int:
+        got = within(value, key)
+        if got % step:
+            raise Invalid(f"`{key}` must be a multiple of {step}, found {got}", at=value)
+        return got
+
+    return parse
+
+
 @dataclass(frozen=True, slots=True)
 class OptionSpec:
     parse: Callable[[Value, str], Any]
-    default: Any
     kinds: frozenset[str]
 
 
 LEARN, GENERATE = "learn", "generate"
 _L, _G = frozenset({LEARN}), frozenset({GENERATE})
 
+# How each option is written and checked; its type, range and default are the plan's
+# (`LearnOptions`, `RenderOptions`). The order is the one help messages list them in.
 SCHEMA: dict[str, OptionSpec] = {
-    "steps": OptionSpec(int_range(1, 1_000_000), None, frozenset({LEARN, GENERATE})),
-    "seed": OptionSpec(int_range(0, MAX_SEED), 0, frozenset({LEARN, GENERATE})),
-    "batch": OptionSpec(int_range(1, 4096), 16, _L),
-    "lr": OptionSpec(float_range(0.0, 10.0, lo_open=True), 0.03, _L),
-    "embedding_lr": OptionSpec(float_range(0.0, 10.0, lo_open=True), 0.006, _L),
-    "lock": OptionSpec(choice("local", "global"), "local", _L),
-    "mask": OptionSpec(mask, "none", _L),
-    "resolution": OptionSpec(resolution, None, _L),
-    "flip": OptionSpec(boolean, True, _L),
-    "templates": OptionSpec(templates, DEFAULT_TEMPLATES, _L),
-    "beta": OptionSpec(float_range(0.0, 1.0), 0.75, _L),
-    "tau": OptionSpec(float_range(0.0, 1.0, lo_open=True), 0.1, _L),
-    "strength": OptionSpec(strength, (0.5,), _G),
-    "guidance": OptionSpec(float_range(0.0, 100.0), None, _G),
-    "size": OptionSpec(size, None, _G),
-    "negative": OptionSpec(text, "", _G),
-    "out": OptionSpec(path, None, _G),
+    "steps": OptionSpec(_int(LearnOptions, "steps"), frozenset({LEARN, GENERATE})),
+    "seed": OptionSpec(_int(LearnOptions, "seed"), frozenset({LEARN, GENERATE})),
+    "batch": OptionSpec(_int(LearnOptions, "batch"), _L),
+    "lr": OptionSpec(_float(LearnOptions, "lr"), _L),
+    "embedding_lr": OptionSpec(_float(LearnOptions, "embedding_lr"), _L),
+    "lock": OptionSpec(_choice(LearnOptions, "lock"), _L),
+    "mask": OptionSpec(mask, _L),
+    "resolution": OptionSpec(_resolution(), _L),
+    "flip": OptionSpec(boolean, _L),
+    "templates": OptionSpec(templates, _L),
+    "beta": OptionSpec(_float(LearnOptions, "beta"), _L),
+    "tau": OptionSpec(_float(LearnOptions, "tau"), _L),
+    "strength": OptionSpec(strength, _G),
+    "guidance": OptionSpec(_float(RenderOptions, "guidance"), _G),
+    "size": OptionSpec(size, _G),
+    "negative": OptionSpec(text, _G),
+    "out": OptionSpec(path, _G),
 }
-# Defaults that differ by statement kind (learn steps follow the Perfusion recipe;
-# sampling steps default to the model's own).
-KIND_DEFAULTS: dict[str, dict[str, Any]] = {LEARN: {"steps": 400}, GENERATE: {"steps": None}}
+# A generate statement's own options, beside the sampling ones each render carries: image
+# k uses `seed + k`, one image per strength value, written under `out` (or the default
+# folder when None).
+GENERATE_DEFAULTS: dict[str, Any] = {"seed": 0, "strength": (0.5,), "out": None}
 
 
 # The built-in toy:shapes model (docs/toy.md) speaks only its world's words, so it gets
@@ -240,7 +273,7 @@ MODEL_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 def defaults_for(kind: str, model: str | None = None) -> dict[str, Any]:
     """Every option of `kind` with its default value (for `model`, where a built-in model
     has its own)."""
-    base = {k: s.default for k, s in SCHEMA.items() if kind in s.kinds}
-    base.update(KIND_DEFAULTS[kind])
+    base = LearnOptions().model_dump() if kind == LEARN else \
+        RenderOptions().model_dump() | GENERATE_DEFAULTS
     base.update(MODEL_DEFAULTS.get(model or "", {}).get(kind, {}))
     return base

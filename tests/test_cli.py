@@ -208,7 +208,8 @@ def test_toy_shapes_has_its_own_defaults_and_other_models_the_general_ones(
     ones; the spec's own values win over both."""
     import json
 
-    from perfusion_dsl.options import DEFAULT_TEMPLATES, TOY_TEMPLATES
+    from perfusion_dsl.options import TOY_TEMPLATES
+    from perfusion_dsl.plan import DEFAULT_TEMPLATES
 
     folder = project({
         "toy.concept": GOOD["a.concept"],

@@ -29,7 +29,9 @@ from regen_goldens import (
 
 from perfusion_dsl.compiler import compile_paths
 from perfusion_dsl.diagnostics import render_all
-from perfusion_dsl.plan import Plan
+from perfusion_dsl.nodes import Bare
+from perfusion_dsl.options import GENERATE, GENERATE_DEFAULTS, LEARN, SCHEMA, Invalid
+from perfusion_dsl.plan import LearnOptions, Plan, RenderOptions
 
 CASES = plan_cases()
 
@@ -37,12 +39,13 @@ CASES = plan_cases()
 PLAN_KEYS = ["version", "concepts", "renders"]
 CONCEPT_KEYS = ["token", "file", "line", "model", "supercategories", "adjectives", "images",
                 "options", "key", "up_to_date"]
-RENDER_KEYS = ["file", "line", "prompt", "concepts", "seed", "strength", "out", "options"]
+RENDER_KEYS = ["file", "line", "model", "prompt", "concepts", "seed", "strength", "out",
+               "options"]
 # The learn option table of docs/language.md ("Options"); the generate options other than
-# those a render step has as its own fields (seed, strength, out), plus its base model.
+# those a render step has as its own fields (seed, strength, out).
 LEARN_OPTIONS = {"steps", "batch", "lr", "embedding_lr", "lock", "mask", "resolution", "flip",
                  "seed", "templates", "beta", "tau"}
-RENDER_OPTIONS = {"steps", "guidance", "size", "negative", "model"}
+RENDER_OPTIONS = {"steps", "guidance", "size", "negative"}
 
 
 def test_there_are_enough_plan_cases() -> None:
@@ -77,7 +80,7 @@ def test_specs_plan_golden(run_cli: Run) -> None:
 def assert_shape(plan: dict[str, Any]) -> None:
     """Exactly the keys of docs/language.md's plan example; the plan model accepts it back."""
     assert list(plan) == PLAN_KEYS
-    assert plan["version"] == 1
+    assert plan["version"] == 2
     for concept in plan["concepts"]:
         assert list(concept) == CONCEPT_KEYS
         assert set(concept["options"]) == LEARN_OPTIONS
@@ -89,6 +92,59 @@ def assert_shape(plan: dict[str, Any]) -> None:
         assert set(render["concepts"]) <= {c["token"] for c in plan["concepts"]}
         assert render["out"].endswith(".png") and not os.path.isabs(render["out"])
     assert Plan.model_validate(plan).model_dump(mode="json") == plan
+
+
+def test_the_option_models_declare_every_option() -> None:
+    """The plan's models are the one declaration of the options: the compiler's checks
+    cover exactly their fields (a generate statement adds seed, strength and out)."""
+    learn = {k for k, spec in SCHEMA.items() if LEARN in spec.kinds}
+    generate = {k for k, spec in SCHEMA.items() if GENERATE in spec.kinds}
+    assert learn == set(LearnOptions.model_fields) == LEARN_OPTIONS
+    assert generate == set(RenderOptions.model_fields) | set(GENERATE_DEFAULTS)
+    assert set(RenderOptions.model_fields) == RENDER_OPTIONS
+
+
+def _edges(model: type[LearnOptions | RenderOptions], key: str) -> list[tuple[str, bool]]:
+    """Values at and just past each declared bound, with whether they are inside."""
+    out = []
+    for rule in model.model_fields[key].metadata:
+        for name, inside, past in (("ge", True, -1), ("gt", False, 1), ("le", True, 1)):
+            bound = getattr(rule, name, None)
+            if bound is not None:
+                step = 1 if isinstance(bound, int) else 1e-3
+                out += [(f"{bound}", inside), (f"{bound + past * step}", not inside)]
+    return out
+
+
+NUMERIC = [(model, key) for model in (LearnOptions, RenderOptions)
+           for key, field in model.model_fields.items()
+           if any(getattr(r, "le", None) is not None for r in field.metadata)]
+
+
+@pytest.mark.parametrize(("model", "key"), NUMERIC, ids=[k for _, k in NUMERIC])
+def test_the_compiler_checks_the_ranges_the_plan_declares(
+        model: type[LearnOptions | RenderOptions], key: str) -> None:
+    """At each bound of each numeric option the compiler and the plan model agree."""
+    edges = _edges(model, key)
+    assert len(edges) >= 4, edges
+    multiple = next((r.multiple_of for r in model.model_fields[key].metadata
+                     if getattr(r, "multiple_of", None)), None)
+    for text, inside in edges:
+        value = Bare(text)
+        try:
+            parsed = SCHEMA[key].parse(value, key)
+        except Invalid:
+            parsed = None
+        fits = inside and (multiple is None or float(text) % multiple == 0)
+        assert (parsed is not None) == fits, (key, text)
+        if parsed is not None:
+            assert getattr(model(**{key: parsed}), key) == parsed
+
+
+def test_a_plan_of_another_format_is_refused_by_name() -> None:
+    old = {"version": 1, "concepts": [], "renders": []}
+    with pytest.raises(ValueError, match=r"version\n  Input should be 2"):
+        Plan.model_validate(old)
 
 
 # ----------------------------------------------------------------------------- R3 cache keys

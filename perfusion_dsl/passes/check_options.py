@@ -12,13 +12,13 @@ from perfusion_dsl.options import (
     GENERATE,
     IDENT,
     LEARN,
-    MAX_SEED,
     NUMBER,
     SCHEMA,
     Invalid,
     defaults_for,
     int_range,
 )
+from perfusion_dsl.plan import MAX_SEED
 
 WORD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _KIND_OF = {Learn: LEARN, Generate: GENERATE}

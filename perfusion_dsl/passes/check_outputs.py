@@ -28,7 +28,7 @@ def file_name(render: RenderDecl) -> str:
 
 
 def _identity(render: RenderDecl) -> tuple[object, ...]:
-    return (render.prompt, render.seed, render.strength, sorted(render.options.items()))
+    return (render.prompt, render.seed, render.strength, render.model, render.options)
 
 
 def _out_span(gen: Generate) -> Span:

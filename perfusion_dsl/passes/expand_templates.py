@@ -11,9 +11,8 @@ from typing import Any
 from perfusion_dsl.context import Context, RenderDecl, Unit
 from perfusion_dsl.diagnostics import closest, did_you_mean, error
 from perfusion_dsl.nodes import Generate, Span, Str
+from perfusion_dsl.plan import RenderOptions
 from perfusion_dsl.templates import TOKEN, Choice, NameRef, Part, Piece, parse_template
-
-RENDER_OPTIONS = ("steps", "guidance", "size", "negative")
 
 
 def _check_tokens(ctx: Context, unit: Unit, text: str, span: Span, offset: int) -> None:
@@ -123,7 +122,8 @@ def _emit(ctx: Context, unit: Unit, gen: Generate, lists: list[list[str]],
         ctx.add(error("too-many-renders", f"the run would render more than {limit:,} images",
                       unit.file, gen.span, help="raise `max_renders_total` in perfusion.toml"))
         return
-    render_opts = {k: options[k] for k in RENDER_OPTIONS} | {"model": ctx.models[unit.path]}
+    model = ctx.models[unit.path]
+    render_opts = RenderOptions(**{k: options[k] for k in RenderOptions.model_fields})
     out_dir = _out_dir(ctx, unit, options)
     for combo in itertools.product(*lists):
         prompt = "".join(combo)
@@ -131,7 +131,7 @@ def _emit(ctx: Context, unit: Unit, gen: Generate, lists: list[list[str]],
         for strength in options["strength"]:
             for k in range(options["count"]):
                 ctx.renders.append(RenderDecl(unit, gen, prompt, concepts, options["seed"] + k,
-                                              strength, render_opts, out_dir))
+                                              strength, model, render_opts, out_dir))
 
 
 def _out_dir(ctx: Context, unit: Unit, options: dict[str, Any]) -> Path:

@@ -39,8 +39,8 @@ def describe(plan: Plan, status: PlanStatus) -> str:
     lines = [f"concepts: {len(plan.concepts)} ({train} to train)"]
     for c in plan.concepts:
         lines.append(f"  {c.token:<16} {status.concepts[c.token]}")
-        lines.append(f"  {'':<16} {len(c.images)} image(s), {c.options['steps']} steps, lock "
-                     f"{c.options['lock']} ({c.file}:{c.line}, key {c.key[:12]})")
+        lines.append(f"  {'':<16} {len(c.images)} image(s), {c.options.steps} steps, lock "
+                     f"{c.options.lock} ({c.file}:{c.line}, key {c.key[:12]})")
     lines.append(f"images: {len(plan.renders)} ({render} to render)")
     indexed = list(enumerate(plan.renders))
     for (file, line), group in groupby(indexed, key=lambda p: (p[1].file, p[1].line)):

@@ -48,7 +48,7 @@ class LocalExecutor:
         for job in jobs:
             if self.stop():
                 raise Stopped
-            bar = self.reporter.bar(f"training {job.step.token}", int(job.step.options["steps"]),
+            bar = self.reporter.bar(f"training {job.step.token}", job.step.options.steps,
                                     "step")
             try:
                 result: Trained | BaseException = train_job(

@@ -145,8 +145,8 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def _subject(step: ConceptStep, root: Path, key: str) -> Subject:
-    mask = step.options.get("mask", "none")
-    masks = tuple(root / m for m in mask) if isinstance(mask, list) else None
+    mask = step.options.mask
+    masks = tuple(root / m for m in mask) if isinstance(mask, tuple) else None
     return Subject(step.token, tuple(step.supercategories), tuple(step.adjectives),
                    tuple(root / i for i in step.images), masks, key, step.model)
 
@@ -190,7 +190,8 @@ def train_job(job: TrainJob, pipes: Pipelines, *, progress: Callable[[Progress],
             concept = train(pipe, _subject(job.step, Path(job.root), job.key),
                             Recipe.from_options(job.step.options, micro_batch=micro), cinv,
                             cinv_fingerprint=cinv_print, base_fingerprint=base,
-                            options=job.step.options, precision=pipes.precision,
+                            options=job.step.options.model_dump(mode="json"),
+                            precision=pipes.precision,
                             progress=report, checkpoint=checkpoint, stop=stop)
             break
         except Exception as exc:
@@ -205,20 +206,17 @@ def train_job(job: TrainJob, pipes: Pipelines, *, progress: Callable[[Progress],
 
 
 def _group_key(r: RenderStep) -> tuple[Any, ...]:
-    o = r.options
-    return (tuple(r.concepts), r.strength, o.get("steps"), o.get("guidance"), o.get("size"),
-            o.get("negative", ""))
+    return (tuple(r.concepts), r.strength, r.options)
 
 
 def pipe_options(r: RenderStep) -> dict[str, Any]:
     o, out = r.options, dict[str, Any]()
-    if o.get("steps") is not None:
-        out["num_inference_steps"] = int(o["steps"])
-    if o.get("guidance") is not None:
-        out["guidance_scale"] = float(o["guidance"])
-    if o.get("size"):
-        width, height = (int(x) for x in str(o["size"]).split("x"))
-        out["width"], out["height"] = width, height
+    if o.steps is not None:
+        out["num_inference_steps"] = o.steps
+    if o.guidance is not None:
+        out["guidance_scale"] = o.guidance
+    if (size := o.dimensions()) is not None:
+        out["width"], out["height"] = size
     return out
 
 
@@ -238,10 +236,10 @@ def render_job(job: RenderJob, pipes: Pipelines, emit: Callable[[list[Rendered]]
     `stop()` is polled between groups (Stopped). On out of memory the batch is halved down
     to one image, then OutOfMemory says what to try."""
     store = Store(job.store)
-    pipe, _ = pipes.get(job.renders[0].options["model"])
+    pipe, _ = pipes.get(job.renders[0].model)
     files = [_concept_file(store, token, key) for token, key in job.concepts]
     captions = Path(job.captions) if job.captions else \
-        default_captions(job.renders[0].options["model"])
+        default_captions(job.renders[0].model)
     order = sorted(range(len(job.renders)), key=lambda i: repr(_group_key(job.renders[i])))
     with apply_concepts(pipe, files, cache_dir=Path(job.store), captions=captions,
                         batch_size=job.batch_size) as applied:
@@ -276,7 +274,7 @@ def _render_group(applied: Any, renders: Sequence[RenderStep],
     first = renders[indices[0]]
     options = pipe_options(first)
     images = applied([renders[i].prompt for i in indices], seed=[renders[i].seed for i in indices],
-                     strength=first.strength, negative_prompt=first.options.get("negative", ""),
+                     strength=first.strength, negative_prompt=first.options.negative,
                      **options)
     steps, guidance, width, height = _effective(applied.pipe, options)
     return [Rendered(i, image, steps, guidance, width, height)

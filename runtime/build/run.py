@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from perfusion_dsl.plan import Plan, RenderStep
+from perfusion_dsl.plan import PLAN_VERSION, Plan, RenderStep
 
 from ..files.atomic import file_sha256
 from ..files.lock import build_lock
@@ -229,7 +229,7 @@ def _render_jobs(build: _Build, todo: list[int]) -> list[tuple[RenderJob, list[i
     groups: dict[tuple[str, int, str], list[int]] = {}
     for i in todo:
         r = plan.renders[i]
-        groups.setdefault((r.file, r.line, r.options["model"]), []).append(i)
+        groups.setdefault((r.file, r.line, r.model), []).append(i)
     jobs: list[tuple[RenderJob, list[int]]] = []
     captions = str(build.options.captions) if build.options.captions else None
     for indices in groups.values():
@@ -252,10 +252,10 @@ def _render_failed(build: _Build, job: RenderJob, exc: BaseException) -> None:
 def provenance(r: RenderStep, image: Rendered, inputs: dict[str, Any], key: str) -> dict[str, str]:
     """The PNG text chunks of a rendered image: enough to reproduce it."""
     return {
-        "prompt": r.prompt, "negative_prompt": r.options.get("negative", ""),
+        "prompt": r.prompt, "negative_prompt": r.options.negative,
         "seed": str(r.seed), "strength": repr(r.strength), "steps": str(image.steps),
         "guidance": repr(image.guidance), "size": f"{image.width}x{image.height}",
-        "base_model": r.options["model"],
+        "base_model": r.model,
         "concepts": json.dumps(inputs["concepts"], sort_keys=True),
         "spec": _where(r.file, r.line), "tool": tool_version(), "render_key": key,
     }
@@ -320,7 +320,8 @@ def _publish(build: _Build, i: int, data: bytes, settings: dict[str, Any]) -> st
     path = write_output(build.root, r.out, data)
     out = PurePosixPath(r.out)
     build.manifests.folder(str(out.parent))["images"][out.name] = {
-        "render_key": key, "sha256": file_sha256(path), "inputs": build.status.render_inputs[i],
+        "render_key": key, "plan": PLAN_VERSION, "sha256": file_sha256(path),
+        "inputs": build.status.render_inputs[i],
         "spec": _where(r.file, r.line), **settings}
     return str(out.parent)
 

@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from perfusion_dsl.keys import digest
-from perfusion_dsl.plan import ConceptStep, Plan, RenderStep
+from perfusion_dsl.plan import PLAN_VERSION, ConceptStep, Plan, RenderStep
 
 from ..files.atomic import file_sha256, write_json_atomically
 from ..files.outputs import read_manifest
@@ -94,7 +94,8 @@ def concept_inputs(step: ConceptStep, root: Path) -> dict[str, Any]:
     return {
         "model": step.model, "model_stamp": model_stamp(step.model),
         "supercategories": list(step.supercategories),
-        "adjectives": list(step.adjectives), "options": dict(step.options),
+        "adjectives": list(step.adjectives),
+        "options": step.options.model_dump(mode="json"),
         "images": [[image, file_sha256(root / image)] for image in step.images],
     }
 
@@ -137,6 +138,12 @@ def concept_reasons(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]
     return out + option_changes(old.get("options", {}), new["options"])
 
 
+def since_format(record: Mapping[str, Any], reason: str) -> str:
+    """`reason`, unless `record` was written under another plan format (records before
+    format 2 carry none): then that is what the reasons cannot see past."""
+    return reason if record.get("plan", 1) == PLAN_VERSION else "the plan format changed"
+
+
 def _safely(reasons: Callable[[Any, Any], list[str]], old: Any, new: Any,
             unreadable: str) -> list[str]:
     """Reasons against a record read from disk, which a person may have edited: a record of
@@ -162,7 +169,7 @@ def read_history(store: Store, token: str) -> dict[str, Any] | None:
 
 
 def write_history(store: Store, token: str, key: str, inputs: Mapping[str, Any]) -> None:
-    record = {"token": token, "key": key, "inputs": dict(inputs)}
+    record = {"token": token, "key": key, "plan": PLAN_VERSION, "inputs": dict(inputs)}
     if read_history(store, token) != record:
         write_json_atomically(history_path(store, token), record, StoreError)
 
@@ -177,9 +184,9 @@ def concept_status(step: ConceptStep, key: str, store: Store, root: Path) -> Sta
     if old.get("key") == key:
         return Status("changed", ("its artifact is missing from the store or corrupt",))
     reasons = _safely(concept_reasons, old["inputs"], concept_inputs(step, root),
-                      "the record of its last build is unreadable")
-    return Status("changed", tuple(reasons or ["the cache key's format or caption corpus "
-                                               "changed"]))
+                      since_format(old, "the record of its last build is unreadable"))
+    return Status("changed", tuple(reasons or [since_format(
+        old, "the cache key's format or caption corpus changed")]))
 
 
 # ---------------------------------------------------------------- renders
@@ -189,9 +196,9 @@ def render_inputs(step: RenderStep, concept_keys: Mapping[str, str]) -> dict[str
     """Everything that changes a rendered image's pixels."""
     o = step.options
     return {
-        "prompt": step.prompt, "negative": o.get("negative", ""), "seed": step.seed,
-        "strength": step.strength, "steps": o.get("steps"), "guidance": o.get("guidance"),
-        "size": o.get("size"), "model": o["model"], "model_stamp": model_stamp(o["model"]),
+        "prompt": step.prompt, "negative": o.negative, "seed": step.seed,
+        "strength": step.strength, "steps": o.steps, "guidance": o.guidance,
+        "size": o.size, "model": step.model, "model_stamp": model_stamp(step.model),
         "concepts": {token: concept_keys[token] for token in step.concepts},
     }
 
@@ -243,8 +250,9 @@ def render_status(step: RenderStep, key: str, inputs: Mapping[str, Any],
             Status("changed", ("the file has no manifest record",))
     if record.get("render_key") != key:
         reasons = _safely(render_reasons, record.get("inputs", {}), inputs,
-                          "its manifest record is unreadable")
-        return Status("changed", tuple(reasons or ["the render format changed"]))
+                          since_format(record, "its manifest record is unreadable"))
+        return Status("changed", tuple(reasons or [since_format(record,
+                                                                "the render format changed")]))
     if file_sha256(path) != record.get("sha256"):
         missing = not os.path.lexists(path)
         return Status("changed", ("the image file is missing" if missing

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from perfusion_dsl.plan import LearnOptions
+
 from . import checkpoint as checkpoints
 from .artifact import Concept, locked_key_targets
 from .attention_mask import attention_masks
@@ -37,32 +39,34 @@ ADAMW_SLOTS = ("step", "exp_avg", "exp_avg_sq")  # AdamW's state per parameter (
 log = logging.getLogger(__name__)
 
 
+_PLANNED = LearnOptions()  # the compiler's defaults: the one declaration of them
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """Training hyperparameters, from a plan's effective learn options."""
+    """Training hyperparameters: a plan's learn options as the trainer reads them."""
 
-    steps: int = 400
-    batch: int = 16
-    lr: float = 0.03
-    embedding_lr: float = 0.006
-    resolution: int | None = None  # None: the model's native resolution
-    flip: bool = True
-    seed: int = 0
-    templates: tuple[str, ...] = ("a photo of a {}",)
-    beta: float = 0.75
-    tau: float = 0.1
+    steps: int = _PLANNED.steps
+    batch: int = _PLANNED.batch
+    lr: float = _PLANNED.lr
+    embedding_lr: float = _PLANNED.embedding_lr
+    resolution: int | None = _PLANNED.resolution  # None: the model's native resolution
+    flip: bool = _PLANNED.flip
+    seed: int = _PLANNED.seed
+    templates: tuple[str, ...] = _PLANNED.templates
+    beta: float = _PLANNED.beta
+    tau: float = _PLANNED.tau
     mask: str = "none"  # "none", "attention", or "files" (Subject.masks holds them)
     micro_batch: int | None = None  # images per forward pass; None: the whole batch
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any], micro_batch: int | None = None) -> Recipe:
-        known = {k: options[k] for k in ("steps", "batch", "lr", "embedding_lr", "resolution",
-                                          "flip", "seed", "beta", "tau") if k in options}
-        if "templates" in options:
-            known["templates"] = tuple(options["templates"])
-        mask = options.get("mask", "none")
-        known["mask"] = mask if isinstance(mask, str) else "files"
-        return cls(**known, micro_batch=micro_batch)
+    def from_options(cls, options: LearnOptions, micro_batch: int | None = None) -> Recipe:
+        return cls(steps=options.steps, batch=options.batch, lr=options.lr,
+                   embedding_lr=options.embedding_lr, resolution=options.resolution,
+                   flip=options.flip, seed=options.seed, templates=options.templates,
+                   beta=options.beta, tau=options.tau,
+                   mask=options.mask if isinstance(options.mask, str) else "files",
+                   micro_batch=micro_batch)
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,7 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> FirstRun:
 def test_e2e_cpu_train_save_reload_render(first_run: FirstRun, pipes: list[Any]) -> None:
     root, cache, plan, result = first_run.root, first_run.cache, first_run.plan, first_run.result
     (step,) = plan.concepts
-    assert step.options["mask"] == [f"masks/photo{i}.png" for i in range(3)]  # files, per image
+    assert step.options.mask == tuple(f"masks/photo{i}.png" for i in range(3))  # per image
     assert result.trained == ["teddy*"] and result.reused == []
     (pipe,) = first_run.pipes
     assert_pristine(pipe)  # after training, saving, loading the concept and rendering
@@ -181,7 +181,7 @@ def test_e2e_cpu_train_save_reload_render(first_run: FirstRun, pipes: list[Any])
     # what explains the concept is in the store's manifest, not in the file
     manifest = json.loads((path.parent / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["key"] == step.key
-    assert manifest["inputs"]["options"]["mask"] == step.options["mask"]
+    assert manifest["inputs"]["options"]["mask"] == list(step.options.mask)
     assert manifest["inputs"]["supercategories"] == list(step.supercategories)
 
     # a second run reuses the artifact, and renders the same bytes (the render cache is

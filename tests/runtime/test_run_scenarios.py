@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from perfusion_dsl.cli import main
+from perfusion_dsl.plan import PLAN_VERSION
 from perfusion_runtime.build import jobs
 from perfusion_runtime.files.outputs import read_png_text
 from perfusion_runtime.files.store import Store
@@ -391,6 +392,46 @@ def test_plan_survives_a_hand_edited_history_and_manifest(project: Path) -> None
     assert code == 0, err
     assert "teddy*           changed: the record of its last build is unreadable" in out
     assert "its manifest record is unreadable" in out
+
+
+def _as_plan_format_1(project: Path, key: str | None = None) -> None:
+    """Rewrites the build records as plan format 1 wrote them: without a `plan` field (and,
+    given `key`, as if that format had made other keys)."""
+    (history,) = (project / ".perfusion" / "history").iterdir()
+    record = json.loads(history.read_text("utf-8"))
+    assert record.pop("plan") == PLAN_VERSION
+    record["key"] = key or record["key"]
+    history.write_text(json.dumps(record), encoding="utf-8")
+    manifest = project / "renders" / "project" / "manifest.json"
+    data = json.loads(manifest.read_text("utf-8"))
+    for image in data["images"].values():
+        assert image.pop("plan") == PLAN_VERSION
+        image["render_key"] = key or image["render_key"]
+    manifest.write_text(json.dumps(data), encoding="utf-8")
+
+
+def test_records_of_plan_format_1_are_still_up_to_date(project: Path) -> None:
+    """Format 2 typed the plan's options without changing a key: nothing is rebuilt."""
+    assert cli(project, "run", ".", "--quiet")[0] == 0
+    _as_plan_format_1(project)
+    code, out, err = cli(project, "plan", ".")
+    assert code == 0, err
+    assert "(1 to train)" not in out and "teddy*           up to date" in out
+    assert "changed" not in out and "new" not in out
+
+
+def test_records_of_another_plan_format_say_so(project: Path) -> None:
+    """Where a key changed and the record's inputs show no difference, an older record says
+    the plan format changed, rather than the general reason."""
+    assert cli(project, "run", ".", "--quiet")[0] == 0
+    _as_plan_format_1(project, key="0" * 64)
+    shutil.rmtree(project / ".perfusion" / "concepts")
+    shutil.rmtree(project / ".perfusion" / "renders")
+    code, out, err = cli(project, "plan", ".")
+    assert code == 0, err
+    assert "teddy*           changed: the plan format changed" in out
+    assert out.count("(2 changed)\n      the plan format changed\n") == 2, out  # both generates
+    assert "render format changed" not in out and "unreadable" not in out
 
 
 def test_R3_base_model_weights_replaced_in_place_rebuild(project: Path) -> None:
