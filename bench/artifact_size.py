@@ -23,6 +23,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from sd15 import sd15_unet_and_text_encoder
 
 from perfusion_runtime.method.artifact import (
     Concept,
@@ -33,7 +34,6 @@ from perfusion_runtime.method.artifact import (
     size_for,
 )
 from perfusion_runtime.method.layers import cross_attention_layers
-from perfusion_runtime.method.tiny import sd15_unet_and_text_encoder
 
 BUDGET_KIB, HALF_BUDGET_KIB = 104, 52
 EXPECTED_PER_PROJECTION = 12_480  # docs/runtime.md, "The concept file"

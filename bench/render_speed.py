@@ -20,8 +20,9 @@ per image) are rendered by:
   (global lock also encodes the supercategory prompt and takes keys from it).
 
 Forward hooks on every cross-attention `to_k` and `to_v` count calls in one extra, untimed
-render per row; our processors count the K/V pairs they compute (`computed`). The images of
-the rows without a concept token are compared with the plain pipeline's.
+render per row, and a wrapper around our processors' projection counts the K/V pairs they
+compute. The images of the rows without a concept token are compared with the plain
+pipeline's.
 
 Part 2, SD 1.5 (full run only): the real SD 1.5 UNet (random weights) at 256 px (32×32
 latents), classifier-free-guidance batch 2, a few consecutive denoising steps on the same
@@ -50,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 from _images import make_images
+from sd15 import sd15_unet_and_text_encoder
 from torch import Tensor
 
 from perfusion_runtime.method.artifact import Concept
@@ -59,7 +61,7 @@ from perfusion_runtime.method.key_locking import inverse_covariance, make_basis,
 from perfusion_runtime.method.layers import cross_attention_layers
 from perfusion_runtime.method.processor import ConceptState, PerfusionAttnProcessor, install
 from perfusion_runtime.method.render import Applied, apply_concepts
-from perfusion_runtime.method.tiny import sd15_unet_and_text_encoder, tiny_pipeline
+from perfusion_runtime.method.tiny import tiny_pipeline
 from perfusion_runtime.method.trainer import Recipe, Subject, train
 
 SEED = 0
@@ -151,24 +153,31 @@ def render_rows(width: int, count: int, steps: int, folder: Path) -> list[Row]:
 
 @contextmanager
 def counting(unet: Any) -> Iterator[dict[str, int]]:
-    """Calls of every cross-attention to_k/to_v, and the K/V pairs our processors compute
-    (for diffusers' processors: the to_k calls, one per K/V pair)."""
+    """Calls of every cross-attention to_k/to_v, and the K/V pairs computed: our processors'
+    projections, counted by wrapping the method (for diffusers' processors: the to_k calls,
+    one per K/V pair)."""
     counts = {"calls": 0, "pairs": 0}
     layers = cross_attention_layers(unet)
-    ours = [a.processor for a in layers.values()
-            if isinstance(a.processor, PerfusionAttnProcessor)]
-    before = sum(p.computed for p in ours)
+    ours = any(isinstance(a.processor, PerfusionAttnProcessor) for a in layers.values())
+    project = PerfusionAttnProcessor._project
+
+    def counted(self: PerfusionAttnProcessor, *args: Any) -> Any:
+        counts["pairs"] += 1
+        return project(self, *args)
 
     def hook(*_: Any) -> None:
         counts["calls"] += 1
 
     handles = [p.register_forward_hook(hook) for a in layers.values() for p in (a.to_k, a.to_v)]
+    PerfusionAttnProcessor._project = counted  # type: ignore[method-assign]
     try:
         yield counts
     finally:
+        PerfusionAttnProcessor._project = project  # type: ignore[method-assign]
         for handle in handles:
             handle.remove()
-        counts["pairs"] = sum(p.computed for p in ours) - before if ours else counts["calls"] // 2
+        if not ours:
+            counts["pairs"] = counts["calls"] // 2
 
 
 # ---- part 2: denoising steps of SD 1.5's UNet ------------------------------------------------

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _images import make_images
+from sd15 import sd15_unet_and_text_encoder
 from torch import Tensor, nn
 
 from perfusion_runtime.method import trainer
@@ -57,7 +58,7 @@ from perfusion_runtime.method.covariance import CAPTIONS_PATH, estimate_cinv, lo
 from perfusion_runtime.method.key_locking import inverse_covariance, make_basis, second_moment
 from perfusion_runtime.method.layers import cross_attention_layers
 from perfusion_runtime.method.processor import ConceptState, install
-from perfusion_runtime.method.tiny import sd15_unet_and_text_encoder, tiny_pipeline
+from perfusion_runtime.method.tiny import tiny_pipeline
 from perfusion_runtime.method.tokens import extended_embedding, positions
 
 SEED = 0

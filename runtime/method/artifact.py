@@ -21,6 +21,7 @@ option in the metadata) is still read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -81,12 +82,9 @@ _Problem = FormatProblem  # raised by the checks below; `load` adds the path (Ar
 
 
 @dataclass(frozen=True, eq=False)
-class Concept:
-    """One trained concept (tensors fp32, any device). Construction validates everything and
-    raises InvalidConcept.
-
-    eq=False: tensors have no truth value, so two concepts compare by identity.
-    """
+class ConceptInfo:
+    """What describes a concept, without its tensors: a file's metadata fields. (eq=False
+    as for Concept, which must not inherit a comparison of these fields alone.)"""
 
     token: str
     supercategories: tuple[str, ...]
@@ -96,6 +94,16 @@ class Concept:
     cinv_fingerprint: str
     options: dict[str, Any]    # JSON-able; stored as its JSON round trip
     key: str                   # cache key, lowercase hex
+
+
+@dataclass(frozen=True, eq=False)
+class Concept(ConceptInfo):
+    """One trained concept (tensors fp32, any device). Construction validates everything and
+    raises InvalidConcept.
+
+    eq=False: tensors have no truth value, so two concepts compare by identity.
+    """
+
     embedding: Tensor          # [D_tok] the token's input embedding
     i_star: Tensor             # [D] the concept's text-encoder output (target input)
     o_k: dict[str, Tensor]     # layer path (diffusers module path of attn2) -> [O] key target
@@ -309,11 +317,11 @@ def load(
         data = read_file(Path(path), MAX_FILE_BYTES, "concept file")
         header, start = parse_header(data)
         metadata, entries = _split_header(header, len(data) - start)
-        fields, layers = _check_metadata(metadata)
-        d_token, d_text = _check_entries(entries, layers, fields.version)
-        _check_base(fields, expect_base_fingerprint, pipeline_model)
+        info, version, layers = _check_metadata(metadata)
+        d_token, d_text = _check_entries(entries, layers, version)
+        _check_base(info, expect_base_fingerprint, pipeline_model)
         _check_expected(d_token, d_text, layers, expect_dims, expect_layers)
-        return _build(fields, _decode(data), layers, key_weights)
+        return _build(info, _decode(data), layers, key_weights)
     except _Problem as problem:
         raise ArtifactError(path, str(problem)) from None
 
@@ -362,21 +370,7 @@ def _check_layout(entries: Mapping[str, _Entry], data_size: int) -> None:
         position = entry.end
 
 
-class _Fields(NamedTuple):
-    """Concept's metadata fields, in its field order."""
-
-    token: str
-    supercategories: tuple[str, ...]
-    adjectives: tuple[str, ...]
-    base_model: str
-    base_fingerprint: str
-    cinv_fingerprint: str
-    options: dict[str, Any]
-    key: str
-    version: str
-
-
-def _check_metadata(metadata: Mapping[str, str]) -> tuple[_Fields, dict[str, int]]:
+def _check_metadata(metadata: Mapping[str, str]) -> tuple[ConceptInfo, str, dict[str, int]]:
     if "format" not in metadata:
         raise _Problem(f"no 'format' in its metadata: not a {FORMAT} file")
     if metadata["format"] != FORMAT:
@@ -393,19 +387,19 @@ def _check_metadata(metadata: Mapping[str, str]) -> tuple[_Fields, dict[str, int
         parts += [f"has unexpected {_names(extra)}"] if extra else []
         raise _Problem(f"the metadata {' and '.join(parts)}")
     if version == "1":
-        fields = _Fields(
+        info = ConceptInfo(
             metadata["token"], _json_words(metadata, "supercategories"),
             _json_words(metadata, "adjectives"), metadata["base_model"],
             metadata["base_fingerprint"], metadata["cinv_fingerprint"],
-            _json_field(metadata, "options", dict), metadata["key"], version)
+            _json_field(metadata, "options", dict), metadata["key"])
     else:
         if metadata["lock"] not in ("local", "global"):
             raise _Problem(f"metadata lock is {metadata['lock'][:20]!r}, not local or global")
         sup = metadata["supercategory"]
-        fields = _Fields(metadata["token"], (sup,) if sup else (), (), metadata["base_model"],
-                         metadata["base_fingerprint"], metadata["cinv_fingerprint"],
-                         {"lock": metadata["lock"]}, "", version)
-    return fields, _json_layers(metadata)
+        info = ConceptInfo(metadata["token"], (sup,) if sup else (), (),
+                           metadata["base_model"], metadata["base_fingerprint"],
+                           metadata["cinv_fingerprint"], {"lock": metadata["lock"]}, "")
+    return info, version, _json_layers(metadata)
 
 
 def _json_field(metadata: Mapping[str, str], key: str, kind: type) -> Any:
@@ -471,13 +465,13 @@ def _check_entries(entries: Mapping[str, _Entry], layers: Mapping[str, int], ver
     return entries["embedding"].shape[0], entries["i_star"].shape[0]
 
 
-def _check_base(fields: _Fields, expected: str | None, pipeline_model: str | None) -> None:
-    if expected is None or fields.base_fingerprint == expected:
+def _check_base(info: ConceptInfo, expected: str | None, pipeline_model: str | None) -> None:
+    if expected is None or info.base_fingerprint == expected:
         return
     this = f"{pipeline_model!r} (fingerprint {expected})" if pipeline_model else (
         f"a base model with fingerprint {expected}")
-    raise _Problem(f"trained on base model {fields.base_model!r} (fingerprint "
-                   f"{fields.base_fingerprint}), this pipeline is {this}")
+    raise _Problem(f"trained on base model {info.base_model!r} (fingerprint "
+                   f"{info.base_fingerprint}), this pipeline is {this}")
 
 
 def _check_expected(
@@ -514,7 +508,7 @@ def _decode(data: bytes) -> dict[str, Tensor]:
     return tensors
 
 
-def _build(fields: _Fields, stored: Mapping[str, Tensor], layers: Mapping[str, int],
+def _build(info: ConceptInfo, stored: Mapping[str, Tensor], layers: Mapping[str, int],
            key_weights: Mapping[str, Tensor] | None) -> Concept:
     tensors = {name: t.float() for name, t in stored.items()}  # float16 is read as float32
     widths = list(layers.values())
@@ -534,7 +528,8 @@ def _build(fields: _Fields, stored: Mapping[str, Tensor], layers: Mapping[str, i
         if problem:
             raise _Problem(problem)
     try:
-        return Concept(*fields[:-1], embedding=tensors["embedding"], i_star=tensors["i_star"],
+        described = {f.name: getattr(info, f.name) for f in dataclasses.fields(ConceptInfo)}
+        return Concept(**described, embedding=tensors["embedding"], i_star=tensors["i_star"],
                        o_k=o_k, o_v=o_v, i_super=i_super)
     except InvalidConcept as exc:  # e.g. an empty token or a key that is not hex
         raise _Problem(exc.problem) from None

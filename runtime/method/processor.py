@@ -164,7 +164,6 @@ class PerfusionAttnProcessor:
     def __init__(self, state: ConceptState, layer: str) -> None:
         self.state = state
         self.layer = layer  # module path of the attn2, the key of o_k / o_v
-        self.computed = 0  # K/V computations (cache misses), for tests and benches
         self._cache: _Cached | None = None
 
     def __call__(
@@ -225,7 +224,6 @@ class PerfusionAttnProcessor:
 
     def _project(self, attn: Any, context: Tensor, super_context: Tensor | None
                  ) -> tuple[Tensor, Tensor]:
-        self.computed += 1
         state = self.state
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)

@@ -1,4 +1,4 @@
-"""Tiny in-process Stable Diffusion (tests, CPU benches) and SD 1.5's shapes, from configs only."""
+"""Tiny in-process Stable Diffusion (`tiny:random`, tests, CPU benches), from configs only."""
 
 from __future__ import annotations
 
@@ -20,22 +20,6 @@ TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "tokenizer"  # tools/ma
 TEXT_POSITIONS = 77  # T of SD 1.x
 TINY_SAMPLE_SIZE = 8  # latents 8×8 -> 32×32 px images (the tiny VAE downsamples by 4)
 
-# SD 1.5 (runwayml/stable-diffusion-v1-5) as published: unet/config.json, text_encoder/config.json.
-SD15_UNET: dict[str, Any] = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 768,
-    "attention_head_dim": 8, "norm_num_groups": 32, "act_fn": "silu", "norm_eps": 1e-5,
-    "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
-    "mid_block_scale_factor": 1.0, "center_input_sample": False,
-    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-}
-SD15_TEXT: dict[str, Any] = {
-    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
-    "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": TEXT_POSITIONS,
-    "hidden_act": "quick_gelu", "projection_dim": 768, "layer_norm_eps": 1e-5,
-    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
-}
 # SD 1.x's scheduler/scheduler_config.json (DDIM with the training betas).
 SD_SCHEDULER: dict[str, Any] = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -107,14 +91,3 @@ def tiny_pipeline(seed: int = 0, width: int = 32) -> Any:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def sd15_unet_and_text_encoder(device: str | torch.device = "meta", seed: int = 0
-                               ) -> tuple[Any, Any]:
-    """SD 1.5's UNet and CLIP ViT-L/14 text encoder with random weights (shapes only on "meta")."""
-    with _seeded(seed), torch.device(device):
-        unet = UNet2DConditionModel(**SD15_UNET)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
-    for model in (unet, text_encoder):
-        model.eval().requires_grad_(False)
-    return unet, text_encoder

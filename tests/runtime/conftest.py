@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+# Some tests run benchmark-side code (the ablation methods, SD 1.5's shapes), which stays
+# out of the product package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 # The runtime needs the `runtime` extra (torch, diffusers, transformers); without it the
 # compiler's tests still run and these are left out.

@@ -7,11 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from sd15 import sd15_unet_and_text_encoder
 
-from perfusion_dsl.options import LEARN, defaults_for
+from perfusion_dsl.plan import LearnOptions
 from perfusion_runtime.method.artifact import Concept, encode, locked_key_targets, size_for
 from perfusion_runtime.method.layers import cross_attention_layers
-from perfusion_runtime.method.tiny import sd15_unet_and_text_encoder
 
 BUDGET, HALF_BUDGET, OLD_BUDGET = 104 * 1024, 52 * 1024, 106 * 1024
 
@@ -23,8 +23,7 @@ def sd15_concept(**changes: Any) -> tuple[Concept, dict[str, int]]:
     assert len(layers) == 16 and sum(layers.values()) == 12_480  # docs/runtime.md's numbers
     width = int(text_encoder.config.hidden_size)
     generator = torch.Generator().manual_seed(0)
-    options = {k: list(v) if isinstance(v, tuple) else v
-               for k, v in defaults_for(LEARN).items()}  # what the compiler plans by default
+    options = LearnOptions().model_dump(mode="json")  # what the compiler plans by default
     i_super = torch.randn(width, generator=generator)
     weights = {n: torch.randn(o, width, generator=generator) for n, o in layers.items()}
     fields: dict[str, Any] = dict(

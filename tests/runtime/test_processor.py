@@ -108,32 +108,34 @@ def test_kv_computed_once_per_prompt(pipe: Any) -> None:
 def test_kv_cache_works_in_inference_mode(pipe: Any, unet_inputs: Inputs) -> None:
     latents, t, encodings = unet_inputs([PROMPT])
     base = unet_out(pipe, latents, t, encodings)
-    with install(pipe.unet, ConceptState()) as installed, torch.inference_mode():
+    projections = kv_projections(pipe)
+    with install(pipe.unet, ConceptState()), torch.inference_mode(), \
+            calls_of(projections) as counts:
         inference_encodings = encodings.clone()
         outs = [pipe.unet(latents, t, encoder_hidden_states=inference_encodings).sample
                 for _ in range(2)]
     assert all(torch.equal(out, base) for out in outs)
-    assert {p.computed for p in installed.processors.values()} == {1}
+    assert counts == [1] * len(projections)
 
 
 def test_kv_cache_follows_the_state_and_the_tensor(pipe: Any, unet_inputs: Inputs) -> None:
     latents, t, encodings = unet_inputs([PROMPT])
     state = ConceptState()
-    with install(pipe.unet, state) as installed:
-        ours = list(installed.processors.values())
+    projections = kv_projections(pipe)
+    with install(pipe.unet, state), calls_of(projections) as counts:
         unet_out(pipe, latents, t, encodings)
         unet_out(pipe, latents, t, encodings)
-        assert [p.computed for p in ours] == [1] * len(ours)
+        assert counts == [1] * len(projections)
         state.touch()  # a changed state: recompute
         unet_out(pipe, latents, t, encodings)
         encodings.mul_(1.0)  # changed in place: recompute
         unet_out(pipe, latents, t, encodings)
         unet_out(pipe, latents, t, encodings.clone())  # another tensor: recompute
-        assert [p.computed for p in ours] == [4] * len(ours)
+        assert counts == [4] * len(projections)
         state.caching = False  # training: every call computes (and does not bump the version)
         unet_out(pipe, latents, t, encodings)
         unet_out(pipe, latents, t, encodings)
-        assert [p.computed for p in ours] == [6] * len(ours)
+        assert counts == [6] * len(projections)
 
 
 def test_edited_kv_computed_once_per_prompt(pipe: Any, encode: Encode,

@@ -13,14 +13,10 @@ from typing import Any
 import pytest
 import regex
 import torch
+from sd15 import sd15_unet_and_text_encoder  # bench/, on the path through conftest
 
 from perfusion_runtime.method.layers import cross_attention_layers
-from perfusion_runtime.method.tiny import (
-    TOKENIZER_DIR,
-    sd15_unet_and_text_encoder,
-    tiny_pipeline,
-    tiny_tokenizer,
-)
+from perfusion_runtime.method.tiny import TOKENIZER_DIR, tiny_pipeline, tiny_tokenizer
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "make_tiny_tokenizer.py"
 TEXTS = [

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from ablations import METHODS as ABLATIONS
 from PIL import Image, ImageDraw
 from torch import Tensor
 
@@ -31,9 +31,6 @@ from perfusion_runtime.method.trainer import (
     super_encoding,
     train,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from ablations import METHODS as ABLATIONS
 
 RECIPE = Recipe(steps=6, batch=2, seed=0, templates=("a photo of a {}", "a close-up of a {}"))
 
