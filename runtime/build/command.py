@@ -15,12 +15,12 @@ from types import FrameType
 from perfusion_dsl.plan import Plan
 
 from ..files.lock import LockHeld, build_lock
-from ..files.store import Store, StoreError, cache_root
+from ..files.store import Store, StoreError, StoreUnusable, cache_root
 from .progress import Reporter
 from .run import RunOptions, Summary, run
 from .status import PlanStatus, plan_status, store_key
 
-EXIT_OK, EXIT_FAILED = 0, 1
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # as the CLI's (perfusion_dsl/cli.py)
 RUNTIME_MODULES = ("torch", "diffusers", "transformers", "safetensors", "numpy", "tqdm")
 # ---------------------------------------------------------------- plan
 
@@ -122,6 +122,9 @@ def run_command(plan: Plan, root: Path, options: RunOptions, *, quiet: bool = Fa
     except LockHeld as exc:
         reporter.error(str(exc))
         return EXIT_FAILED
+    except StoreUnusable as exc:
+        reporter.error(str(exc))
+        return EXIT_USAGE
     except StoreError as exc:
         reporter.error(str(exc))
         return EXIT_FAILED
@@ -183,11 +186,12 @@ def gc_command(store: Path, keep: set[str], *, wait: bool = False) -> int:
     """Remove what `keep` (the keys the current specs reference) does not name, under the
     build lock so a running build's new entries are safe."""
     try:
+        Store(store).check_layout()
         with build_lock(store, wait=wait):
             removed = Store(store).gc(keep)
     except (LockHeld, StoreError) as exc:
         print(f"perfusion: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_USAGE if isinstance(exc, StoreUnusable) else EXIT_FAILED
     for path in removed:
         print(f"removed {path}")
     print(f"{store}: removed {len(removed)}, kept {len(keep)} referenced concept(s)")

@@ -134,6 +134,7 @@ def run(plan: Plan, root: Path, options: RunOptions, reporter: Reporter,
         stop: Callable[[], bool] = lambda: False) -> Summary:
     """Build `plan` (paths relative to `root`) under the store's lock."""
     store = Store(options.store)
+    store.check_layout()
     with build_lock(store.root, wait=options.wait, waiting=lambda pid: reporter.line(
             f"waiting for process {pid if pid is not None else '(unknown)'} to finish its "
             "build (it holds the cache lock)")):

@@ -69,8 +69,8 @@ def open_regular(path: Path, *, follow_links: bool = False) -> io.BufferedReader
 
 
 def kind_of(mode: int) -> str:
-    """What a file mode names, for messages: "a directory", "a named pipe", …"""
-    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a named pipe",
+    """What a file mode names, for messages: "a file", "a directory", "a named pipe", …"""
+    kinds = {stat.S_ISREG: "a file", stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a named pipe",
              stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
              stat.S_ISBLK: "a block device", stat.S_ISLNK: "a symbolic link"}
     return next((name for test, name in kinds.items() if test(mode)), "not a file")

@@ -6,10 +6,15 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-LOCK_NAME = "lock"
+from .atomic import kind_of, reason
+from .store import LOCK_FILE, StoreUnusable
+
+_OPEN_FLAGS = (os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+               | getattr(os, "O_CLOEXEC", 0))
 
 
 class LockHeld(Exception):
@@ -40,8 +45,8 @@ def build_lock(folder: Path, *, wait: bool = False,
     removing it would let a third process lock a fresh inode while the second holds the old
     one."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    path = folder / LOCK_FILE
+    fd = _open(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -58,3 +63,20 @@ def build_lock(folder: Path, *, wait: bool = False,
         yield path
     finally:
         os.close(fd)  # releases the lock
+
+
+def _open(path: Path) -> int:
+    """The lock file, never through a link (its pid would be written wherever it points) and
+    never anything but a regular file (a FIFO cannot block: O_NONBLOCK)."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS, 0o666)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise StoreUnusable(path, "is a symbolic link; the lock must be a file of the "
+                                      "store's own: remove the link") from None
+        raise StoreUnusable(path, f"cannot open the lock file: {reason(exc)}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise StoreUnusable(path, f"is {kind_of(mode)}, not the lock file; remove it")
+    return fd

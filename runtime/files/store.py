@@ -11,13 +11,22 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .atomic import FileError, fsync_folder, open_regular, read_regular, reason, write_new
+from .atomic import (
+    FileError,
+    fsync_folder,
+    kind_of,
+    open_regular,
+    read_regular,
+    reason,
+    write_new,
+)
 
 # Layout, one folder per key, published whole by one rename:
 #   <root>/concepts/<key>/artifact.safetensors
@@ -42,6 +51,11 @@ class StoreError(FileError):
     """The store could not be written or cleaned; names the path and the reason."""
 
 
+class StoreUnusable(StoreError):
+    """The store's place or layout is wrong before anything is built (a file where its folder
+    should be, a part that is a link): a usage error, exit 2."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """One bad store entry: where, and what is wrong (with expected and actual digests)."""
@@ -62,6 +76,21 @@ class _Bad(Exception):
 
 
 STORE_DIR = ".perfusion"  # a build's store, in its run root, unless told otherwise
+LOCK_FILE = "lock"  # the build lock (files/lock.py)
+# What a store holds at its top: the C⁻¹ cache (cinv/) lives here too.
+PARTS = ("concepts", "tmp", "trash", "renders", "history", "checkpoints", "cinv", LOCK_FILE)
+
+
+def _unusable_folder(path: Path, exc: OSError) -> str:
+    """Why the store folder `path` cannot be made, as a person would say it."""
+    for above in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            mode = os.stat(above).st_mode
+            if not stat.S_ISDIR(mode):
+                what = "it" if above == path else f"{above}"
+                return f"cannot be the cache folder: {what} is {kind_of(mode)}, not a folder"
+            break
+    return f"cannot create the cache folder: {reason(exc)}"
 
 
 def cache_root(explicit: str | os.PathLike[str] | None = None,
@@ -88,6 +117,40 @@ class Store:
         self.concepts = self.root / "concepts"
         self.tmp = self.root / "tmp"
         self.trash = self.root / "trash"
+
+    def check_layout(self) -> None:
+        """Make the store's folder if missing and refuse a store whose parts are not what
+        they should be: a link at any of them could send what the build writes (the lock's
+        pid, build records, cached images, checkpoints) outside it. The store folder itself
+        may be a link: it is where the user put the store. Raises StoreUnusable."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnusable(self.root, _unusable_folder(self.root, exc)) from None
+        links = []
+        for name in PARTS:
+            path = self.root / name
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StoreUnusable(path, f"cannot be read: {reason(exc)}") from None
+            if stat.S_ISLNK(mode):
+                links.append(path)
+            elif stat.S_ISREG(mode) != (name == LOCK_FILE):
+                want = "the lock file" if name == LOCK_FILE else "a folder"
+                raise StoreUnusable(path, f"is {kind_of(mode)}, not {want}; remove it "
+                                          "(the store rebuilds what it held)")
+        advice = ("the parts of a store must not be links, since what the build writes there "
+                  "would land elsewhere: remove {}, or point --cache or PERFUSION_CACHE at the "
+                  "folder you want the store in")
+        if len(links) == 1:
+            raise StoreUnusable(links[0], f"is a symbolic link (to {os.readlink(links[0])!r}); "
+                                + advice.format("the link"))
+        if links:
+            raise StoreUnusable(self.root, f"its parts {', '.join(p.name for p in links)} are "
+                                "symbolic links; " + advice.format("the links"))
 
     def entry(self, key: str) -> Path:
         """The folder of `key`'s entry (it may not exist)."""
@@ -127,6 +190,9 @@ class Store:
     def render(self, key: str) -> bytes | None:
         """The cached PNG of a render key when its bytes still hash to its name, else None."""
         folder = self.root / "renders" / self.entry(key).name
+        if folder.is_symlink():  # what it points at is not the store's
+            log.warning("ignoring a cached render folder that is a symbolic link: %s", folder)
+            return None
         for child in _children(folder):
             data = _read_regular(child)
             if data is not None and child.name == f"{hashlib.sha256(data).hexdigest()}.png":
@@ -138,7 +204,9 @@ class Store:
         """Keep `data` as the render of `key` (staged in tmp/, then renamed: never partial)."""
         folder = self.root / "renders" / self.entry(key).name
         final = folder / f"{hashlib.sha256(data).hexdigest()}.png"
-        if final.exists():
+        if folder.is_symlink():  # never write through it: move the link itself aside
+            self._move_aside(folder)
+        elif final.exists():
             return
         self.tmp.mkdir(parents=True, exist_ok=True)
         temp = self.tmp / f"render.{secrets.token_hex(8)}"

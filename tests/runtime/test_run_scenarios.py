@@ -347,6 +347,68 @@ def test_S2_symlink_at_an_output_path_is_refused_and_the_rest_is_built(
     assert (folder / "a-photo-of-teddy-on-a-beach_seed5_s0.5.png").is_file()
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_S2_store_parts_that_are_links_are_refused_and_nothing_outside_changes(
+        project: Path, tmp_path: Path) -> None:
+    """A link at the lock would get the run's pid written through it; links at history/ and
+    renders/ would send build records and cached images out of the store."""
+    assert cli(project, "run", ".", "--quiet")[0] == 0
+    store, outside = project / ".perfusion", tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.txt"
+    victim.write_text("keep me", encoding="utf-8")
+    (store / "lock").unlink()
+    (store / "lock").symlink_to(victim)
+    code, _out, err = cli(project, "run", ".", "--quiet")
+    assert code == 2, err
+    assert f"{store / 'lock'}: is a symbolic link (to {str(victim)!r})" in err
+    assert victim.read_text(encoding="utf-8") == "keep me"
+    (store / "lock").unlink()
+    for part in ("history", "renders"):
+        shutil.move(store / part, outside / part)
+        (store / part).symlink_to(outside / part)
+    before = _tree(outside)
+    (project / "project.concept").write_text(SPEC.replace("steps: 3", "steps: 4"), "utf-8")
+    code, _out, err = cli(project, "run", ".", "--quiet")
+    assert code == 2, err
+    assert f"{store}: its parts renders, history are symbolic links" in err
+    assert _tree(outside) == before and not (store / "lock").exists()
+
+
+@pytest.mark.parametrize("case", ["lock-is-a-folder", "store-is-a-file", "cache-is-a-file",
+                                  "cache-under-a-file", "cache-under-proc"])
+def test_store_problems_are_usage_errors_naming_the_path(project: Path, tmp_path: Path,
+                                                         case: str) -> None:
+    """Exit 2 with the path before anything loads, as for any usage error."""
+    store, a_file = project / ".perfusion", tmp_path / "a-file"
+    a_file.write_text("not a folder", encoding="utf-8")
+    args: list[str] = []
+    if case == "lock-is-a-folder":
+        (store / "lock").mkdir()
+        named, why = store / "lock", "is a directory, not the lock file; remove it"
+    elif case == "store-is-a-file":
+        shutil.rmtree(store)
+        store.write_text("not a folder", encoding="utf-8")
+        named, why = store, "cannot be the cache folder: it is a file, not a folder"
+    elif case == "cache-is-a-file":
+        args, named = ["--cache", str(a_file)], a_file
+        why = "cannot be the cache folder: it is a file, not a folder"
+    elif case == "cache-under-a-file":
+        args, named = ["--cache", str(a_file / "store")], a_file / "store"
+        why = f"cannot be the cache folder: {a_file} is a file, not a folder"
+    else:
+        args, named = ["--cache", "/proc/nope"], Path("/proc/nope")
+        why = "cannot create the cache folder: "
+    code, out, err = cli(project, "run", ".", "--quiet", *args)
+    assert code == 2, (out, err)
+    assert f"{named}: {why}" in err
+    assert "Traceback" not in err and "trained" not in out
+
+
 def test_fail_fast_stops_at_the_first_failure(project: Path) -> None:
     (project / "project.concept").write_text(SPEC.replace("model \"tiny:random\"",
                                                           "model \"toy:missing\""),

@@ -262,3 +262,18 @@ def test_manifest_keeps_what_the_concept_was_built_from(tmp_path: Path) -> None:
     manifest = json.loads((path.parent / "manifest.json").read_text())
     assert manifest["inputs"] == inputs
     assert store.get(KEY) == path  # a large manifest is still a valid entry
+
+
+def test_S2_a_cached_render_folder_that_is_a_link_is_never_written_through(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store, outside, key = Store(tmp_path / "store"), tmp_path / "outside", "a" * 64
+    outside.mkdir()
+    (outside / f"{hashlib.sha256(b'theirs').hexdigest()}.png").write_bytes(b"theirs")
+    (store.root / "renders").mkdir(parents=True)
+    (store.root / "renders" / key).symlink_to(outside)
+    with caplog.at_level(logging.WARNING):
+        assert store.render(key) is None  # what the link points at is not the store's
+    assert "a symbolic link" in caplog.text
+    store.put_render(key, b"ours")
+    assert [p.name for p in outside.iterdir()] == [f"{hashlib.sha256(b'theirs').hexdigest()}.png"]
+    assert store.render(key) == b"ours" and not (store.root / "renders" / key).is_symlink()
