@@ -48,11 +48,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="a project folder or spec paths, to find its store like `run` "
                              "does (default: the current folder)")
     verify.add_argument("--root", type=Path, default=None, help="run root, as for `run`")
-    for p in (check, plan, run, gc):
+    for p in (check, plan, run, gc, fmt):
         p.add_argument("--root", type=Path, default=None,
                        help="run root (default: the nearest folder with perfusion.toml "
                             "above the current folder or the given paths, else the current "
                             "folder)")
+    for p in (check, plan, run, gc):
         p.add_argument("--model", default=None, metavar="SOURCE",
                        help="default base model for specs without a `model` line "
                             "(overrides perfusion.toml)")
@@ -162,9 +163,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_fmt(args: argparse.Namespace) -> int:
+    from perfusion_dsl.compiler import run_root
     from perfusion_dsl.formatter import format_files
 
-    return format_files(args.paths, check=args.check)
+    return format_files(args.paths, check=args.check, root=run_root(args.paths, args.root))
 
 
 COMMANDS = {"check": cmd_check, "plan": cmd_plan, "run": cmd_run, "fmt": cmd_fmt,

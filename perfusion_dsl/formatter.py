@@ -16,6 +16,7 @@ from perfusion_dsl.diagnostics import Diagnostic, error, render_all
 from perfusion_dsl.limits import DEFAULT_LIMITS
 from perfusion_dsl.parser import parse
 from perfusion_dsl.source import decode
+from perfusion_dsl.spec_files import is_within
 
 INDENT = 2
 MAX_LINE = 100
@@ -244,6 +245,7 @@ class _Tally:
     changed: list[str] = field(default_factory=list)
     unchanged: int = 0
     failed: int = 0
+    skipped: int = 0
 
 
 def _discover(paths: list[Path]) -> list[Path]:
@@ -296,8 +298,22 @@ def _report(diags: list[Diagnostic], file: str, data: bytes | None) -> None:
     print(render_all(diags, {file: text.removeprefix("\ufeff")}), file=sys.stderr)
 
 
-def _format_one(path: Path, check: bool, tally: _Tally) -> None:
+def _outside(path: Path, root: Path) -> str | None:
+    """Where `path` leads when it is a link to a file outside `root` (which fmt leaves
+    alone: it would rewrite a file the project does not own), else None."""
+    if not path.is_symlink() or is_within(root, path):
+        return None
+    return os.path.realpath(path)
+
+
+def _format_one(path: Path, check: bool, tally: _Tally, root: Path) -> None:
     file = str(path)
+    target = _outside(path, root)
+    if target is not None:
+        print(f"{file}: skipped: it is a symbolic link to {target}, outside the run root "
+              f"{root}; format that file where it is", file=sys.stderr)
+        tally.skipped += 1
+        return
     data, diags = _read(path, file)
     text = None
     if data is not None:
@@ -331,13 +347,18 @@ def _summary(tally: _Tally, check: bool) -> str:
              f"{_plural(tally.unchanged)} {would}left unchanged"]
     if tally.failed:
         parts.append(f"{_plural(tally.failed)} with errors (not formatted)")
+    if tally.skipped:
+        parts.append(f"{_plural(tally.skipped)} skipped (links to files outside the run root)")
     return ", ".join(parts)
 
 
-def format_files(paths: list[Path], check: bool) -> int:
-    """Format every spec under `paths` in place (or, with `check`, only report); exit status."""
+def format_files(paths: list[Path], check: bool, root: Path | None = None) -> int:
+    """Format every spec under `paths` in place (or, with `check`, only report); exit status.
+    A spec that is a link to a file outside `root` (the run root; default: the current
+    folder) is skipped and named."""
     tally = _Tally()
+    root = (root or Path.cwd()).resolve()
     for path in _discover(paths):
-        _format_one(path, check, tally)
+        _format_one(path, check, tally, root)
     print(_summary(tally, check))
     return 1 if tally.failed or (check and tally.changed) else 0

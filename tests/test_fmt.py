@@ -332,6 +332,24 @@ def test_cli_formats_through_a_symlink(tmp_path: Path) -> None:
     assert link.is_symlink() and real.read_text() == CANONICAL
 
 
+def test_S2_fmt_never_rewrites_a_file_outside_the_run_root_through_a_link(
+        tmp_path: Path) -> None:
+    project, outside = tmp_path / "project", tmp_path / "outside"
+    project.mkdir()
+    outside.mkdir()
+    (outside / "fm.concept").write_text(MESSY)
+    (project / "l.concept").symlink_to(outside / "fm.concept")
+    (project / "own.concept").write_text(MESSY)
+    result = _fmt(".", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert (outside / "fm.concept").read_text() == MESSY
+    assert (project / "own.concept").read_text() == CANONICAL
+    assert f"l.concept: skipped: it is a symbolic link to {outside / 'fm.concept'}, outside " \
+           f"the run root {project}" in result.stderr
+    assert "1 file reformatted, 0 files left unchanged, 1 file skipped (links to files " \
+           "outside the run root)" in result.stdout
+
+
 def test_cli_syntax_error_leaves_file_untouched(tmp_path: Path) -> None:
     bad, good = tmp_path / "bad.concept", tmp_path / "good.concept"
     bad.write_text('model   "x"\nlearn a.png as <cat>\n')
