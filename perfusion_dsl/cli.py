@@ -17,6 +17,7 @@ from pathlib import Path
 from perfusion_dsl import __version__
 from perfusion_dsl.compiler import Compilation, UsageError, compile_paths
 from perfusion_dsl.diagnostics import render_all, summary
+from perfusion_dsl.terminal import visible
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 70
 
@@ -122,7 +123,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from perfusion_runtime.build.command import describe, with_status
 
     plan, states = with_status(comp.plan(), comp.context.root, args.cache)
-    print(plan.to_json() if args.json else describe(plan, states))
+    print(plan.to_json() if args.json else visible(describe(plan, states)))
     return EXIT_OK
 
 
@@ -180,8 +181,8 @@ def _crash(exc: BaseException) -> int:
         handle.write(f"perfusion {__version__} crashed at {time.ctime()}\n")
         handle.write(f"argv: {sys.argv!r}\n\n")
         handle.write("".join(traceback.format_exception(exc)))
-    print(f"perfusion: internal error (this is a bug): {type(exc).__name__}: {exc}\n"
-          f"  the crash log is {log}; please attach it to a bug report", file=sys.stderr)
+    print(visible(f"perfusion: internal error (this is a bug): {type(exc).__name__}: {exc}")
+          + f"\n  the crash log is {log}; please attach it to a bug report", file=sys.stderr)
     return EXIT_BUG
 
 
@@ -204,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _fewer_gc_passes():
             return COMMANDS[args.command](args)
     except UsageError as exc:
-        print(f"perfusion: error: {exc}", file=sys.stderr)
+        print(visible(f"perfusion: error: {exc}"), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("perfusion: interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ from functools import lru_cache
 from typing import Literal
 
 from perfusion_dsl.nodes import Span
+from perfusion_dsl.terminal import visible
 
 Severity = Literal["error", "warning"]
 
@@ -98,12 +99,13 @@ def _excerpt(source: str | None, span: Span) -> list[str]:
     last = (span.end_col if span.end_line == span.line else len(text) + 1) - 1
     lo, hi = _window(text, first, last)
     lead, tail = ("..." if lo else ""), ("..." if hi < len(text) else "")
-    head = (lead + text[lo:first]).expandtabs(4)
-    body = (lead + text[lo:min(max(last, first), hi)]).expandtabs(4)[len(head):]
+    # escaped per character, so the escaped head is a prefix of the escaped line
+    head = visible(lead + text[lo:first]).expandtabs(4)
+    body = visible(lead + text[lo:min(max(last, first), hi)]).expandtabs(4)[len(head):]
     gutter = str(span.line)
     pad = " " * len(gutter)
     return [
-        f" {gutter} | {(lead + text[lo:hi]).expandtabs(4)}{tail}",
+        f" {gutter} | {visible(lead + text[lo:hi]).expandtabs(4)}{tail}",
         f" {pad} | {' ' * len(head)}{'^' * max(1, len(body))}",
     ]
 
@@ -113,15 +115,16 @@ def render(diag: Diagnostic, sources: Mapping[str, str]) -> str:
     where = diag.file
     if diag.span is not None:
         where = f"{diag.file}:{diag.span.line}:{diag.span.col}"
-    out = [f"{where}: {diag.severity}: {diag.message}"]
+    out = [visible(f"{where}: {diag.severity}: {diag.message}")]
     if diag.span is not None:
         out += _excerpt(sources.get(diag.file), diag.span)
     for label in diag.labels:
-        out.append(f"  note: {label.file}:{label.span.line}:{label.span.col}: {label.message}")
+        out.append(visible(f"  note: {label.file}:{label.span.line}:{label.span.col}: "
+                           f"{label.message}"))
         out += _excerpt(sources.get(label.file), label.span)
-    out += [f"  {line}" for line in diag.extra]
+    out += [visible(f"  {line}") for line in diag.extra]
     if diag.help:
-        out.append(f"  help: {diag.help}")
+        out.append(visible(f"  help: {diag.help}"))
     return "\n".join(out)
 
 

@@ -17,6 +17,7 @@ from perfusion_dsl.limits import DEFAULT_LIMITS
 from perfusion_dsl.parser import parse
 from perfusion_dsl.source import decode
 from perfusion_dsl.spec_files import is_within
+from perfusion_dsl.terminal import visible
 
 INDENT = 2
 MAX_LINE = 100
@@ -310,8 +311,8 @@ def _format_one(path: Path, check: bool, tally: _Tally, root: Path) -> None:
     file = str(path)
     target = _outside(path, root)
     if target is not None:
-        print(f"{file}: skipped: it is a symbolic link to {target}, outside the run root "
-              f"{root}; format that file where it is", file=sys.stderr)
+        print(visible(f"{file}: skipped: it is a symbolic link to {target}, outside the run "
+                      f"root {root}; format that file where it is"), file=sys.stderr)
         tally.skipped += 1
         return
     data, diags = _read(path, file)
@@ -330,10 +331,10 @@ def _format_one(path: Path, check: bool, tally: _Tally, root: Path) -> None:
         try:
             write_atomic(path, new)
         except OSError as exc:
-            print(f"{file}: error: cannot write: {exc.strerror or exc}", file=sys.stderr)
+            print(visible(f"{file}: error: cannot write: {exc.strerror or exc}"), file=sys.stderr)
             tally.failed += 1
             return
-    print(f"{'would reformat' if check else 'reformatted'} {file}")
+    print(visible(f"{'would reformat' if check else 'reformatted'} {file}"))
     tally.changed.append(file)
 
 

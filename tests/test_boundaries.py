@@ -97,7 +97,8 @@ def test_runtime_imports_only_the_plan_model_from_the_compiler() -> None:
         for path in _layer_files(layer):
             for name in _imports(path):
                 if name.split(".")[0] == "perfusion_dsl":
-                    assert name in ("perfusion_dsl.plan", "perfusion_dsl.keys"), \
+                    assert name in ("perfusion_dsl.plan", "perfusion_dsl.keys",
+                                    "perfusion_dsl.terminal"), \
                         f"{path.name} imports {name}"
 
 
@@ -170,7 +171,8 @@ def test_runtime_entry_point_loads_no_parser() -> None:
     """)
     done = _run([sys.executable, "-c", code], cwd=REPO)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == ["perfusion_dsl.keys", "perfusion_dsl.plan"]
+    assert json.loads(done.stdout.splitlines()[-1]) == ["perfusion_dsl.keys", "perfusion_dsl.plan",
+                                                        "perfusion_dsl.terminal"]
 
 
 def test_grammar_builds_in_strict_mode() -> None:

@@ -234,6 +234,24 @@ def test_D3_D4_end_of_line_and_end_of_file_positions(
     assert "-1" not in result.err
 
 
+def test_control_and_bidi_characters_never_reach_the_terminal(project: Project,
+                                                               run_cli: Run) -> None:
+    """A spec that sets the window title, clears the screen and reverses the text: every
+    such character is shown as `\\u{hex}`, and the caret still points at the option."""
+    hostile = "a \x1b]0;pwned\x07\x1b[2J \u202e circle\x7f\x9b"
+    folder = project({"a.concept": f'model "toy:shapes"\ngenerate "{hostile}" {{ stepz: 3 }}\n',
+                      "\x1b[31mred\u202e.concept": 'generate "a photo" { stepz: 3 }\n'})
+    result = run_cli(folder, "check", ".")
+    assert result.code == 1
+    assert not any(c in result.err for c in "\x1b\x07\x7f\x9b\u202e"), result.err
+    shown = 'generate "a \\u{1b}]0;pwned\\u{7}\\u{1b}[2J \\u{202e} circle\\u{7f}\\u{9b}"'
+    assert f" 2 | {shown} {{ stepz: 3 }}" in result.err
+    line = result.err.splitlines()
+    carets = line[line.index(f" 2 | {shown} {{ stepz: 3 }}") + 1]
+    assert carets == "   | " + " " * len(f"{shown} {{ ") + "^^^^^"
+    assert "\\u{1b}[31mred\\u{202e}.concept:1:22: error: unknown option `stepz`" in result.err
+
+
 # ----------------------------------------------------------------------------- D5
 
 SUGGEST = [

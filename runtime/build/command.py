@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from types import FrameType
 
 from perfusion_dsl.plan import Plan
+from perfusion_dsl.terminal import visible
 
 from ..files.lock import LockHeld, build_lock
 from ..files.store import Store, StoreError, StoreUnusable, cache_root
@@ -172,13 +173,13 @@ def _shown(root: Path, rel: str) -> str:
 
 def verify_command(store: Path) -> int:
     if not store.is_dir():
-        print(f"{store}: no store here (nothing to verify)")
+        print(visible(f"{store}: no store here (nothing to verify)"))
         return EXIT_OK
     problems = Store(store).verify()
     for problem in problems:
-        print(f"corrupt: {problem}", file=sys.stderr)
+        print(visible(f"corrupt: {problem}"), file=sys.stderr)
     entries = len(list(Store(store).concepts.glob("*")))
-    print(f"{store}: {entries} concept(s) checked, {len(problems)} problem(s)")
+    print(visible(f"{store}: {entries} concept(s) checked, {len(problems)} problem(s)"))
     return EXIT_FAILED if problems else EXIT_OK
 
 
@@ -190,11 +191,11 @@ def gc_command(store: Path, keep: set[str], *, wait: bool = False) -> int:
         with build_lock(store, wait=wait):
             removed = Store(store).gc(keep)
     except (LockHeld, StoreError) as exc:
-        print(f"perfusion: error: {exc}", file=sys.stderr)
+        print(visible(f"perfusion: error: {exc}"), file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, StoreUnusable) else EXIT_FAILED
     for path in removed:
-        print(f"removed {path}")
-    print(f"{store}: removed {len(removed)}, kept {len(keep)} referenced concept(s)")
+        print(visible(f"removed {path}"))
+    print(visible(f"{store}: removed {len(removed)}, kept {len(keep)} referenced concept(s)"))
     return EXIT_OK
 
 

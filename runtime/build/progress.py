@@ -6,6 +6,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from perfusion_dsl.terminal import visible
+
 PLAIN_EVERY_SECONDS = 10.0  # plain mode: at most one progress line per bar this often
 
 
@@ -91,6 +93,7 @@ class Reporter:
         return Bar(self, label, total, unit)
 
     def _write(self, stream: TextIO, text: str) -> None:
+        text = visible(text)  # prompts, paths and errors come from the user's files
         if self.tty and stream is self.stream:
             from tqdm import tqdm
 
