@@ -7,11 +7,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from perfusion_dsl.config import CONFIG_NAME, find_root, load_config
+from perfusion_dsl.config import CONFIG_NAME, MAX_CONFIG_BYTES, find_root, load_config
 from perfusion_dsl.context import Context
 from perfusion_dsl.diagnostics import Diagnostic
 from perfusion_dsl.passes import run_all
 from perfusion_dsl.patterns import MatchLimitExceeded
+from perfusion_dsl.reading import Unreadable, read_limited
 from perfusion_dsl.spec_files import discover_specs, is_within
 
 if TYPE_CHECKING:
@@ -89,9 +90,10 @@ def compile_paths(paths: list[Path], root: Path | None = None,
 
 
 def _text(path: Path) -> str:
+    """perfusion.toml's text for showing its diagnostics (bounded: it may be /dev/zero)."""
     try:
-        return path.read_text("utf-8", errors="replace")
-    except OSError:
+        return read_limited(path, MAX_CONFIG_BYTES).decode("utf-8", errors="replace")
+    except Unreadable:
         return ""
 
 

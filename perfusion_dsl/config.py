@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from perfusion_dsl.diagnostics import Diagnostic, did_you_mean, error
 from perfusion_dsl.limits import CEILINGS, DEFAULT_LIMITS, Limits
 from perfusion_dsl.nodes import Span
+from perfusion_dsl.reading import Unreadable, read_limited
 from perfusion_dsl.source import point, span_at
 
 CONFIG_NAME = "perfusion.toml"
@@ -73,7 +75,7 @@ def load_config(
     positions in the file's text as stored on disk (a leading BOM counts as one column).
     """
     path = root / CONFIG_NAME
-    if not path.exists():
+    if not os.path.lexists(path):
         return ProjectConfig(root=root), []
     file = display(path)
     text, diags = _read_text(path, file)
@@ -96,11 +98,9 @@ def load_config(
 def _read_text(path: Path, file: str) -> tuple[str | None, list[Diagnostic]]:
     """The file's text, or None with a diagnostic when it is unreadable, too big or not UTF-8."""
     try:
-        with path.open("rb") as stream:
-            data = stream.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        return None, [error(SYNTAX, f"cannot read {CONFIG_NAME}: {reason}", file, None)]
+        data = read_limited(path, MAX_CONFIG_BYTES)
+    except Unreadable as exc:
+        return None, [error(SYNTAX, f"cannot read {CONFIG_NAME}: {exc.reason}", file, None)]
     if len(data) > MAX_CONFIG_BYTES:
         msg = f"{CONFIG_NAME} is larger than the limit of {MAX_CONFIG_BYTES:,} bytes"
         return None, [error(SYNTAX, msg, file, None,

@@ -15,6 +15,7 @@ from perfusion_dsl import nodes as n
 from perfusion_dsl.diagnostics import Diagnostic, error, render_all
 from perfusion_dsl.limits import DEFAULT_LIMITS
 from perfusion_dsl.parser import parse
+from perfusion_dsl.reading import Unreadable, read_limited
 from perfusion_dsl.source import decode
 from perfusion_dsl.spec_files import is_within
 from perfusion_dsl.terminal import visible
@@ -268,10 +269,9 @@ def _discover(paths: list[Path]) -> list[Path]:
 
 def _read(path: Path, file: str) -> tuple[bytes | None, list[Diagnostic]]:
     try:
-        with open(path, "rb") as handle:
-            return handle.read(DEFAULT_LIMITS.max_spec_bytes + 1), []
-    except OSError as exc:
-        msg = f"cannot read spec file: {exc.strerror or exc}"
+        return read_limited(path, DEFAULT_LIMITS.max_spec_bytes), []
+    except Unreadable as exc:
+        msg = f"cannot read spec file: {exc.reason}"
         return None, [error("unreadable", msg, file, None)]
 
 

@@ -9,15 +9,15 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from perfusion_dsl.reading import READ_FLAGS, describe_mode
+
 ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
-_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +62,7 @@ def _read_regular_file(path: Path, max_bytes: int) -> bytes | ImageProblem:
         return ImageProblem(path, problem)
     try:
         # O_NONBLOCK: should the path be swapped for a FIFO after the stat, open won't hang.
-        fd = os.open(path, _READ_FLAGS)
+        fd = os.open(path, READ_FLAGS)
         with os.fdopen(fd, "rb") as handle:
             problem = _mode_problem(os.fstat(handle.fileno()), max_bytes)
             data = b"" if problem else handle.read(max_bytes + 1)
@@ -85,20 +85,11 @@ def _stat_problem(path: Path, exc: OSError | ValueError) -> str:
     return f"cannot be read: {exc.strerror or exc}"
 
 
-_FILE_KINDS: tuple[tuple[Callable[[int], bool], str], ...] = (
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-)
-
-
 def _mode_problem(st: os.stat_result, max_bytes: int) -> str | None:
     if stat.S_ISDIR(st.st_mode):
         return "is a directory, not an image"
     if not stat.S_ISREG(st.st_mode):
-        kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "a special file")
-        return f"is not a regular file ({kind})"
+        return f"is not a regular file ({describe_mode(st.st_mode)})"
     if st.st_size == 0:
         return "is empty (0 bytes)"
     if st.st_size > max_bytes:
@@ -214,7 +205,7 @@ def _looks_like_text(head: bytes) -> bool:
 
 def file_digest(path: Path) -> str:
     """sha256 hex of a regular file's bytes, read in chunks; never blocks on a FIFO."""
-    fd = os.open(path, _READ_FLAGS)
+    fd = os.open(path, READ_FLAGS)
     with os.fdopen(fd, "rb") as handle:
         mode = os.fstat(handle.fileno()).st_mode
         if stat.S_ISDIR(mode):

@@ -60,12 +60,16 @@ def injected(case: Path) -> Iterator[None]:
     if code_of(case) != "unreadable":
         yield
         return
-    from perfusion_dsl.passes import load_sources
+    from perfusion_dsl import reading
 
-    def deny(path: object, *args: object, **kwargs: object) -> object:
-        raise PermissionError(13, "Permission denied", str(path))
+    real_open = reading.os.open
 
-    with mock.patch.object(load_sources, "open", deny, create=True):
+    def deny(path: object, *args: object, **kwargs: object) -> int:
+        if str(path).endswith(".concept"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    with mock.patch.object(reading.os, "open", deny):
         yield
 
 

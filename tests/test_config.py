@@ -321,3 +321,30 @@ def test_wrong_shaped_project_table(tmp_path: Path) -> None:
     assert d.code == "config-type"
     assert d.message == "`project` must be a table `[project]`, not an array"
     assert d.span is not None and (d.span.line, d.span.col) == (3, 3)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
+def test_S7_a_config_that_is_not_a_file_is_refused_at_once(tmp_path: Path, kind: str) -> None:
+    """A FIFO used to block `check` forever, and /dev/zero to grow it by gigabytes: the file
+    is opened without blocking, must be a regular file, and is read to its limit at most.
+    A real subprocess, so a hang fails the test by its timeout."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "a.concept").write_text('generate "a photo"\n', encoding="utf-8")
+    config = tmp_path / "perfusion.toml"
+    if kind == "fifo":
+        os.mkfifo(config)
+        shown = "a FIFO"
+    elif kind == "dev-zero":
+        config.symlink_to("/dev/zero")
+        shown = "a character device"
+    else:
+        config.mkdir()
+        shown = "a directory"
+    done = subprocess.run([sys.executable, "-m", "perfusion_dsl", "check", "."], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1, done.stderr
+    assert f"perfusion.toml: error: cannot read perfusion.toml: it is {shown}, not a file" \
+        in done.stderr

@@ -8,6 +8,7 @@ with `tests/regen_goldens.py --write` and read the diff before committing.
 from __future__ import annotations
 
 import ast
+import os
 import re
 import time
 import tracemalloc
@@ -250,6 +251,20 @@ def test_control_and_bidi_characters_never_reach_the_terminal(project: Project,
     carets = line[line.index(f" 2 | {shown} {{ stepz: 3 }}") + 1]
     assert carets == "   | " + " " * len(f"{shown} {{ ") + "^^^^^"
     assert "\\u{1b}[31mred\\u{202e}.concept:1:22: error: unknown option `stepz`" in result.err
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_use_of_something_that_is_not_a_file_says_what_it_is(project: Project, run_cli: Run,
+                                                             kind: str) -> None:
+    folder = project({"a.concept": 'use "b.concept"\n'})
+    if kind == "directory":
+        (folder / "b.concept").mkdir()
+    else:
+        os.mkfifo(folder / "b.concept")
+    result = run_cli(folder, "check", "a.concept")
+    assert result.code == 1
+    shown = "a directory" if kind == "directory" else "a FIFO"
+    assert f"a.concept:1:5: error: `b.concept` is {shown}, not a spec file" in result.err
 
 
 # ----------------------------------------------------------------------------- D5

@@ -9,6 +9,7 @@ from perfusion_dsl.context import Context, Unit, use_target
 from perfusion_dsl.diagnostics import error, warning
 from perfusion_dsl.nodes import Module, Use
 from perfusion_dsl.parser import defined_names, parse
+from perfusion_dsl.reading import Unreadable, describe_mode, read_limited
 from perfusion_dsl.source import Source, decode
 
 
@@ -16,18 +17,24 @@ def _read(ctx: Context, path: Path, file: str) -> bytes | None:
     """The file's bytes, or None after reporting why they cannot be used."""
     limit = ctx.config.limits.max_spec_bytes
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(limit + 1)  # never more than the limit allows
-            size = os.fstat(handle.fileno()).st_size if len(data) > limit else len(data)
-    except OSError as exc:
-        ctx.add(error("unreadable", f"cannot read spec file: {exc.strerror}", file, None))
+        data = read_limited(path, limit)
+    except Unreadable as exc:
+        ctx.add(error("unreadable", f"cannot read spec file: {exc.reason}", file, None))
         return None
     if len(data) > limit:
-        ctx.add(error("spec-too-large", f"spec file is {max(size, len(data)):,} bytes; the "
-                      f"limit is {limit:,}", file, None, help="split it into several files, "
+        size = max(_size(path), len(data))
+        ctx.add(error("spec-too-large", f"spec file is {size:,} bytes; the limit is "
+                      f"{limit:,}", file, None, help="split it into several files, "
                       "or raise `max_spec_bytes` in perfusion.toml"))
         return None
     return data
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 def _load(ctx: Context, path: Path, requested: bool) -> Unit:
@@ -66,7 +73,9 @@ def _resolve_use(ctx: Context, path: Path, file: str, use: Use) -> Path | None:
                       file, use.path.span))
         return None
     if not full.is_file():
-        ctx.add(error("use-missing", f"no such spec file `{target}`", file, use.path.span,
+        kind = _kind(full)
+        what = f"`{target}` is {kind}, not a spec file" if kind else f"no such spec file `{target}`"
+        ctx.add(error("use-missing", what, file, use.path.span,
                       help=f"`use` paths are relative to this file; looked for "
                            f"`{ctx.display(full)}`"))
         return None
@@ -74,6 +83,14 @@ def _resolve_use(ctx: Context, path: Path, file: str, use: Use) -> Path | None:
         ctx.add(error("use-cycle", "a file cannot `use` itself", file, use.path.span))
         return None
     return full
+
+
+def _kind(path: Path) -> str | None:
+    """What is at `path` when it exists but is not a file (a directory, a FIFO, …)."""
+    try:
+        return describe_mode(os.stat(path).st_mode)
+    except OSError:
+        return None
 
 
 def run(ctx: Context) -> None:
