@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import re
+import signal
 import sys
 import tempfile
 import time
@@ -48,9 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("paths", nargs="*", type=Path, metavar="PATH", default=[],
                         help="a project folder or spec paths, to find its store like `run` "
                              "does (default: the current folder)")
-    verify.add_argument("--root", type=Path, default=None, help="run root, as for `run`")
+    verify.add_argument("--root", type=_folder, default=None, help="run root, as for `run`")
     for p in (check, plan, run, gc, fmt):
-        p.add_argument("--root", type=Path, default=None,
+        p.add_argument("--root", type=_folder, default=None,
                        help="run root (default: the nearest folder with perfusion.toml "
                             "above the current folder or the given paths, else the current "
                             "folder)")
@@ -68,6 +70,34 @@ def _parser() -> argparse.ArgumentParser:
     return top
 
 
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,4})?")
+MAX_BATCH_SIZE = 4096
+
+
+def _device(text: str) -> str:
+    """Checked before anything loads; which devices exist is for the runtime to say."""
+    if not _DEVICE.fullmatch(text.strip().lower()):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: expected \"auto\", "
+                                         "\"cpu\", \"cuda\" or \"cuda:N\"")
+    return text
+
+
+def _batch_size(text: str) -> int:
+    if not re.fullmatch(r"\d{1,9}", text.strip()) or not 1 <= int(text) <= MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"must be a whole number between 1 and "
+                                         f"{MAX_BATCH_SIZE:,}, found {text[:40]!r}")
+    return int(text)
+
+
+def _folder(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
+    return path
+
+
 def _run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--quiet", "-q", action="store_true", help="print only the results")
     run.add_argument("--wait", action="store_true", help="if another run holds the cache "
@@ -78,9 +108,9 @@ def _run_options(run: argparse.ArgumentParser) -> None:
                             "(default)")
     going.add_argument("--fail-fast", dest="keep_going", action="store_false",
                        help="stop at the first failed job")
-    run.add_argument("--device", default="auto", help='"auto" (default: CUDA when present), '
-                     '"cpu", "cuda" or "cuda:N"')
-    run.add_argument("--batch-size", type=int, default=None, metavar="N",
+    run.add_argument("--device", default="auto", type=_device,
+                     help='"auto" (default: CUDA when present), "cpu", "cuda" or "cuda:N"')
+    run.add_argument("--batch-size", type=_batch_size, default=None, metavar="N",
                      help="images per pipeline call (default: 1 on the CPU, which keeps every "
                           "image independent of the others; 8 on CUDA)")
     run.add_argument("--executor", choices=("local", "ray"), default="local",
@@ -128,8 +158,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
+    if args.ray_address is not None and args.executor != "ray":
+        raise UsageError("--ray-address needs --executor ray")
     comp, status = _compiled(args)
     if status != EXIT_OK:
         return status
@@ -207,9 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(visible(f"perfusion: error: {exc}"), file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # a second SIGTERM during a run says which signal
         print("perfusion: interrupted", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))
     except BrokenPipeError:
         return EXIT_OK
     except Exception as exc:  # the one place that turns bugs into exit 70

@@ -88,6 +88,37 @@ def test_bad_command_lines_exit_2(argv: list[str], capsys: pytest.CaptureFixture
     assert "usage: perfusion" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "words"), [
+    (["run", ".", "--device", "quantum"], "argument --device: unknown device 'quantum'"),
+    (["run", ".", "--batch-size", "99999999999999999999"],
+     "argument --batch-size: must be a whole number between 1 and 4,096"),
+    (["run", ".", "--batch-size", "0"], "argument --batch-size: must be a whole number"),
+    (["check", ".", "--root", "a.concept"], "argument --root: 'a.concept' is not a folder"),
+    (["plan", ".", "--root", "nowhere"], "argument --root: 'nowhere' does not exist"),
+])
+def test_bad_arguments_are_usage_errors_before_anything_loads(
+        argv: list[str], words: str, project: Project) -> None:
+    """A real subprocess: exit 2, the argument named, no traceback, and no model library
+    imported (a bad flag must not cost the seconds torch takes to load)."""
+    folder = project({"a.concept": 'generate "a photo"\n'})
+    code = ("import sys; from perfusion_dsl.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print('torch' in sys.modules, file=sys.stderr); raise\n")
+    done = subprocess.run([sys.executable, "-c", code, *argv], cwd=folder, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert words in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.rstrip().endswith("False"), done.stderr
+
+
+def test_ray_address_without_the_ray_executor_is_a_usage_error(project: Project,
+                                                              run_cli: Run) -> None:
+    folder = project({"a.concept": 'generate "a photo"\n'})
+    result = run_cli(folder, "run", ".", "--ray-address", "auto")
+    assert result.code == EXIT_USAGE
+    assert "perfusion: error: --ray-address needs --executor ray" in result.err
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])

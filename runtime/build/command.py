@@ -73,11 +73,20 @@ class StopFlag:
         return self.signum != 0
 
 
+class StopNow(KeyboardInterrupt):
+    """A second signal: stop at once; the CLI exits 128 + `signum` (130, or 143 for
+    SIGTERM)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 @contextmanager
 def stop_on_signals(flag: StopFlag, reporter: Reporter) -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         if flag.signum:
-            raise KeyboardInterrupt
+            raise StopNow(signum)
         flag.signum = signum
         reporter.error(f"{signal.Signals(signum).name}: stopping after the current step "
                        "(send it again to stop now)")

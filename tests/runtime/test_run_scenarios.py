@@ -274,6 +274,35 @@ def test_R10_sigterm_during_training_stops_cleanly_and_the_rerun_resumes(project
     assert not any(checkpoints.iterdir())  # removed once the artifact was published
 
 
+def test_R10_a_second_sigterm_stops_at_once_with_exit_143(tmp_path: Path) -> None:
+    """The first signal asks for a clean stop; a second of the same kind stops at once and
+    the exit code still names it (143 for SIGTERM, as 130 names Ctrl-C). Real signals to a
+    real process; the command is one that would otherwise wait 30 s."""
+    script = textwrap.dedent("""
+        import os, signal, sys, time
+        from perfusion_dsl import cli
+        from perfusion_runtime.build.command import StopFlag, stop_on_signals
+        from perfusion_runtime.build.progress import Reporter
+
+        def waits(args):
+            with stop_on_signals(StopFlag(), Reporter()):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+            return 0
+
+        cli.COMMANDS["check"] = waits
+        sys.exit(cli.main(["check", "."]))
+    """)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env=subprocess_env(), check=False)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert time.monotonic() - started < 20
+    assert "SIGTERM: stopping after" in done.stderr and "perfusion: interrupted" in done.stderr
+
+
 def test_R1_a_checkpoint_left_beside_a_published_concept_is_removed(project: Path) -> None:
     """A run killed after publishing a concept and before removing its checkpoint leaves the
     checkpoint behind; the next run finds the concept built and removes it."""
