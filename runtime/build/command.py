@@ -187,8 +187,12 @@ def verify_command(store: Path) -> int:
     problems = Store(store).verify()
     for problem in problems:
         print(visible(f"corrupt: {problem}"), file=sys.stderr)
-    entries = len(list(Store(store).concepts.glob("*")))
-    print(visible(f"{store}: {entries} concept(s) checked, {len(problems)} problem(s)"))
+    root = Store(store).root
+    counts = [len(list(root.glob(pattern))) for pattern in ("concepts/*", "renders/*/*",
+                                                             "cinv/*")]
+    print(visible(f"{store}: {counts[0]} concept(s), {counts[1]} cached render(s) and "
+                  f"{counts[2]} C⁻¹ entr{'y' if counts[2] == 1 else 'ies'} checked, "
+                  f"{len(problems)} problem(s)"))
     return EXIT_FAILED if problems else EXIT_OK
 
 

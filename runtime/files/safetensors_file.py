@@ -5,6 +5,7 @@ re-serialisation that makes a file's bytes depend only on its content."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,19 @@ def parse_header(data: bytes) -> tuple[dict[str, Any], int]:
     if not isinstance(header, dict):
         raise FormatProblem("the header is not a JSON object")
     return header, 8 + length
+
+
+def tensor_sha256(data: bytes, name: str) -> str:
+    """sha256 (hex) of the stored bytes of tensor `name` in a safetensors file's `data`: a
+    digest kept in the metadata is checked against it without loading anything."""
+    header, start = parse_header(data)
+    entry = header.get(name)
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= len(data) - start):
+        raise FormatProblem(f"no tensor {name!r} with data inside the file")
+    return hashlib.sha256(data[start + offsets[0]:start + offsets[1]]).hexdigest()
 
 
 def canonical(raw: bytes) -> bytes:

@@ -27,6 +27,7 @@ from .atomic import (
     reason,
     write_new,
 )
+from .safetensors_file import FormatProblem, parse_header, read_file, tensor_sha256
 
 # Layout, one folder per key, published whole by one rename:
 #   <root>/concepts/<key>/artifact.safetensors
@@ -77,8 +78,31 @@ class _Bad(Exception):
 
 STORE_DIR = ".perfusion"  # a build's store, in its run root, unless told otherwise
 LOCK_FILE = "lock"  # the build lock (files/lock.py)
+CINV_DIR = "cinv"  # C⁻¹ per base model (method/covariance.py)
 # What a store holds at its top: the C⁻¹ cache (cinv/) lives here too.
-PARTS = ("concepts", "tmp", "trash", "renders", "history", "checkpoints", "cinv", LOCK_FILE)
+PARTS = ("concepts", "tmp", "trash", "renders", "history", "checkpoints", CINV_DIR, LOCK_FILE)
+
+
+CINV_DIGEST = "cinv_sha256"  # its metadata field: sha256 of the stored tensor's bytes
+MAX_CINV_BYTES = 1 << 28  # 256 MiB: a D×D float32 for D up to 8,192
+
+
+def cinv_problem(path: Path) -> str | None:
+    """Why the C⁻¹ cache file at `path` cannot be trusted, or None: its tensor must hash to
+    the digest its metadata records (a flipped bit would otherwise be used silently)."""
+    try:
+        data = read_file(path, MAX_CINV_BYTES, "C⁻¹ cache file")
+        header, _ = parse_header(data)
+        metadata = header.get("__metadata__")
+        recorded = metadata.get(CINV_DIGEST) if isinstance(metadata, dict) else None
+        if recorded is None:
+            return "no digest: an older version wrote it (the next run recomputes it)"
+        actual = tensor_sha256(data, "cinv")
+    except FormatProblem as exc:
+        return str(exc)
+    if actual != recorded:
+        return f"sha256 expected {recorded}, actual {actual} (the next run recomputes it)"
+    return None
 
 
 def _unusable_folder(path: Path, exc: OSError) -> str:
@@ -248,7 +272,8 @@ class Store:
         return folder / ARTIFACT
 
     def verify(self) -> list[Problem]:
-        """Check every entry (read-only): one Problem per bad entry, sorted by path."""
+        """Check every concept entry, cached render and C⁻¹ entry (read-only): one Problem
+        per bad one."""
         problems: list[Problem] = []
         for child in _children(self.concepts):
             if not _KEY.fullmatch(child.name):
@@ -258,6 +283,17 @@ class Store:
                 _check_entry(child, child.name)
             except _Bad as bad:
                 problems.append(bad.problem)
+        for folder in _children(self.root / "renders"):
+            for child in [folder] if folder.is_symlink() else _children(folder):
+                data = _read_regular(child)
+                if data is None or child.name != f"{hashlib.sha256(data).hexdigest()}.png":
+                    problems.append(Problem(child, "cached render does not match its name "
+                                                   "(its sha256); the next run renders it "
+                                                   "again"))
+        for child in _children(self.root / CINV_DIR):
+            problem = cinv_problem(child)
+            if problem is not None:
+                problems.append(Problem(child, problem))
         return problems
 
     def gc(self, keep: set[str], *, keep_renders: set[str] | None = None,

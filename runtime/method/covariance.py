@@ -28,7 +28,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors  # bytes in, tensors out; no pickle
 from torch import Tensor, nn
 
-from ..files.atomic import FileError, reason, write_atomically
+from ..files.atomic import FileError, read_regular, reason, write_atomically
+from ..files.safetensors_file import FormatProblem, tensor_sha256
+from ..files.store import CINV_DIGEST, CINV_DIR, MAX_CINV_BYTES
 from .key_locking import DEFAULT_RIDGE, inverse_covariance, second_moment
 from .tokens import ExtendedEmbedding
 
@@ -277,10 +279,19 @@ def _cinv_problem(cinv: Tensor, width: int) -> str | None:
 def _read_cache(path: Path, fingerprint: str, width: int) -> Tensor:
     """The cached C⁻¹, checked; raises _CacheProblem when the entry is unusable."""
     try:
-        data = path.read_bytes()
+        data = read_regular(path, MAX_CINV_BYTES)  # never through a link
     except OSError as exc:
         raise _CacheProblem(f"unreadable: {exc.strerror}") from None
     metadata = _header_metadata(data)
+    recorded = metadata.get(CINV_DIGEST)
+    if recorded is None:
+        raise _CacheProblem("no digest: an older version wrote it")
+    try:
+        actual = tensor_sha256(data, "cinv")
+    except FormatProblem as exc:
+        raise _CacheProblem(str(exc)) from None
+    if actual != recorded:  # a flipped bit would otherwise change every concept silently
+        raise _CacheProblem(f"sha256 expected {recorded}, actual {actual}")
     try:
         tensors = load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
@@ -320,9 +331,12 @@ def _estimate(tokenizer: Any, text_encoder: nn.Module, source: Path,
 
 
 def _store(path: Path, cinv: Tensor, metadata: dict[str, str]) -> None:
+    cinv = cinv.contiguous()
+    digest = hashlib.sha256(cinv.numpy().tobytes()).hexdigest()  # the bytes safetensors stores
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, safetensors.torch.save({"cinv": cinv}, metadata))
+        write_atomically(path, safetensors.torch.save({"cinv": cinv},
+                                                      {**metadata, CINV_DIGEST: digest}))
     except (OSError, FileError) as exc:  # the cache only saves time: C⁻¹ is still returned
         problem = exc.problem if isinstance(exc, FileError) else reason(exc)
         logger.warning("cannot write the C⁻¹ cache entry %s (%s): it will be recomputed "
@@ -343,7 +357,7 @@ def cinv_for(pipeline_or_parts: Any, cache_dir: Path,
     captions_sha256 = hashlib.sha256(caption_bytes).hexdigest()
     encoder = text_encoder_fingerprint(tokenizer, text_encoder)
     fingerprint = cinv_fingerprint(encoder, captions_sha256)
-    path = Path(cache_dir) / "cinv" / f"{fingerprint}.safetensors"
+    path = Path(cache_dir) / CINV_DIR / f"{fingerprint}.safetensors"
     if path.exists():
         try:
             return _read_cache(path, fingerprint, _width(text_encoder)), fingerprint

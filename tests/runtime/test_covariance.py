@@ -243,12 +243,16 @@ def _damage(kind: str, data: bytes, cinv: Tensor, metadata: dict[str, str]) -> b
         "float64": lambda: saved({"cinv": cinv.double()}),
         "other fingerprint": lambda: saved({"cinv": cinv}, fingerprint="0" * 64),
         "extra tensor": lambda: saved({"cinv": cinv, "moment": cinv.clone()}),
+        # a finite, symmetric, well-formed C⁻¹ off by one bit: only its digest tells
+        "flipped bit": lambda: data[:-5] + bytes([data[-5] ^ 0x01]) + data[-4:],
+        "no digest": lambda: bytes(safetensors.torch.save(
+            {"cinv": cinv}, {k: v for k, v in metadata.items() if k != "cinv_sha256"})),
     }[kind]()
 
 
 @pytest.mark.parametrize("kind", ["empty", "garbage", "truncated", "bad header", "nan",
                                   "asymmetric", "wrong shape", "float64", "other fingerprint",
-                                  "extra tensor"])
+                                  "extra tensor", "flipped bit", "no digest"])
 def test_a_corrupt_cache_entry_is_logged_recomputed_and_replaced(
     pipe: Any, tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -277,3 +277,28 @@ def test_S2_a_cached_render_folder_that_is_a_link_is_never_written_through(
     store.put_render(key, b"ours")
     assert [p.name for p in outside.iterdir()] == [f"{hashlib.sha256(b'theirs').hexdigest()}.png"]
     assert store.render(key) == b"ours" and not (store.root / "renders" / key).is_symlink()
+
+
+def test_R6_verify_covers_cinv_entries_and_cached_renders(tmp_path: Path) -> None:
+    """A bit flipped in a cached C⁻¹ or a cached render used to pass `cache verify`."""
+    import safetensors.torch
+    import torch
+
+    store = Store(tmp_path / "store")
+    (store.root / "cinv").mkdir(parents=True)
+    cinv = torch.eye(8)
+    good = safetensors.torch.save({"cinv": cinv}, {
+        "cinv_sha256": hashlib.sha256(cinv.numpy().tobytes()).hexdigest()})
+    (store.root / "cinv" / "good.safetensors").write_bytes(good)
+    (store.root / "cinv" / "flipped.safetensors").write_bytes(
+        good[:-5] + bytes([good[-5] ^ 0x01]) + good[-4:])
+    (store.root / "cinv" / "old.safetensors").write_bytes(
+        safetensors.torch.save({"cinv": cinv}))
+    store.put_render("a" * 64, b"png bytes")
+    (cached,) = (store.root / "renders" / ("a" * 64)).iterdir()
+    cached.write_bytes(b"png bytez")
+    problems = {p.path.name: p.message for p in store.verify()}
+    assert set(problems) == {"flipped.safetensors", "old.safetensors", cached.name}, problems
+    assert problems["flipped.safetensors"].startswith("sha256 expected ")
+    assert "no digest" in problems["old.safetensors"]
+    assert "does not match its name" in problems[cached.name]
