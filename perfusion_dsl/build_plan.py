@@ -18,6 +18,8 @@ def _concept(ctx: Context, decl: ConceptDecl) -> ConceptStep:
                        model=inputs["model"], supercategories=inputs["supercategories"],
                        adjectives=inputs["adjectives"],
                        images=[ctx.display(i.path) for i in ctx.images[where]],
+                       image_sha256=[i.digest for i in ctx.images[where]],
+                       mask_sha256=[m.digest for m in masks] if masks is not None else [],
                        options=LearnOptions(**{k: options[k] for k in LearnOptions.model_fields
                                                if k != "mask"}, mask=mask),
                        key=concept_key(inputs))

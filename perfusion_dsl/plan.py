@@ -81,6 +81,10 @@ class ConceptStep(_Frozen):
     supercategories: list[str] = Field(min_length=1)
     adjectives: list[str]
     images: list[str] = Field(min_length=1)
+    # sha256 of each image's and mask file's bytes as the key was computed from them (in
+    # the order of `images` and `options.mask`): the trainer trains only on those bytes
+    image_sha256: list[str]
+    mask_sha256: list[str]
     options: LearnOptions
     key: str = Field(pattern=r"^[0-9a-f]{64}$")
     up_to_date: bool = False

@@ -38,7 +38,7 @@ CASES = plan_cases()
 # The keys of the `plan --json` example in docs/language.md ("The plan"), in its order.
 PLAN_KEYS = ["version", "concepts", "renders"]
 CONCEPT_KEYS = ["token", "file", "line", "model", "supercategories", "adjectives", "images",
-                "options", "key", "up_to_date"]
+                "image_sha256", "mask_sha256", "options", "key", "up_to_date"]
 RENDER_KEYS = ["file", "line", "model", "prompt", "concepts", "seed", "strength", "out",
                "options"]
 # The learn option table of docs/language.md ("Options"); the generate options other than

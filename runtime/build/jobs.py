@@ -17,12 +17,12 @@ import torch
 
 from perfusion_dsl.plan import ConceptStep, RenderStep
 
-from ..files.store import Store
-from ..method.artifact import encode
+from ..files.store import Store, StoreError
+from ..method.artifact import ArtifactError, Concept, encode
 from ..method.covariance import cinv_for
 from ..method.device import Precision, choose
 from ..method.fingerprint import base_fingerprint
-from ..method.render import apply_concepts
+from ..method.render import apply_concepts, load_for
 from ..method.trainer import Progress, Recipe, Subject, train
 from .status import BUILTIN_MODELS, BUILTIN_TEST_MODEL, concept_inputs, tool_version
 from .stop import Stop, Stopped
@@ -148,7 +148,8 @@ def _subject(step: ConceptStep, root: Path, key: str) -> Subject:
     mask = step.options.mask
     masks = tuple(root / m for m in mask) if isinstance(mask, tuple) else None
     return Subject(step.token, tuple(step.supercategories), tuple(step.adjectives),
-                   tuple(root / i for i in step.images), masks, key, step.model)
+                   tuple(root / i for i in step.images), masks, key, step.model,
+                   tuple(step.image_sha256), tuple(step.mask_sha256) if masks else None)
 
 
 def _halve(size: int, what: str, advice: str) -> int:
@@ -236,8 +237,9 @@ def render_job(job: RenderJob, pipes: Pipelines, emit: Callable[[list[Rendered]]
     `stop()` is polled between groups (Stopped). On out of memory the batch is halved down
     to one image, then OutOfMemory says what to try."""
     store = Store(job.store)
-    pipe, _ = pipes.get(job.renders[0].model)
-    files = [_concept_file(store, token, key) for token, key in job.concepts]
+    model = job.renders[0].model
+    pipe, _ = pipes.get(model)
+    files = [_checked_concept(store, pipe, token, key, model) for token, key in job.concepts]
     captions = Path(job.captions) if job.captions else \
         default_captions(job.renders[0].model)
     order = sorted(range(len(job.renders)), key=lambda i: repr(_group_key(job.renders[i])))
@@ -261,12 +263,34 @@ def _render_with_retry(applied: Any, renders: Sequence[RenderStep],
                                         "render on a machine with more memory")
 
 
-def _concept_file(store: Store, token: str, key: str) -> Path:
-    path = store.get(key)
+class CorruptConcept(RuntimeError):
+    """A stored concept whose bytes match its digest but not what the plan needs: it was
+    moved aside, so the next run trains it again."""
+
+
+def _checked_concept(store: Store, pipe: Any, token: str, key: str, model: str) -> Concept:
+    """`key`'s artifact, loaded and checked against this pipeline and tied to the plan: the
+    token and base model its file and manifest name must be the ones the plan expects."""
+    path = store.get(key)  # its digest checked
     if path is None:
         raise ModelUnavailable(f"the artifact of {token} (key {key[:12]}) is not in the store "
                                f"{store.root}")
-    return path
+    try:
+        concept = load_for(pipe, path)
+        named = store.manifest(key).get("token")
+    except (ArtifactError, StoreError, ValueError) as exc:
+        why = str(exc)
+    else:
+        wrong = [f"{what} {got!r}" for what, got, want in (
+            ("token", concept.token, token), ("manifest token", named, token),
+            ("base model", concept.base_model, model)) if got != want]
+        if not wrong:
+            return concept
+        why = f"{path}: it names {', '.join(wrong)}, not the plan's {token!r} on {model!r}"
+    store.discard(key, why)
+    raise CorruptConcept(f"the stored artifact of {token} (key {key[:12]}) fails its load "
+                         f"check and was moved to the store's trash; run again to train it "
+                         f"anew ({why})")
 
 
 def _render_group(applied: Any, renders: Sequence[RenderStep],

@@ -70,7 +70,8 @@ def _where(file: str, line: int) -> str:
 
 # Failures a user can act on; anything else in a job is a bug, reported with a crash log.
 _EXPECTED = ("TrainingError", "NonFiniteLoss", "OutOfMemory", "ModelUnavailable",
-             "StoreError", "OutputError", "ArtifactError", "CheckpointError", "DeviceError")
+             "StoreError", "OutputError", "ArtifactError", "CheckpointError", "DeviceError",
+             "CorruptConcept", "InputChanged")
 
 
 def _message(exc: BaseException) -> str:

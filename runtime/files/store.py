@@ -202,6 +202,24 @@ class Store:
             return None
         return folder / ARTIFACT
 
+    def discard(self, key: str, why: str) -> None:
+        """Move `key`'s entry to trash/ because it failed a check its digest cannot make
+        (e.g. the artifact's own load check): the next run sees it missing and rebuilds it."""
+        folder = self.entry(key)
+        log.warning("corrupt cache entry, moved aside (the next run rebuilds it): %s: %s",
+                    folder, why)
+        try:
+            self._move_aside(folder)
+        except OSError as exc:
+            log.warning("could not move %s aside: %s", folder, reason(exc))
+
+    def manifest(self, key: str) -> dict[str, Any]:
+        """The manifest of `key`'s entry; StoreError when it is unreadable."""
+        try:
+            return _read_manifest(self.entry(key) / MANIFEST, key)
+        except _Bad as bad:
+            raise StoreError(bad.problem.path, bad.problem.message) from None
+
     def peek(self, key: str) -> Path | None:
         """The artifact of `key` when its entry is valid, else None; changes nothing."""
         folder = self.entry(key)

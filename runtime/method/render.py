@@ -207,16 +207,26 @@ def _padded(prompts: list[str], seeds: list[int], size: int) -> tuple[list[str],
     return prompts + prompts[-1:] * pad, seeds + seeds[-1:] * pad
 
 
-def _load_all(items: Sequence[Path | Concept], base_fingerprint: str,
-              layers: Mapping[str, int], key_weights: Mapping[str, Tensor]
+def load_for(pipe: Any, path: Path) -> Concept:
+    """The concept file at `path`, checked against this pipeline as it is read: base model
+    fingerprint, cross-attention layers and widths, token-embedding and text widths (an
+    embedding of the wrong size would otherwise fail later, inside rendering); locked keys
+    are rebuilt from the pipeline's W_K. Raises ArtifactError."""
+    cross = cross_attention_layers(pipe.unet)
+    embeddings = pipe.text_encoder.get_input_embeddings().weight
+    return load(path, expect_base_fingerprint=base_fingerprint(pipe),
+                expect_layers={n: int(a.to_k.out_features) for n, a in cross.items()},
+                expect_dims=(int(embeddings.shape[1]),
+                             int(pipe.text_encoder.config.hidden_size)),
+                key_weights={n: a.to_k.weight for n, a in cross.items()})
+
+
+def _load_all(pipe: Any, items: Sequence[Path | Concept], layers: Mapping[str, int]
               ) -> dict[str, Concept]:
-    """Every concept, each file checked against this pipeline (base fingerprint, layers and
-    widths) as it is read; locked keys are rebuilt from the pipeline's W_K."""
+    """Every concept, each file checked against this pipeline (`load_for`)."""
     concepts: dict[str, Concept] = {}
     for item in items:
-        concept = item if isinstance(item, Concept) else \
-            load(Path(item), expect_base_fingerprint=base_fingerprint, expect_layers=layers,
-                 key_weights=key_weights)
+        concept = item if isinstance(item, Concept) else load_for(pipe, Path(item))
         if concept.layers != layers:
             raise ValueError(f"concept {concept.token!r} was made for other cross-attention "
                              "layers than this pipeline's")
@@ -247,8 +257,8 @@ def apply_concepts(pipe: Any, concepts: Sequence[str | os.PathLike[str] | Concep
                          "its `with` block) first; Applied.remove(token) unloads one concept")
     cross = cross_attention_layers(pipe.unet)
     layers = {n: int(a.to_k.out_features) for n, a in cross.items()}
-    loaded = _load_all([c if isinstance(c, Concept) else Path(c) for c in concepts],
-                       base_fingerprint(pipe), layers, {n: a.to_k.weight for n, a in cross.items()})
+    loaded = _load_all(pipe, [c if isinstance(c, Concept) else Path(c) for c in concepts],
+                       layers)
     cinv_print = None
     if not loaded:  # nothing to gate: C⁻¹ (minutes to estimate on a CPU) is not needed
         cinv = torch.zeros(0, 0)

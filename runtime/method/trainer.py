@@ -80,6 +80,9 @@ class Subject:
     masks: tuple[Path, ...] | None = None  # one per image, or None (no loss mask)
     key: str = "0" * 64
     base_model: str = ""
+    # the sha256 the images' (and masks') bytes must have: those the key was computed from
+    image_sha256: tuple[str, ...] | None = None
+    mask_sha256: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -314,11 +317,11 @@ def _frozen(pipe: Any) -> Iterator[None]:
 def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor,
              method: Method = PERFUSION) -> _Run:
     resolution = recipe.resolution or native_resolution(pipe)
-    pixels = load_images(subject.images, resolution, recipe.flip)
+    pixels = load_images(subject.images, resolution, recipe.flip, subject.image_sha256)
     latents = encode_latents(pipe, pixels)
     masks = None
     if subject.masks is not None:
-        masks = load_masks(subject.masks, latents.shape[-1], recipe.flip)
+        masks = load_masks(subject.masks, latents.shape[-1], recipe.flip, subject.mask_sha256)
     elif recipe.mask == "attention":
         masks = _attention_masks(pipe, subject, recipe, latents)
     start = initial_embedding(pipe, subject)

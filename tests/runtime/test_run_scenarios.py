@@ -5,6 +5,7 @@ for locks, kills and signals."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -436,6 +437,75 @@ def test_store_problems_are_usage_errors_naming_the_path(project: Path, tmp_path
     assert code == 2, (out, err)
     assert f"{named}: {why}" in err
     assert "Traceback" not in err and "trained" not in out
+
+
+def _tamper_with_the_artifact(project: Path, change: str) -> Path:
+    """Rewrite the stored artifact and re-seal its manifest's digest, as a bad actor or a
+    buggy tool would: the store's hash check passes, only the load check can tell."""
+    import safetensors
+    import safetensors.torch
+
+    (entry,) = (project / ".perfusion" / "concepts").iterdir()
+    path = entry / "artifact.safetensors"
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    if change == "token":
+        metadata["token"] = "other*"
+    else:
+        tensors["embedding"] = tensors["embedding"][:5].clone()
+    data = safetensors.torch.save(tensors, metadata)
+    path.write_bytes(data)
+    manifest = json.loads((entry / "manifest.json").read_text("utf-8"))
+    manifest.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    (entry / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    assert Store(project / ".perfusion").verify() == []  # its digest matches
+    shutil.rmtree(project / "renders")
+    shutil.rmtree(project / ".perfusion" / "renders")
+    return entry
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ("token", "it names token 'other*', not the plan's 'teddy*'"),
+    ("embedding", "embedding"),
+])
+def test_M1_a_stored_artifact_that_fails_its_load_check_is_moved_aside_and_rebuilt(
+        project: Path, change: str, words: str) -> None:
+    assert cli(project, "run", ".", "--quiet")[0] == 0
+    entry = _tamper_with_the_artifact(project, change)
+    code, out, err = cli(project, "run", ".", "--quiet")
+    assert code == 1, err
+    assert "the stored artifact of teddy*" in out + err and words in out + err
+    assert "internal error" not in out + err and not entry.exists()
+    assert (project / "renders" / "project").is_dir()  # the images without teddy* were made
+    code, out, err = cli(project, "run", ".", "--quiet")
+    assert code == 0, err
+    assert "trained 1 concept(s)" in out and len(outputs(project)) == 7  # 6 PNGs, 1 manifest
+
+
+def test_R_an_image_edited_during_the_run_is_not_trained_from(project: Path) -> None:
+    """The key is computed from the images' bytes when the run is planned; training reads
+    them again later. An edit in between used to publish a concept under a key it does not
+    match, which `plan` then called up to date once the original was restored."""
+    from perfusion_dsl.compiler import compile_paths
+    from perfusion_runtime.build.command import run_command
+    from perfusion_runtime.build.run import RunOptions
+
+    plan = compile_paths([project], root=project).plan()
+    photo = project / "images" / "photo0.png"
+    original = photo.read_bytes()
+    Image.new("RGB", (40, 48), (0, 0, 0)).save(photo)  # edited after planning
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = run_command(plan, project, RunOptions(project / ".perfusion"), quiet=True)
+    assert code == 1
+    assert f"{photo} changed during the run" in err.getvalue(), err.getvalue()
+    assert not (project / ".perfusion" / "concepts").exists()  # nothing published
+    photo.write_bytes(original)
+    code, out, err_text = cli(project, "plan", ".")
+    assert "teddy*           new" in out
+    code, out, err_text = cli(project, "run", ".", "--quiet")
+    assert code == 0 and "trained 1 concept(s)" in out, err_text
 
 
 def test_fail_fast_stops_at_the_first_failure(project: Path) -> None:
