@@ -273,9 +273,11 @@ def _rendered(build: _Build, indices: list[int], images: list[Rendered]) -> None
         r, key = build.plan.renders[i], build.status.render_keys[i]
         data = png_with_text(image.image, provenance(r, image, build.status.render_inputs[i], key))
         build.store.put_render(key, data)
-        folders.add(_publish(build, i, data, {"steps": image.steps, "guidance": image.guidance,
-                                              "size": f"{image.width}x{image.height}"}))
-        build.summary.rendered.append(r.out)
+        folder = _publish(build, i, data, {"steps": image.steps, "guidance": image.guidance,
+                                           "size": f"{image.width}x{image.height}"})
+        if folder is not None:
+            folders.add(folder)
+            build.summary.rendered.append(r.out)
     _write_manifests(build, folders)
 
 
@@ -291,6 +293,8 @@ def _restore(build: _Build, todo: list[int]) -> list[int]:
             rest.append(i)
             continue
         folder = _publish(build, i, data, {})
+        if folder is None:
+            continue
         text = read_png_text(build.root / build.plan.renders[i].out)
         record = build.manifests.folder(folder)["images"] if build.manifests else {}
         name = PurePosixPath(build.plan.renders[i].out).name
@@ -313,13 +317,18 @@ def _float(text: str | None) -> float | None:
         return None
 
 
-def _publish(build: _Build, i: int, data: bytes, settings: dict[str, Any]) -> str:
-    """Write render i's PNG at its output path and record it; returns its folder."""
-    from ..files.outputs import write_output
+def _publish(build: _Build, i: int, data: bytes, settings: dict[str, Any]) -> str | None:
+    """Write render i's PNG at its output path and record it; returns its folder, or None
+    when that one path cannot be written (a failure naming it; the other images go on)."""
+    from ..files.outputs import OutputError, write_output
 
     assert build.manifests is not None
     r, key = build.plan.renders[i], build.status.render_keys[i]
-    path = write_output(build.root, r.out, data)
+    try:
+        path = write_output(build.root, r.out, data)
+    except OutputError as exc:
+        build.fail(f"while writing an image of {_where(r.file, r.line)}: {exc}")
+        return None
     out = PurePosixPath(r.out)
     build.manifests.folder(str(out.parent))["images"][out.name] = {
         "render_key": key, "plan": PLAN_VERSION, "sha256": file_sha256(path),
@@ -329,11 +338,15 @@ def _publish(build: _Build, i: int, data: bytes, settings: dict[str, Any]) -> st
 
 
 def _write_manifests(build: _Build, folders: set[str]) -> None:
-    from ..files.outputs import write_manifest
+    from ..files.outputs import OutputError, write_manifest
 
     assert build.manifests is not None
     for folder in sorted(folders):
-        write_manifest(build.root, folder, build.manifests.folder(folder))
+        try:
+            write_manifest(build.root, folder, build.manifests.folder(folder))
+        except (OutputError, OSError) as exc:
+            build.fail(f"while writing the manifest of {folder}/: {exc} (its images are "
+                       "written; the next run records them again)")
 
 
 # ---------------------------------------------------------------- contact sheets
@@ -345,6 +358,8 @@ def sheet_name(r: RenderStep) -> str:
 
 def _sheets(build: _Build) -> None:
     """One contact sheet per generate statement, remade when one of its images changed."""
+    from ..files.outputs import OutputError
+
     assert build.manifests is not None
     statements: dict[tuple[str, int], list[RenderStep]] = {}
     for r in build.plan.renders:
@@ -353,7 +368,12 @@ def _sheets(build: _Build) -> None:
         folder = str(PurePosixPath(renders[0].out).parent)
         if folder not in build.summary.folders:
             build.summary.folders.append(folder)
-        sheet = _sheet(build, renders, folder)
+        try:
+            sheet = _sheet(build, renders, folder)
+        except (OutputError, OSError) as exc:
+            build.fail(f"while writing the contact sheet of "
+                       f"{_where(renders[0].file, renders[0].line)}: {exc}")
+            continue
         if sheet is not None:
             build.summary.sheets.append(sheet)
 

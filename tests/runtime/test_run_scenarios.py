@@ -508,6 +508,29 @@ def test_R_an_image_edited_during_the_run_is_not_trained_from(project: Path) -> 
     assert code == 0 and "trained 1 concept(s)" in out, err_text
 
 
+def test_S2_an_output_path_that_cannot_be_written_fails_alone_on_render_and_restore(
+        project: Path) -> None:
+    """A folder where one image of a group goes: that path fails, naming it; the other
+    image of the same call, the manifest and the contact sheet are written. The rerun, which
+    restores images from the cache, reports the same instead of crashing (exit 70)."""
+    folder = project / "renders" / "project"
+    blocked = folder / "a-plain-red-cube_seed0_s0.5.png"
+    blocked.mkdir(parents=True)
+    for attempt in range(2):
+        code, out, err = cli(project, "run", ".", "--quiet")
+        assert code == 1, (attempt, err)
+        assert f"{blocked}" in err and "internal error" not in err, err
+        assert (folder / "a-plain-red-cube_seed1_s0.5.png").is_file()
+        manifest = json.loads((folder / "manifest.json").read_text("utf-8"))
+        assert "a-plain-red-cube_seed1_s0.5.png" in manifest["images"]
+        assert blocked.name not in manifest["images"]
+        assert any(folder.glob("contact-sheet_project_line*.png"))
+        assert "1 job(s) failed" in out
+    blocked.rmdir()
+    code, out, err = cli(project, "run", ".", "--quiet")
+    assert code == 0 and blocked.is_file() and "1 from the cache" in out, err
+
+
 def test_fail_fast_stops_at_the_first_failure(project: Path) -> None:
     (project / "project.concept").write_text(SPEC.replace("model \"tiny:random\"",
                                                           "model \"toy:missing\""),
