@@ -88,8 +88,9 @@ def stop_on_signals(flag: StopFlag, reporter: Reporter) -> Iterator[None]:
         if flag.signum:
             raise StopNow(signum)
         flag.signum = signum
-        reporter.error(f"{signal.Signals(signum).name}: stopping after the current step "
-                       "(send it again to stop now)")
+        reporter.error(f"{signal.Signals(signum).name}: stopping after the current training "
+                       "or denoising step; finished concepts and images are kept (send it "
+                       "again to stop now)")
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

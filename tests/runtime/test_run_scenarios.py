@@ -264,7 +264,7 @@ def test_R10_sigterm_during_training_stops_cleanly_and_the_rerun_resumes(project
     _, err = run.communicate(timeout=60)
     assert time.monotonic() - signal_at < 10  # promptly: after the current step
     assert run.returncode == 128 + signal.SIGTERM, err
-    assert "SIGTERM: stopping after the current step" in err
+    assert "SIGTERM: stopping after the current training or denoising step" in err
     assert "run the same command again to resume" in err
     store = Store(project / ".perfusion")
     assert store.verify() == [] and not store.concepts.exists()  # nothing half-published
@@ -273,6 +273,32 @@ def test_R10_sigterm_during_training_stops_cleanly_and_the_rerun_resumes(project
     assert code == 0 and "trained 1 concept(s)" in out
     assert "trained teddy* in" in err and ", resumed at step " in err
     assert not any(checkpoints.iterdir())  # removed once the artifact was published
+
+
+def test_R10_sigterm_during_rendering_stops_within_a_denoising_step(project: Path) -> None:
+    """A stop used to wait for the whole group of images in the pipeline call (up to 16:
+    over a minute on a loaded CPU); it now ends the call at the next denoising step, and
+    the images already written are kept."""
+    spec = SPEC.replace('generate "a plain red cube" x 2 {\n  steps: 2',
+                        'generate "a plain red cube" x 16 {\n  steps: 400')
+    (project / "project.concept").write_text(spec, encoding="utf-8")
+    run = subprocess.Popen([sys.executable, "-m", "perfusion_dsl", "run", "."], cwd=project,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=subprocess_env())
+    folder = project / "renders" / "project"
+    deadline = time.monotonic() + 300
+    while not any(folder.glob("a-photo-of-teddy*.png")):  # the first job's images are out
+        assert time.monotonic() < deadline and run.poll() is None, run.communicate()
+        time.sleep(0.05)
+    time.sleep(1.0)  # well inside the 16 cubes of 400 steps each
+    signal_at = time.monotonic()
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 128 + signal.SIGTERM, err
+    assert time.monotonic() - signal_at < 15, err  # not the rest of the 16-image call
+    assert "run the same command again to resume" in err
+    assert len(list(folder.glob("a-photo-of-teddy*.png"))) == 2  # kept
+    assert not list(project.rglob("*.tmp"))
 
 
 def test_R10_a_second_sigterm_stops_at_once_with_exit_143(tmp_path: Path) -> None:
