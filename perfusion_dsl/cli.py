@@ -232,6 +232,12 @@ def _fewer_gc_passes() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        os.getcwd()
+    except FileNotFoundError:  # every relative path would fail later, less clearly
+        print("perfusion: error: the current folder no longer exists (it was deleted or "
+              "moved); cd into a folder that exists and run again", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         with _fewer_gc_passes():
             return COMMANDS[args.command](args)
     except UsageError as exc:

@@ -101,7 +101,7 @@ def _format_bytes(count: int) -> str:
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if count >= size and count % size == 0:
             return f"{count // size} {unit}"
-    return f"{count:,} bytes"
+    return f"{count:,} byte{'s' * (count != 1)}"
 
 
 def _decode(data: bytes, max_pixels: int) -> tuple[int, int, str] | str:

@@ -123,6 +123,10 @@ def text(value: Value, key: str) -> str:
 def path(value: Value, key: str) -> str:
     if isinstance(value, Str | Bare) and value.value:
         return value.value
+    if isinstance(value, Str):
+        raise Invalid(f"`{key}` is empty: it must name a folder", at=value,
+                      help='write a path such as "renders/wizards", or leave `out` out for '
+                           "the default folder")
     raise Invalid(f"`{key}` must be a path, found {describe(value)}", at=value)
 
 

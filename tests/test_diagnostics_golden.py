@@ -267,6 +267,13 @@ def test_use_of_something_that_is_not_a_file_says_what_it_is(project: Project, r
     assert f"a.concept:1:5: error: `b.concept` is {shown}, not a spec file" in result.err
 
 
+def test_an_empty_out_says_it_is_empty(project: Project, run_cli: Run) -> None:
+    folder = project({"a.concept": 'generate "a photo" {\n  out: ""\n}\n'})
+    result = run_cli(folder, "check", ".")
+    assert result.code == 1
+    assert "a.concept:2:8: error: `out` is empty: it must name a folder" in result.err
+
+
 # ----------------------------------------------------------------------------- D5
 
 SUGGEST = [

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .progress import Reporter
 from .stop import Stop, Stopped
 
 if TYPE_CHECKING:
+    from ..method.trainer import Progress
     from .jobs import Pipelines, Rendered, RenderJob, Trained, TrainJob
 
 TrainDone = Callable[["TrainJob", "Trained | BaseException"], None]
@@ -53,7 +54,7 @@ class LocalExecutor:
             try:
                 result: Trained | BaseException = train_job(
                     job, self.pipes, stop=self.stop,
-                    progress=lambda p, bar=bar: bar.update(p.step, loss=p.loss))  # type: ignore[misc]
+                    progress=_progress(self.reporter, bar, job.step.token))
             except TrainingInterrupted:
                 raise Stopped from None
             except JOB_ERRORS as exc:
@@ -75,6 +76,21 @@ class LocalExecutor:
 
     def close(self) -> None:
         self.pipes.loaded.clear()
+
+
+def _progress(reporter: Reporter, bar: Any, token: str) -> Callable[[Progress], None]:
+    """Training progress to its bar; a resume from a checkpoint is said once, as it starts."""
+    announced = False
+
+    def update(p: Progress) -> None:
+        nonlocal announced
+        if p.resumed_from and not announced:
+            announced = True
+            reporter.line(f"resuming {token} at step {p.resumed_from} of {p.steps}, from the "
+                          "checkpoint of an earlier run")
+        bar.update(p.step, loss=p.loss)
+
+    return update
 
 
 @contextmanager

@@ -13,12 +13,13 @@ from typing import Any, Literal
 from perfusion_dsl.keys import digest
 from perfusion_dsl.plan import PLAN_VERSION, ConceptStep, Plan, RenderStep
 
-from ..files.atomic import file_sha256, write_json_atomically
+from ..files.atomic import file_sha256, read_regular, write_json_atomically
 from ..files.outputs import read_manifest
 from ..files.store import Store, StoreError
 
 State = Literal["new", "up to date", "changed"]
 RENDER_KEY_FORMAT = 1  # bump when a render's bytes would change for the same inputs
+MAX_HISTORY_BYTES = 1 << 24  # a build record lists every image: 10,000 of them fit
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,8 @@ def history_path(store: Store, token: str) -> Path:
 
 def read_history(store: Store, token: str) -> dict[str, Any] | None:
     """The last build of `token` recorded in this store, or None."""
-    try:
-        record = json.loads(history_path(store, token).read_text(encoding="utf-8"))
+    try:  # never through a link, and bounded: the store's files may have been tampered with
+        record = json.loads(read_regular(history_path(store, token), MAX_HISTORY_BYTES))
     except (OSError, ValueError):
         return None
     ok = isinstance(record, dict) and record.get("token") == token and "inputs" in record
@@ -180,6 +181,8 @@ def concept_status(step: ConceptStep, key: str, store: Store, root: Path) -> Sta
         return Status("up to date")
     old = read_history(store, step.token)
     if old is None:
+        if os.path.lexists(history_path(store, step.token)):  # there, but not a record
+            return Status("changed", ("the record of its last build is unreadable",))
         return Status("new")
     if old.get("key") == key:
         return Status("changed", ("its artifact is missing from the store or corrupt",))

@@ -412,7 +412,8 @@ def _check_entry(folder: Path, key: str) -> None:
         raise _Bad(where, f"{why}; sha256 expected unknown, actual {actual}") from None
     expected, size = manifest["sha256"], manifest["size"]
     if actual_size != size or actual != expected:
-        raise _Bad(path, f"{actual_size} bytes (manifest: {size}); "
+        found = "missing or unreadable" if actual_size is None else f"{actual_size:,} bytes"
+        raise _Bad(path, f"{found} (manifest: {size:,} bytes); "
                          f"sha256 expected {expected}, actual {actual}")
 
 

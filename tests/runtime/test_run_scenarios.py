@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -272,6 +273,8 @@ def test_R10_sigterm_during_training_stops_cleanly_and_the_rerun_resumes(project
     code, out, err = cli(project, "run", ".")
     assert code == 0 and "trained 1 concept(s)" in out
     assert "trained teddy* in" in err and ", resumed at step " in err
+    assert re.search(r"resuming teddy\* at step (\d+) of 400, from the checkpoint of an "
+                     r"earlier run\n", err), err
     assert not any(checkpoints.iterdir())  # removed once the artifact was published
 
 
@@ -642,6 +645,28 @@ def test_records_of_another_plan_format_say_so(project: Path) -> None:
     assert "teddy*           changed: the plan format changed" in out
     assert out.count("(2 changed)\n      the plan format changed\n") == 2, out  # both generates
     assert "render format changed" not in out and "unreadable" not in out
+
+
+def test_a_corrupt_history_record_is_reported_not_called_new(project: Path) -> None:
+    assert cli(project, "run", ".", "--quiet")[0] == 0
+    (history,) = (project / ".perfusion" / "history").iterdir()
+    history.write_bytes(b"\x00 not json")
+    shutil.rmtree(project / ".perfusion" / "concepts")
+    code, out, err = cli(project, "plan", ".")
+    assert code == 0, err
+    assert "teddy*           changed: the record of its last build is unreadable" in out
+
+
+def test_a_deleted_working_folder_is_a_clear_usage_error(tmp_path: Path) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = ("import os, sys; os.chdir(sys.argv[1]); os.rmdir(sys.argv[1])\n"
+              "from perfusion_dsl.cli import main; sys.exit(main(['check', '.']))")
+    done = subprocess.run([sys.executable, "-c", script, str(gone)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "perfusion: error: the current folder no longer exists" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_R3_base_model_weights_replaced_in_place_rebuild(project: Path) -> None:

@@ -83,7 +83,7 @@ def test_R6_truncated(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = put(store)
     path.write_bytes(DATA[:-7])
     assert_miss_reported_and_rebuilt(store, caplog, path, hashlib.sha256(DATA[:-7]).hexdigest())
-    assert f"{len(DATA) - 7} bytes (manifest: {len(DATA)})" in caplog.text
+    assert f"{len(DATA) - 7:,} bytes (manifest: {len(DATA):,} bytes)" in caplog.text
 
 
 def test_R6_zeroed_tail(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
