@@ -330,20 +330,20 @@ def _publish(build: _Build, i: int, data: bytes, settings: dict[str, Any]) -> st
         build.fail(f"while writing an image of {_where(r.file, r.line)}: {exc}")
         return None
     out = PurePosixPath(r.out)
-    build.manifests.folder(str(out.parent))["images"][out.name] = {
+    build.manifests.set(str(out.parent), "images", out.name, {
         "render_key": key, "plan": PLAN_VERSION, "sha256": file_sha256(path),
         "inputs": build.status.render_inputs[i],
-        "spec": _where(r.file, r.line), **settings}
+        "spec": _where(r.file, r.line), **settings})
     return str(out.parent)
 
 
 def _write_manifests(build: _Build, folders: set[str]) -> None:
-    from ..files.outputs import OutputError, write_manifest
+    from ..files.outputs import OutputError, update_manifest
 
     assert build.manifests is not None
     for folder in sorted(folders):
         try:
-            write_manifest(build.root, folder, build.manifests.folder(folder))
+            update_manifest(build.root, folder, *build.manifests.changes(folder))
         except (OutputError, OSError) as exc:
             build.fail(f"while writing the manifest of {folder}/: {exc} (its images are "
                        "written; the next run records them again)")
@@ -393,15 +393,15 @@ def _sheet(build: _Build, renders: Sequence[RenderStep], folder: str) -> str | N
     if (isinstance(old, dict) and {k: old.get(k) for k in record} == record
             and file_sha256(build.root / rel) == old.get("sha256")):
         return rel
-    from ..files.outputs import contact_sheet, png_with_text, write_manifest, write_output
+    from ..files.outputs import contact_sheet, png_with_text, update_manifest, write_output
 
     tiles = [(_open(build.root / r.out), f"seed {r.seed}  s {r.strength!r}\n{r.prompt}")
              for r, _ in present]
     title = f"{_where(renders[0].file, renders[0].line)}: {len(present)} image(s)"
     path = write_output(build.root, rel, png_with_text(contact_sheet(tiles, title),
                                                        {"spec": title}))
-    manifest["sheets"][name] = {**record, "sha256": file_sha256(path)}
-    write_manifest(build.root, folder, manifest)
+    build.manifests.set(folder, "sheets", name, {**record, "sha256": file_sha256(path)})
+    update_manifest(build.root, folder, *build.manifests.changes(folder))
     return rel
 
 

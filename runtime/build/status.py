@@ -231,6 +231,18 @@ class Manifests:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._cache: dict[str, dict[str, Any]] = {}
+        self.changed: dict[str, set[tuple[str, str]]] = {}  # folder -> {(section, name)}
+
+    def set(self, folder: str, section: str, name: str, record: dict[str, Any]) -> None:
+        """Record `name` in the folder's "images" or "sheets", to be merged on write."""
+        self.folder(folder)[section][name] = record
+        self.changed.setdefault(folder, set()).add((section, name))
+
+    def changes(self, folder: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(images, sheets) this run recorded in `folder`, and forget them."""
+        manifest, names = self.folder(folder), self.changed.pop(folder, set())
+        return ({n: manifest["images"][n] for s, n in names if s == "images"},
+                {n: manifest["sheets"][n] for s, n in names if s == "sheets"})
 
     def folder(self, rel_folder: str) -> dict[str, Any]:
         if rel_folder not in self._cache:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import json
 import logging
@@ -325,6 +326,27 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     log.warning("ignoring the render manifest %s (%s); starting from an empty one",
                 path, why)
     return empty_manifest()
+
+
+def update_manifest(root: Path, folder_rel: str, images: Mapping[str, Any],
+                    sheets: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge these image and contact-sheet records into root/folder_rel/manifest.json under
+    a lock on that folder, so that two builds (with different stores, or different specs
+    sharing an `out:` folder) never drop each other's records; returns what was written."""
+    folder = root / folder_rel
+    try:  # the lock is on the folder itself: no lock file among the user's images
+        fd = os.open(folder, _DIR_FLAGS)
+    except OSError as exc:
+        raise OutputError(folder, f"cannot lock the folder's manifest: {reason(exc)}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held briefly: a read, a merge and a write
+        manifest = read_manifest(folder)
+        manifest["images"].update(images)
+        manifest["sheets"].update(sheets)
+        write_manifest(root, folder_rel, manifest)
+        return manifest
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_manifest(root: Path, folder_rel: str, manifest: Mapping[str, Any]) -> Path:

@@ -560,6 +560,30 @@ def test_S2_an_output_path_that_cannot_be_written_fails_alone_on_render_and_rest
     assert code == 0 and blocked.is_file() and "1 from the cache" in out, err
 
 
+def test_two_builds_sharing_an_output_folder_keep_each_others_records(project: Path) -> None:
+    """Two specs whose images go to one `out:` folder, built at once by two processes with
+    different stores (so no store lock orders them): each merges its records into the
+    folder's manifest under a lock, where the last writer used to drop the other's."""
+    spec = ('model "tiny:random"\n'
+            'generate "a plain {c} cube" x 3 {{\n  steps: 2\n  out: "../shared"\n}}\n')
+    for name, colour in (("a", "red"), ("b", "blue")):
+        (project / name).mkdir()
+        (project / name / f"{name}.concept").write_text(spec.format(c=colour), "utf-8")
+    runs = [subprocess.Popen([sys.executable, "-m", "perfusion_dsl", "run", f"{name}/",
+                              "--root", ".", "--cache", f"store-{name}", "--quiet"],
+                             cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=subprocess_env()) for name in ("a", "b")]
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+    shared = project / "shared"
+    pngs = {p.name for p in shared.glob("a-plain-*.png")}
+    assert len(pngs) == 6
+    manifest = json.loads((shared / "manifest.json").read_text("utf-8"))
+    assert set(manifest["images"]) == pngs
+    assert len(manifest["sheets"]) == 2
+
+
 def test_fail_fast_stops_at_the_first_failure(project: Path) -> None:
     (project / "project.concept").write_text(SPEC.replace("model \"tiny:random\"",
                                                           "model \"toy:missing\""),
