@@ -234,8 +234,8 @@ def render_job(job: RenderJob, pipes: Pipelines, emit: Callable[[list[Rendered]]
     """Render the job's images (all with one base model), handing each finished group of
     images to `emit` at once, so a stop or a failure keeps what is done.
 
-    `stop()` is polled between groups (Stopped). On out of memory the batch is halved down
-    to one image, then OutOfMemory says what to try."""
+    `stop()` is polled between groups and after every denoising step (Stopped). On out of
+    memory the batch is halved down to one image, then OutOfMemory says what to try."""
     store = Store(job.store)
     model = job.renders[0].model
     pipe, _ = pipes.get(model)
