@@ -274,6 +274,19 @@ def test_an_empty_out_says_it_is_empty(project: Project, run_cli: Run) -> None:
     assert "a.concept:2:8: error: `out` is empty: it must name a folder" in result.err
 
 
+def test_many_bad_images_of_one_pattern_are_one_diagnostic_with_a_count(
+        project: Project, run_cli: Run) -> None:
+    """12 unusable files used to be 12 errors (10,000 made 1.3 MB of output)."""
+    files: dict[str, str | bytes] = {f"photos/{i:02}.png": "not an image\n" for i in range(12)}
+    files["a.concept"] = "learn photos/*.png as teddy* <teddy bear>\n"
+    result = run_cli(project(files), "check", ".")
+    assert result.code == 1
+    assert result.err.count("error: ") == 1, result.err
+    assert "error: 12 of the 12 files this pattern matches are not usable images" in result.err
+    assert "`photos/00.png` is not a readable image" in result.err
+    assert "`photos/05.png`" not in result.err and "... and 7 more" in result.err
+
+
 # ----------------------------------------------------------------------------- D5
 
 SUGGEST = [

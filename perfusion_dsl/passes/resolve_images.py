@@ -64,15 +64,25 @@ def _match(ctx: Context, unit: Unit, pattern: str, span: Span, what: str) -> lis
 
 def _decode_all(images: _Images, unit: Unit, paths: list[Path], span: Span,
                 ) -> tuple[ImageInfo, ...]:
-    good = []
+    good, bad = [], []
     for path in paths:
         got = images.check(path)
         if isinstance(got, ImageProblem):
-            images.ctx.add(error("bad-image", f"`{images.ctx.display(path)}` {got.message}",
-                                 unit.file, span))
+            bad.append(f"`{images.ctx.display(path)}` {got.message}")
         else:
             good.append(got)
+    if len(bad) == 1:
+        images.ctx.add(error("bad-image", bad[0], unit.file, span))
+    elif bad:  # one diagnostic per pattern: 10,000 bad files are not 10,000 errors
+        shown = bad[:BAD_IMAGES_SHOWN]
+        more = [f"... and {len(bad) - len(shown):,} more"] if len(bad) > len(shown) else []
+        images.ctx.add(error("bad-image", f"{len(bad):,} of the {len(paths):,} files this "
+                             "pattern matches are not usable images", unit.file, span,
+                             extra=tuple(shown + more)))
     return tuple(good)
+
+
+BAD_IMAGES_SHOWN = 5  # the first few unusable files of a pattern are named, then a count
 
 
 def _masks(images: _Images, unit: Unit, index: int, learn: Learn, pattern: str) -> None:
