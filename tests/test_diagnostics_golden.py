@@ -287,6 +287,19 @@ def test_many_bad_images_of_one_pattern_are_one_diagnostic_with_a_count(
     assert "`photos/05.png`" not in result.err and "... and 7 more" in result.err
 
 
+def test_an_astronomical_expansion_is_said_in_powers_of_ten(project: Project,
+                                                           run_cli: Run) -> None:
+    """700 groups of 20 is a 911-digit count, which used to be printed in full, with all
+    700 factors."""
+    spec = "let n = [" + ", ".join(f"w{i}" for i in range(20)) + "]\n"
+    spec += 'generate "' + "{n}" * 700 + '"\n'
+    result = run_cli(project({"a.concept": spec}), "check", ".")
+    assert result.code == 1
+    assert "error: this template expands to more than 10^910 images; the limit is 10,000" \
+        in result.err
+    assert "× … (692 more)" in result.err and len(result.err) < 4000, len(result.err)
+
+
 # ----------------------------------------------------------------------------- D5
 
 SUGGEST = [

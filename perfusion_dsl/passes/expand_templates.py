@@ -67,14 +67,27 @@ def _check_let_tokens(ctx: Context, unit: Unit, part: NameRef) -> None:
             _check_tokens(ctx, unit, item.raw, item.span, 0)
 
 
+MAX_FACTORS_SHOWN = 8  # a template of 700 groups names the first few, then a count
+
+
+def _amount(count: int) -> str:
+    """`64,000,000`, or past 30 digits, where no one reads it digit by digit, `more than
+    10^910`."""
+    return f"{count:,}" if count < 10**30 else f"more than 10^{len(str(count)) - 1}"
+
+
 def _too_big(ctx: Context, unit: Unit, gen: Generate, sizes: list[tuple[str, int]],
              total: int) -> bool:
     limit = ctx.config.limits.max_renders_per_generate
     if total <= limit:
         return False
-    terms = " × ".join(f"{what} ({n:,})" for what, n in sizes if n != 1)  # only what multiplies
-    ctx.add(error("expansion-too-large", f"this template expands to {total:,} images; the limit "
-                  f"is {limit:,}", unit.file, gen.template.span, extra=(f"= {terms}",),
+    factors = [f"{what} ({n:,})" for what, n in sizes if n != 1]  # only what multiplies
+    if len(factors) > MAX_FACTORS_SHOWN:
+        rest = len(factors) - MAX_FACTORS_SHOWN
+        factors = [*factors[:MAX_FACTORS_SHOWN], f"… ({rest:,} more)"]
+    ctx.add(error("expansion-too-large", f"this template expands to {_amount(total)} images; "
+                  f"the limit is {limit:,}", unit.file, gen.template.span,
+                  extra=(f"= {' × '.join(factors)}",),
                   help="split it into several `generate` statements, or raise "
                        "`max_renders_per_generate` in perfusion.toml"))
     return True
