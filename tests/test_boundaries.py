@@ -92,7 +92,8 @@ PRODUCT_LAYERS = ("files", "method", "build")
 
 def test_runtime_imports_only_the_plan_model_from_the_compiler() -> None:
     """The runtime reads plans (and keys them like the compiler); it never imports the
-    parser, the passes or the CLI (DESIGN.md)."""
+    parser, the passes or the CLI, so a build never pays for compiling twice and the two
+    sides stay separable (runtime/README.md, "Boundaries")."""
     for layer in PRODUCT_LAYERS:
         for path in _layer_files(layer):
             for name in _imports(path):

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -249,17 +249,25 @@ def test_R8_a_killed_lock_holder_leaves_no_lock(project: Path) -> None:
     assert code == 0, err and "trained 1 concept(s)" in out
 
 
-def test_R10_sigterm_during_training_stops_cleanly_and_the_rerun_resumes(project: Path) -> None:
-    spec = SPEC.replace("steps: 3\n  batch: 2", "steps: 400\n  batch: 1")
-    (project / "project.concept").write_text(spec, encoding="utf-8")
+def _run_until(project: Path, ready: Callable[[], bool], seconds: float
+               ) -> subprocess.Popen[str]:
+    """`perfusion run .` in a real subprocess, returned once `ready()` holds (it must, within
+    `seconds`, while the run is still going)."""
     run = subprocess.Popen([sys.executable, "-m", "perfusion_dsl", "run", "."], cwd=project,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=subprocess_env())
-    checkpoints = project / ".perfusion" / "checkpoints"
-    deadline = time.monotonic() + 120
-    while not any(checkpoints.glob("*.safetensors")):  # the first one: step 50
+    deadline = time.monotonic() + seconds
+    while not ready():
         assert time.monotonic() < deadline and run.poll() is None, run.communicate()
         time.sleep(0.02)
+    return run
+
+
+def test_R10_sigterm_during_training_stops_cleanly_and_the_rerun_resumes(project: Path) -> None:
+    spec = SPEC.replace("steps: 3\n  batch: 2", "steps: 400\n  batch: 1")
+    (project / "project.concept").write_text(spec, encoding="utf-8")
+    checkpoints = project / ".perfusion" / "checkpoints"
+    run = _run_until(project, lambda: any(checkpoints.glob("*.safetensors")), 120)  # step 50
     signal_at = time.monotonic()
     run.send_signal(signal.SIGTERM)
     _, err = run.communicate(timeout=60)
@@ -285,14 +293,9 @@ def test_R10_sigterm_during_rendering_stops_within_a_denoising_step(project: Pat
     spec = SPEC.replace('generate "a plain red cube" x 2 {\n  steps: 2',
                         'generate "a plain red cube" x 16 {\n  steps: 400')
     (project / "project.concept").write_text(spec, encoding="utf-8")
-    run = subprocess.Popen([sys.executable, "-m", "perfusion_dsl", "run", "."], cwd=project,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env=subprocess_env())
     folder = project / "renders" / "project"
-    deadline = time.monotonic() + 300
-    while not any(folder.glob("a-photo-of-teddy*.png")):  # the first job's images are out
-        assert time.monotonic() < deadline and run.poll() is None, run.communicate()
-        time.sleep(0.05)
+    # the first job's images are out
+    run = _run_until(project, lambda: any(folder.glob("a-photo-of-teddy*.png")), 300)
     time.sleep(1.0)  # well inside the 16 cubes of 400 steps each
     signal_at = time.monotonic()
     run.send_signal(signal.SIGTERM)
