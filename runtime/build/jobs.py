@@ -264,8 +264,8 @@ def _render_with_retry(applied: Any, renders: Sequence[RenderStep], indices: lis
 
 
 class CorruptConcept(RuntimeError):
-    """A stored concept whose bytes match its digest but not what the plan needs: it was
-    moved aside, so the next run trains it again."""
+    """A stored concept whose bytes match its digest but not what the plan or the pipeline
+    needs: it was moved aside, and the run trains it again and renders the job again."""
 
 
 def _checked_concept(store: Store, pipe: Any, token: str, key: str, model: str) -> Concept:
@@ -289,8 +289,7 @@ def _checked_concept(store: Store, pipe: Any, token: str, key: str, model: str) 
         why = f"{path}: it names {', '.join(wrong)}, not the plan's {token!r} on {model!r}"
     store.discard(key, why)
     raise CorruptConcept(f"the stored artifact of {token} (key {key[:12]}) fails its load "
-                         f"check and was moved to the store's trash; run again to train it "
-                         f"anew ({why})")
+                         f"check and was moved to the store's trash ({why})")
 
 
 def _stop_between_steps(stop: Stop) -> Callable[..., dict[str, Any]]:

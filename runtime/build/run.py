@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from perfusion_dsl.plan import PLAN_VERSION, Plan, RenderStep
+from perfusion_dsl.plan import PLAN_VERSION, ConceptStep, Plan, RenderStep
 
 from ..files.atomic import file_sha256
 from ..files.lock import build_lock
@@ -107,6 +107,10 @@ class _Build:
     failed_tokens: set[str] = field(default_factory=set)
     manifests: Manifests | None = None
     executor: Executor | None = None
+    # render jobs stopped by a stored concept that failed its load check (moved aside):
+    # trained again and rendered again once, in this run
+    corrupt: list[RenderJob] = field(default_factory=list)
+    retried: bool = False
 
     def fail(self, text: str) -> None:
         self.summary.failures.append(text)
@@ -169,16 +173,20 @@ def _train(build: _Build) -> None:
             build.summary.reused.append(c.token)
             write_history(build.store, c.token, status.concept_keys[c.token],
                           concept_inputs(c, build.root))
-    if not todo:
-        return
-    from .jobs import TrainJob
-
     for c in todo:
         build.reporter.line(f"training {c.token} ({_where(c.file, c.line)}): "
                             f"{status.concepts[c.token]}")
-    jobs = [TrainJob(c, status.concept_keys[c.token], str(build.root), str(build.store.root),
-                     str(build.options.captions) if build.options.captions else None)
-            for c in todo]
+    _train_steps(build, todo)
+
+
+def _train_steps(build: _Build, steps: Sequence[ConceptStep]) -> None:
+    if not steps:
+        return
+    from .jobs import TrainJob
+
+    captions = str(build.options.captions) if build.options.captions else None
+    jobs = [TrainJob(c, build.status.concept_keys[c.token], str(build.root),
+                     str(build.store.root), captions) for c in steps]
     build.get_executor().train_all(jobs, lambda job, result: _trained(build, job, result))
 
 
@@ -217,10 +225,39 @@ def _render(build: _Build) -> None:
         return
     jobs = _render_jobs(build, todo)
     positions = {id(job): idx for job, idx in jobs}
+    _render_all(build, [job for job, _ in jobs], positions)
+    _rebuild_corrupt(build, positions)
+
+
+def _render_all(build: _Build, jobs: Sequence[RenderJob], positions: dict[int, list[int]]
+                ) -> None:
     build.get_executor().render_all(
-        [job for job, _ in jobs],
-        lambda job, images: _rendered(build, positions[id(job)], images),
+        jobs, lambda job, images: _rendered(build, positions[id(job)], images),
         lambda job, exc: _render_failed(build, job, exc))
+
+
+def _rebuild_corrupt(build: _Build, positions: dict[int, list[int]]) -> None:
+    """Train again the concepts whose stored artifact failed its load check at render (the
+    job moved it aside), then render their jobs again: once, like a digest mismatch found
+    when planning. The checks that need no model already ran when planning (the store's)."""
+    jobs, build.corrupt, build.retried = build.corrupt, [], True
+    if not jobs:
+        return
+    moved = {t for job in jobs for t, key in job.concepts if build.store.peek(key) is None}
+    steps = [c for c in build.plan.concepts if c.token in moved]
+    for c in steps:
+        if c.token in build.summary.reused:
+            build.summary.reused.remove(c.token)
+        build.reporter.line(f"training {c.token} ({_where(c.file, c.line)}) again: its stored "
+                            "artifact failed its load check")
+    _train_steps(build, steps)
+    again = [job for job in jobs if not {t for t, _ in job.concepts} & build.failed_tokens]
+    skipped = sum(len(job.renders) for job in jobs if job not in again)
+    if skipped:
+        build.summary.skipped += skipped
+        build.reporter.error(f"{skipped} image(s) not rendered: a concept they use failed to "
+                             "train")
+    _render_all(build, again, positions)
 
 
 def _render_jobs(build: _Build, todo: list[int]) -> list[tuple[RenderJob, list[int]]]:
@@ -246,6 +283,9 @@ def _render_jobs(build: _Build, todo: list[int]) -> list[tuple[RenderJob, list[i
 
 
 def _render_failed(build: _Build, job: RenderJob, exc: BaseException) -> None:
+    if type(exc).__name__ == "CorruptConcept" and not build.retried:
+        build.corrupt.append(job)  # the store's warning has said why
+        return
     first = job.renders[0]
     build.fail(f"while rendering {len(job.renders)} image(s) of "
                f"{_where(first.file, first.line)}: {_message(exc)}")

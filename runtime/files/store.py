@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import concept_file
 from .atomic import (
     FileError,
     fsync_folder,
@@ -204,10 +205,9 @@ class Store:
 
     def discard(self, key: str, why: str) -> None:
         """Move `key`'s entry to trash/ because it failed a check its digest cannot make
-        (e.g. the artifact's own load check): the next run sees it missing and rebuilds it."""
+        (one that needs the pipeline or the plan): from now on it is a miss, rebuilt."""
         folder = self.entry(key)
-        log.warning("corrupt cache entry, moved aside (the next run rebuilds it): %s: %s",
-                    folder, why)
+        log.warning("corrupt cache entry, rebuilding it: %s: %s", folder, why)
         try:
             self._move_aside(folder)
         except OSError as exc:
@@ -400,11 +400,13 @@ def _is_valid(folder: Path, key: str) -> bool:
 
 
 def _check_entry(folder: Path, key: str) -> None:
-    """Raise _Bad unless `folder` holds a manifest for `key` and an artifact matching it."""
+    """Raise _Bad unless `folder` holds a manifest for `key` and an artifact matching it
+    that passes the concept file's own checks (every one that needs no model): an entry
+    whose digest matches but which could never load is as corrupt as a flipped bit."""
     if folder.is_symlink() or not folder.is_dir():
         raise _Bad(folder, "not a folder")
     path = folder / ARTIFACT
-    actual, actual_size = _digest(path)
+    data, actual, actual_size = _digest(path)
     try:
         manifest = _read_manifest(folder / MANIFEST, key)
     except _Bad as bad:
@@ -415,6 +417,11 @@ def _check_entry(folder: Path, key: str) -> None:
         found = "missing or unreadable" if actual_size is None else f"{actual_size:,} bytes"
         raise _Bad(path, f"{found} (manifest: {size:,} bytes); "
                          f"sha256 expected {expected}, actual {actual}")
+    try:
+        concept_file.read(data)
+    except FormatProblem as problem:
+        raise _Bad(path, f"its digest matches but it is not a usable concept file: "
+                         f"{problem}") from None
 
 
 def _read_manifest(path: Path, key: str) -> dict[str, Any]:
@@ -450,15 +457,18 @@ def _read_regular(path: Path) -> bytes | None:
         return None
 
 
-def _digest(path: Path) -> tuple[str, int | None]:
-    """sha256 and size of the regular file at `path` (never through a symlink), or why not."""
+def _digest(path: Path) -> tuple[bytes, str, int | None]:
+    """The bytes (up to the concept file's limit: a larger one never matches its manifest),
+    their sha256 and the size of the regular file at `path` (never through a link), or why
+    not."""
     try:
         with open_regular(path) as f:
-            return hashlib.file_digest(f, "sha256").hexdigest(), f.tell()
+            data, size = f.read(concept_file.MAX_FILE_BYTES + 1), os.fstat(f.fileno()).st_size
     except OSError as exc:
         if exc.errno == errno.EINVAL and str(exc.strerror).startswith("not a regular"):
-            return "none (artifact is not a regular file)", None
-        return f"none (artifact unreadable: {reason(exc)})", None
+            return b"", "none (artifact is not a regular file)", None
+        return b"", f"none (artifact unreadable: {reason(exc)})", None
+    return data, hashlib.sha256(data).hexdigest(), size
 
 
 def _children(folder: Path) -> list[Path]:

@@ -28,39 +28,28 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import safetensors.torch
 import torch
 from safetensors.torch import load as load_safetensors  # bytes in, tensors out; no pickle
 from torch import Tensor
 
+from ..files import concept_file
 from ..files.atomic import FileError, write_atomically
-from ..files.safetensors_file import (
-    FormatProblem,
-    canonical,
-    no_duplicates,
-    parse_header,
-    read_file,
+from ..files.concept_file import (  # the format's constants and description: one place
+    FORMAT,
+    FORMAT_VERSION,
+    MAX_FILE_BYTES,
+    SUPPORTED_VERSIONS,
+    ConceptInfo,
+    names_of,
 )
+from ..files.safetensors_file import FormatProblem, canonical, read_file
 
-FORMAT = "perfusion-concept"
-FORMAT_VERSION = "2"
-SUPPORTED_VERSIONS: tuple[str, ...] = ("1", "2")
-# Bounds that keep a hostile file from costing memory. An SD 1.5 concept is ~108 KB with a
-# ~2 KB header; SDXL-sized ones stay well under a megabyte.
-MAX_FILE_BYTES = 64 * 1024 * 1024
-
-_METADATA_KEYS = {
-    "1": ("format", "format_version", "token", "supercategories", "adjectives", "base_model",
-          "base_fingerprint", "cinv_fingerprint", "options", "key", "layers"),
-    "2": ("format", "format_version", "token", "supercategory", "lock", "base_model",
-          "base_fingerprint", "cinv_fingerprint", "layers"),
-}
-# the tensor sets a file may hold: v1 has only the first; v2 either (i_super: keys locked)
-_TENSOR_SETS = (("embedding", "i_star", "o_k", "o_v"), ("embedding", "i_star", "i_super", "o_v"))
-_DTYPES = {"F32": 4, "F16": 2}  # safetensors dtype -> bytes per value
-_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_FILE_BYTES", "SUPPORTED_VERSIONS", "ArtifactError",
+           "Concept", "ConceptInfo", "InvalidConcept", "encode", "load", "locked_key_targets",
+           "save", "size_for"]
 _HEX = re.compile(r"[0-9a-f]*")
 _PROJECTIONS = ("o_k", "o_v")
 
@@ -79,21 +68,6 @@ class InvalidConcept(ValueError):
 
 
 _Problem = FormatProblem  # raised by the checks below; `load` adds the path (ArtifactError)
-
-
-@dataclass(frozen=True, eq=False)
-class ConceptInfo:
-    """What describes a concept, without its tensors: a file's metadata fields. (eq=False
-    as for Concept, which must not inherit a comparison of these fields alone.)"""
-
-    token: str
-    supercategories: tuple[str, ...]
-    adjectives: tuple[str, ...]
-    base_model: str
-    base_fingerprint: str
-    cinv_fingerprint: str
-    options: dict[str, Any]    # JSON-able; stored as its JSON round trip
-    key: str                   # cache key, lowercase hex
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,7 +150,7 @@ def _concept_problem(c: Concept) -> str | None:
     if "" in c.o_k:
         return "a layer name is empty"
     if set(c.o_k) != set(c.o_v):
-        return f"o_k and o_v name different layers: {_names(set(c.o_k) ^ set(c.o_v))}"
+        return f"o_k and o_v name different layers: {names_of(set(c.o_k) ^ set(c.o_v))}"
     for name, tensor in _named_tensors(c):
         problem = _tensor_problem(name, tensor)
         if problem:
@@ -215,10 +189,6 @@ def _width_problem(layer: str, k: int, v: int) -> str:
     return f"layer {layer}: o_k has {k} values but o_v has {v}; they must match"
 
 
-def _names(names: Iterable[str], most: int = 5) -> str:
-    ordered = sorted(names)
-    shown = ", ".join(ordered[:most])
-    return shown + (f" and {len(ordered) - most} more" if len(ordered) > most else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,13 +257,6 @@ def _compact(value: Any) -> str:
 # Loading
 
 
-class _Entry(NamedTuple):
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-
 def load(
     path: str | os.PathLike[str],
     *,
@@ -315,154 +278,12 @@ def load(
     """
     try:
         data = read_file(Path(path), MAX_FILE_BYTES, "concept file")
-        header, start = parse_header(data)
-        metadata, entries = _split_header(header, len(data) - start)
-        info, version, layers = _check_metadata(metadata)
-        d_token, d_text = _check_entries(entries, layers, version)
-        _check_base(info, expect_base_fingerprint, pipeline_model)
-        _check_expected(d_token, d_text, layers, expect_dims, expect_layers)
-        return _build(info, _decode(data), layers, key_weights)
+        head = concept_file.read(data)  # everything that needs no pipeline, NaN included
+        _check_base(head.info, expect_base_fingerprint, pipeline_model)
+        _check_expected(head.d_token, head.d_text, head.layers, expect_dims, expect_layers)
+        return _build(head.info, _decode(data), head.layers, key_weights)
     except _Problem as problem:
         raise ArtifactError(path, str(problem)) from None
-
-
-def _split_header(
-    header: dict[str, Any], data_size: int,
-) -> tuple[dict[str, str], dict[str, _Entry]]:
-    metadata = header.pop("__metadata__", None)
-    if metadata is None:
-        raise _Problem(f"no metadata: not a {FORMAT} file")
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _Problem("the metadata is not a map of strings")
-    entries = {name: _entry(name, info) for name, info in header.items()}
-    _check_layout(entries, data_size)
-    return metadata, entries
-
-
-def _entry(name: str, info: Any) -> _Entry:
-    if not isinstance(info, dict) or set(info) != _ENTRY_KEYS:
-        raise _Problem(f"tensor {name}: malformed header entry {info!r}")
-    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not (isinstance(dtype, str) and isinstance(shape, list) and isinstance(offsets, list)
-            and all(_is_count(n) for n in shape) and len(offsets) == 2
-            and all(_is_count(n) for n in offsets) and offsets[0] <= offsets[1]):
-        raise _Problem(f"tensor {name}: malformed header entry {info!r}")
-    return _Entry(dtype, tuple(shape), offsets[0], offsets[1])
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _check_layout(entries: Mapping[str, _Entry], data_size: int) -> None:
-    """The tensors tile the data region exactly: no gap, no overlap, nothing after it."""
-    declared = max((e.end for e in entries.values()), default=0)
-    if data_size < declared:
-        raise _Problem(f"truncated: the header declares {declared:,} bytes of tensor data but "
-                       f"the file holds {data_size:,}")
-    if data_size > declared:
-        raise _Problem(f"{data_size - declared:,} unexpected bytes after the tensor data "
-                       f"(the header declares {declared:,})")
-    position = 0
-    for name, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
-        if entry.begin != position:
-            raise _Problem(f"tensor {name}: its data overlaps another tensor or leaves a gap")
-        position = entry.end
-
-
-def _check_metadata(metadata: Mapping[str, str]) -> tuple[ConceptInfo, str, dict[str, int]]:
-    if "format" not in metadata:
-        raise _Problem(f"no 'format' in its metadata: not a {FORMAT} file")
-    if metadata["format"] != FORMAT:
-        raise _Problem(f"format is {metadata['format']!r}, not {FORMAT!r}")
-    version = metadata.get("format_version")
-    if version not in SUPPORTED_VERSIONS:
-        raise _Problem(f"format version {version!r} is not supported (this version of "
-                       f"perfusion reads format version {', '.join(SUPPORTED_VERSIONS)})")
-    keys = _METADATA_KEYS[version]
-    missing = set(keys) - set(metadata)
-    extra = set(metadata) - set(keys)
-    if missing or extra:
-        parts = [f"lacks {_names(missing)}"] if missing else []
-        parts += [f"has unexpected {_names(extra)}"] if extra else []
-        raise _Problem(f"the metadata {' and '.join(parts)}")
-    if version == "1":
-        info = ConceptInfo(
-            metadata["token"], _json_words(metadata, "supercategories"),
-            _json_words(metadata, "adjectives"), metadata["base_model"],
-            metadata["base_fingerprint"], metadata["cinv_fingerprint"],
-            _json_field(metadata, "options", dict), metadata["key"])
-    else:
-        if metadata["lock"] not in ("local", "global"):
-            raise _Problem(f"metadata lock is {metadata['lock'][:20]!r}, not local or global")
-        sup = metadata["supercategory"]
-        info = ConceptInfo(metadata["token"], (sup,) if sup else (), (),
-                           metadata["base_model"], metadata["base_fingerprint"],
-                           metadata["cinv_fingerprint"], {"lock": metadata["lock"]}, "")
-    return info, version, _json_layers(metadata)
-
-
-def _json_field(metadata: Mapping[str, str], key: str, kind: type) -> Any:
-    try:
-        value = json.loads(metadata[key], object_pairs_hook=no_duplicates)
-    except ValueError:
-        value = None
-    if not isinstance(value, kind):
-        raise _Problem(f"metadata {key} is not a JSON {kind.__name__}: {metadata[key][:80]!r}")
-    return value
-
-
-def _json_words(metadata: Mapping[str, str], key: str) -> tuple[str, ...]:
-    words = _json_field(metadata, key, list)
-    if not all(isinstance(w, str) for w in words):
-        raise _Problem(f"metadata {key} is not a list of strings: {metadata[key][:80]!r}")
-    return tuple(words)
-
-
-def _json_layers(metadata: Mapping[str, str]) -> dict[str, int]:
-    """metadata `layers`: {module path: O}, in the order the targets are concatenated."""
-    text = metadata["layers"]
-    try:
-        layers = json.loads(text, object_pairs_hook=no_duplicates)
-    except ValueError as exc:
-        raise _Problem(f"metadata layers is not valid JSON: {exc}") from None
-    if not (isinstance(layers, dict) and layers and all(
-            name and _is_count(width) and width > 0 for name, width in layers.items())):
-        raise _Problem(f"metadata layers is not a non-empty JSON object of layer paths and "
-                       f"widths: {text[:80]!r}")
-    return layers
-
-
-def _check_entries(entries: Mapping[str, _Entry], layers: Mapping[str, int], version: str
-                   ) -> tuple[int, int]:
-    """Names, dtypes and shapes, consistent with `layers`; returns (D_tok, D)."""
-    allowed = _TENSOR_SETS[:1] if version == "1" else _TENSOR_SETS
-    names = set(allowed[-1] if "i_super" in entries else allowed[0])
-    if set(entries) - names:
-        raise _Problem(f"unexpected tensor(s): {_names(set(entries) - names)}")
-    if names - set(entries):
-        raise _Problem(f"missing tensor(s): {_names(names - set(entries))}")
-    dtypes = {"F32"} if version == "1" else {entries["embedding"].dtype} & set(_DTYPES)
-    for name in sorted(names):
-        entry = entries[name]
-        if entry.dtype not in dtypes:
-            raise _Problem(f"tensor {name} has dtype {entry.dtype}; concept tensors are "
-                           f"{' or '.join(sorted(dtypes)) or 'F32 or F16, all alike'}")
-        if len(entry.shape) != 1 or entry.shape[0] == 0:
-            raise _Problem(f"tensor {name} has shape {list(entry.shape)}; "
-                           f"expected a non-empty vector")
-        if entry.end - entry.begin != _DTYPES[entry.dtype] * entry.shape[0]:
-            raise _Problem(f"tensor {name}: {entry.end - entry.begin} bytes of data for "
-                           f"{entry.shape[0]} {entry.dtype} values")
-    total = sum(layers.values())
-    for name in sorted(names & {"o_k", "o_v"}):
-        if entries[name].shape[0] != total:
-            raise _Problem(f"tensor {name} has {entries[name].shape[0]} values but its "
-                           f"{len(layers)} layers add up to {total}")
-    if "i_super" in names and entries["i_super"].shape != entries["i_star"].shape:
-        raise _Problem(f"tensor i_super has {entries['i_super'].shape[0]} values, i_star "
-                       f"{entries['i_star'].shape[0]}")
-    return entries["embedding"].shape[0], entries["i_star"].shape[0]
 
 
 def _check_base(info: ConceptInfo, expected: str | None, pipeline_model: str | None) -> None:
@@ -489,10 +310,10 @@ def _check_expected(
     if expect_layers is None:
         return
     if set(expect_layers) - set(layers):
-        raise _Problem(f"no targets for layer(s) {_names(set(expect_layers) - set(layers))} "
+        raise _Problem(f"no targets for layer(s) {names_of(set(expect_layers) - set(layers))} "
                        f"of this pipeline")
     if set(layers) - set(expect_layers):
-        raise _Problem(f"layer(s) {_names(set(layers) - set(expect_layers))} are not "
+        raise _Problem(f"layer(s) {names_of(set(layers) - set(expect_layers))} are not "
                        f"cross-attention layers of this pipeline")
     for layer, width in layers.items():
         if expect_layers[layer] != width:

@@ -23,6 +23,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
+from perfusion_runtime.files import concept_file
 from perfusion_runtime.method import artifact
 from perfusion_runtime.method.artifact import (
     ArtifactError,
@@ -164,7 +165,7 @@ def test_file_holds_four_float32_tensors_and_string_metadata(saved: Path) -> Non
     assert json.loads(metadata["layers"]) == LAYERS
     assert metadata["supercategory"] == "teddy bear"
     assert metadata["lock"] == "local"
-    assert sorted(metadata) == sorted(artifact._METADATA_KEYS["2"])  # no options, no adjectives
+    assert sorted(metadata) == sorted(concept_file._METADATA_KEYS["2"])  # no options, no adjectives
     assert tensors["o_k"].numel() == sum(LAYERS.values())
 
 

@@ -1,6 +1,7 @@
 """The concept store: digest checked on every hit (R6), atomic publish (R1, R2), disk full (R11).
 
-The store is format-agnostic, so artifacts here are small byte strings; all files are real.
+Artifacts here are small but real concept files (the store also runs the file's own checks
+on every hit); all files are real.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
+import torch
 
 from perfusion_runtime.files.store import (
     ARTIFACT,
@@ -26,9 +31,22 @@ from perfusion_runtime.files.store import (
     StoreError,
     cache_root,
 )
+from perfusion_runtime.method.artifact import Concept, encode
 
-DATA = b"concept artifact bytes \x00\x01\x02" * 8
-OTHER = b"another concept's artifact bytes" * 8
+
+def concept_bytes(seed: int, *, half: bool = False) -> bytes:
+    """A tiny concept file (one layer of width 3), different for each seed."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = "mid_block.attentions.0.transformer_blocks.0.attn2"
+    return encode(Concept(
+        token="teddy*", supercategories=("teddy bear",), adjectives=(), base_model="tiny:random",
+        base_fingerprint="b" * 64, cinv_fingerprint="c" * 64, options={}, key="",
+        embedding=torch.randn(4, generator=gen), i_star=torch.randn(5, generator=gen),
+        o_k={layer: torch.randn(3, generator=gen)}, o_v={layer: torch.randn(3, generator=gen)}),
+        half=half)
+
+
+DATA, OTHER = concept_bytes(0), concept_bytes(1)
 
 
 def key_of(name: str) -> str:
@@ -197,7 +215,7 @@ def test_put_replaces_an_invalid_entry(tmp_path: Path) -> None:
 def test_verify_lists_every_problem(tmp_path: Path) -> None:
     store = Store(tmp_path)
     keys = [key_of(str(i)) for i in range(5)]
-    paths = [put(store, k, DATA + bytes([i])) for i, k in enumerate(keys)]
+    paths = [put(store, k, concept_bytes(2 + i)) for i, k in enumerate(keys)]
     assert store.verify() == []
     corrupt: list[Callable[[Path], Any]] = [
         lambda p: p.write_bytes(b"x" + p.read_bytes()[1:]),
@@ -215,10 +233,82 @@ def test_verify_lists_every_problem(tmp_path: Path) -> None:
     assert entries(store) == sorted([*keys, "stray.txt"])  # verify only reports
 
 
+def _header_changed(data: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
+    """`data` with its safetensors header rewritten by `change` (the tensor bytes kept)."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    change(header)
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
+
+
+def _value_set(data: bytes, tensor: str, raw: bytes) -> bytes:
+    """`data` with the first value of `tensor` replaced by `raw` (same width)."""
+    length = int.from_bytes(data[:8], "little")
+    begin = 8 + length + json.loads(data[8:8 + length])[tensor]["data_offsets"][0]
+    return data[:begin] + raw + data[begin + len(raw):]
+
+
+def _as_float64(data: bytes) -> bytes:
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    body = data[8 + length:]
+    metadata = header.pop("__metadata__")
+    tensors = {name: torch.frombuffer(bytearray(body[e["data_offsets"][0]:e["data_offsets"][1]]),
+                                      dtype=torch.float32).double()
+               for name, e in header.items()}
+    return safetensors.torch.save(tensors, metadata=metadata)
+
+
+def _layers_off_by_one(header: dict[str, Any]) -> None:
+    layers = json.loads(header["__metadata__"]["layers"])
+    header["__metadata__"]["layers"] = json.dumps({name: o + 1 for name, o in layers.items()})
+
+
+def _overlapping(header: dict[str, Any]) -> None:
+    header["i_star"]["data_offsets"] = header["embedding"]["data_offsets"]
+
+
+HALF = concept_bytes(0, half=True)
+
+UNLOADABLE: dict[str, tuple[bytes, str]] = {
+    "pickle": (pickle.dumps({"embedding": [1.0, 2.0]}), "it is a Python pickle"),
+    "huge header length": ((1 << 62).to_bytes(8, "little") + DATA[8:], "not a safetensors file"),
+    "NaN": (_value_set(DATA, "o_v", struct.pack("<f", float("nan"))),
+            "tensor o_v.mid_block.attentions.0.transformer_blocks.0.attn2 has 1 non-finite"),
+    "infinity in float16": (_value_set(HALF, "embedding", struct.pack("<e", float("inf"))),
+                            "tensor embedding has 1 non-finite value(s)"),
+    "float64": (_as_float64(DATA), "has dtype F64"),
+    "overlapping offsets": (_header_changed(DATA, _overlapping), "overlaps another tensor"),
+    "wrong layers": (_header_changed(DATA, _layers_off_by_one), "layers add up to"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNLOADABLE))
+def test_R6_entry_whose_digest_matches_but_cannot_load_is_a_miss(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str) -> None:
+    """Bytes that match their manifest's digest but could never load (written so, or by a
+    bug) are as corrupt as a flipped bit: `verify` names the problem, `get` moves the entry
+    aside and misses, so the build trains it again in the same run."""
+    bad, says = UNLOADABLE[case]
+    store = Store(tmp_path)
+    put(store, KEY, bad)
+    [problem] = store.verify()
+    assert problem.path == store.entry(KEY) / ARTIFACT
+    assert "digest matches but it is not a usable concept file" in problem.message
+    assert says in problem.message
+    with caplog.at_level(logging.WARNING, logger="perfusion_runtime.files.store"):
+        assert store.get(KEY) is None
+    assert says in caplog.text
+    assert not store.entry(KEY).exists() and len(leftovers(store.trash)) == 1
+    assert store.get(KEY) is None  # a miss, so the caller rebuilds it
+    assert put(store).read_bytes() == DATA and store.verify() == []
+
+
 def test_gc_keeps_referenced_keys(tmp_path: Path) -> None:
     store = Store(tmp_path)
     for key in (KEY, KEY2, KEY3):
-        put(store, key, key.encode())
+        put(store, key, concept_bytes(int(key[:4], 16)))
     (store.entry(KEY3) / ARTIFACT).write_bytes(b"corrupt, but referenced")
     store.tmp.mkdir(exist_ok=True)
     (store.tmp / "stale.0123").mkdir()
