@@ -166,7 +166,9 @@ def _locate(text: str, table: str | None, key: str | None) -> Span:
     for offset, line in _lines(text):
         header = _HEADER.match(line)
         if header:  # an array of tables `[[x]]` is never one of our tables
-            if header["name"] == target:
+            # `[tool.black]` defines the table `tool` too: the first such header is its place
+            if header["name"] == target or (key is None and target is not None
+                                            and header["name"].startswith(f"{target}.")):
                 return span_at(text, offset + header.start("name"), len(header["name"]))
             section = header["name"] if header["open"] == "[" else "[[array]]"
             continue
@@ -185,7 +187,7 @@ def _key_pattern(table: str | None, key: str | None) -> tuple[re.Pattern[str] | 
     """(the key as written inside its table, the key as a dotted top-level key)."""
     if key is None:
         return (None, None)
-    bare = rf"(\"?)(?P<key>{re.escape(key)})\1\s*="
+    bare = rf"(\"?)(?P<key>{re.escape(key)})\1\s*[=.]"  # `.`: a dotted key, `x.y = 1"
     inner = re.compile(rf"^[\s\ufeff]*{bare}")
     if table is None:
         return (inner, inner)
@@ -239,10 +241,14 @@ class _Checker:
         if isinstance(value, dict) or (
             isinstance(value, list) and value and all(isinstance(v, dict) for v in value)
         ):
-            shown = f"[{name}]" if isinstance(value, dict) else f"[[{name}]]"
+            span = _locate(self.text, name, None)
+            written = self.text[span.start:span.end]  # `tool.black` for `[tool.black]`
+            if not (written == name or written.startswith(f"{name}.")):
+                written = name  # a dotted key or an inline table: no header of its own
+            shown = f"[{written}]" if isinstance(value, dict) else f"[[{written}]]"
             message = f"unknown table `{shown}`{did_you_mean(name, TABLES)}"
-            self.report(UNKNOWN_KEY, message, None, name,
-                        help="the tables are `[project]` and `[limits]`")
+            self.diags.append(error(UNKNOWN_KEY, message, self.file, span,
+                                    help="the tables are `[project]` and `[limits]`"))
             return
         home = "project" if name in PROJECT_KEYS else "limits" if name in Limits.names() else None
         hint = f"put it under `[{home}]`" if home else "settings go under `[project]` or `[limits]`"

@@ -315,6 +315,20 @@ def test_array_of_tables_and_nested_table_are_located(tmp_path: Path) -> None:
     assert config.model == "m"
 
 
+def test_an_unknown_subtable_is_pointed_at_its_own_header(tmp_path: Path) -> None:
+    """`[tool.black]` after other tables: the error names the header as written and points
+    at it, not at line 1; a dotted key in `[project]` points at its own line."""
+    text = '[project]\nmodel = "m"\n\n[tool.black]\nline-length = 1\n'
+    _, diags = _load(tmp_path, text)
+    d = _one(diags)
+    assert "unknown table `[tool.black]`" in d.message
+    assert d.span is not None and (d.span.line, d.span.col, d.span.end_col) == (4, 2, 12)
+    _, diags = _load(tmp_path, '[project]\nmodel = "m"\nx.y = 1\n')
+    d = _one(diags)
+    assert "unknown key `x` in `[project]`" in d.message
+    assert d.span is not None and (d.span.line, d.span.col) == (3, 1)
+
+
 def test_wrong_shaped_project_table(tmp_path: Path) -> None:
     _, diags = _load(tmp_path, '[limits]\n\n[[project]]\nmodel = "m"\n')
     d = _one(diags)

@@ -384,6 +384,23 @@ def test_D6_range_errors_point_at_the_value_and_state_the_range(
     assert carets.count("^") == len(bad), result.err
 
 
+def test_a_huge_line_is_shown_cut_with_its_carets_inside_the_cut(project: Project,
+                                                                run_cli: Run) -> None:
+    """A 3,000-character pattern: the excerpt is cut to a window ending in `...`, the carets
+    stop where the shown text stops, and the message quotes the pattern shortened."""
+    folder = project({"a.concept": f"learn {'a' * 3000}*.png as teddy* <bear>\n"})
+    result = run_cli(folder, "check", ".")
+    assert result.code == 1
+    lines = result.err.splitlines()
+    assert max(len(line) for line in lines) < 250, result.err
+    source = next(line for line in lines if line.startswith(" 1 | "))
+    carets = next(line for line in lines if "^" in line)
+    assert source.endswith("...") and source.startswith(" 1 | learn aaa")
+    assert carets.index("^") == source.index("aaa")
+    assert len(carets.rstrip()) <= len(source) - len("...")
+    assert "matches no files" in lines[0]
+
+
 def test_D6_count_range(project: Project, run_cli: Run) -> None:
     folder = project({"a.concept": 'generate "a photo" x 20000\n'})
     result = run_cli(folder, "check", ".")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,29 @@ def _shown(raw: str, part: Part) -> str:
     return f"`{raw[part.at:part.at + part.length]}`"
 
 
-def _expand(ctx: Context, unit: Unit, index: int, gen: Generate) -> None:
+@dataclass
+class _Overflow:
+    """The statements past `max_renders_total`: one error for the run, at the first of them,
+    with the total, instead of the same error on each later statement."""
+
+    first: tuple[Unit, Generate, int] | None = None  # the statement, renders planned before it
+    counts: list[int] = field(default_factory=list)  # renders of each statement past the limit
+
+    def report(self, ctx: Context) -> None:
+        if self.first is None:
+            return
+        unit, gen, before = self.first
+        here, later = self.counts[0], self.counts[1:]
+        why = f"= {before:,} planned before this statement + {here:,} here"
+        if later:
+            why += f" + {sum(later):,} in {len(later):,} later statement(s)"
+        limit, wanted = ctx.config.limits.max_renders_total, before + sum(self.counts)
+        ctx.add(error("too-many-renders", f"the run would render {_amount(wanted)} images; the "
+                      f"limit is {limit:,}", unit.file, gen.span, extra=(why,),
+                      help="raise `max_renders_total` in perfusion.toml"))
+
+
+def _expand(ctx: Context, unit: Unit, index: int, gen: Generate, over: _Overflow) -> None:
     parts, errors = parse_template(gen.template.raw)
     for bad in errors:
         ctx.add(error("template", bad.message, unit.file,
@@ -125,16 +148,15 @@ def _expand(ctx: Context, unit: Unit, index: int, gen: Generate) -> None:
     total = prod(n for _, n in sizes)
     if _too_big(ctx, unit, gen, sizes, total) or not unit.requested:
         return
-    _emit(ctx, unit, gen, lists, options, total)
+    if over.first is not None or len(ctx.renders) + total > ctx.config.limits.max_renders_total:
+        over.first = over.first or (unit, gen, len(ctx.renders))
+        over.counts.append(total)
+        return
+    _emit(ctx, unit, gen, lists, options)
 
 
 def _emit(ctx: Context, unit: Unit, gen: Generate, lists: list[list[str]],
-          options: dict[str, Any], total: int) -> None:
-    limit = ctx.config.limits.max_renders_total
-    if len(ctx.renders) + total > limit:
-        ctx.add(error("too-many-renders", f"the run would render more than {limit:,} images",
-                      unit.file, gen.span, help="raise `max_renders_total` in perfusion.toml"))
-        return
+          options: dict[str, Any]) -> None:
     model = ctx.models[unit.path]
     render_opts = RenderOptions(**{k: options[k] for k in RenderOptions.model_fields})
     out_dir = _out_dir(ctx, unit, options)
@@ -156,5 +178,7 @@ def _out_dir(ctx: Context, unit: Unit, options: dict[str, Any]) -> Path:
 
 
 def run(ctx: Context) -> None:
+    over = _Overflow()
     for unit, index, gen in ctx.statements(Generate):
-        _expand(ctx, unit, index, gen)
+        _expand(ctx, unit, index, gen, over)
+    over.report(ctx)

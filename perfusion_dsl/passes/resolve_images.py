@@ -10,6 +10,7 @@ from perfusion_dsl.context import Context, Unit
 from perfusion_dsl.diagnostics import error
 from perfusion_dsl.images import ImageInfo, ImageProblem, check_image
 from perfusion_dsl.nodes import Learn, Span
+from perfusion_dsl.options import shorten
 from perfusion_dsl.patterns import MatchLimitExceeded, WalkLimitExceeded, glob_files
 
 
@@ -51,14 +52,15 @@ def _match(ctx: Context, unit: Unit, pattern: str, span: Span, what: str) -> lis
     except MatchLimitExceeded as exc:
         how = exc.args[0] if isinstance(exc, WalkLimitExceeded) else \
             f"matches more than {limit:,} files"
-        ctx.add(error("too-many-matches", f"{what} `{pattern}` {how}",
+        ctx.add(error("too-many-matches", f"{what} `{shorten(pattern, 80)}` {how}",
                       unit.file, span, help="narrow the pattern, or raise `max_glob_matches` "
                                             "in perfusion.toml"))
         return []
     if not found:
         where = ctx.display(unit.path.parent / Path(pattern).parent)
-        ctx.add(error("no-match", f"{what} `{pattern}` matches no files", unit.file, span,
-                      help=f"patterns are relative to this file's folder; looked in `{where}/`"))
+        ctx.add(error("no-match", f"{what} `{shorten(pattern, 80)}` matches no files", unit.file,
+                      span, help=f"patterns are relative to this file's folder; looked in "
+                                 f"`{shorten(where, 80)}/`"))
     return found
 
 
