@@ -265,16 +265,17 @@ def _render_with_retry(applied: Any, renders: Sequence[RenderStep], indices: lis
 
 class CorruptConcept(RuntimeError):
     """A stored concept whose bytes match its digest but not what the plan or the pipeline
-    needs: it was moved aside, and the run trains it again and renders the job again."""
+    needs (it was moved aside), or that is gone since the run was planned: the run trains it
+    again and renders the job again."""
 
 
 def _checked_concept(store: Store, pipe: Any, token: str, key: str, model: str) -> Concept:
     """`key`'s artifact, loaded and checked against this pipeline and tied to the plan: the
     token and base model its file and manifest name must be the ones the plan expects."""
     path = store.get(key)  # its digest checked
-    if path is None:
-        raise ModelUnavailable(f"the artifact of {token} (key {key[:12]}) is not in the store "
-                               f"{store.root}")
+    if path is None:  # there when the run was planned: moved aside by another job, or deleted
+        raise CorruptConcept(f"the artifact of {token} (key {key[:12]}) is no longer in the "
+                             f"store {store.root}")
     try:
         concept = load_for(pipe, path)
         named = store.manifest(key).get("token")

@@ -505,7 +505,12 @@ def test_M1_a_stored_artifact_that_fails_its_load_check_is_moved_aside_and_rebui
         project: Path, change: str, words: str) -> None:
     """What only the pipeline can check (the embedding's width) or only the plan (the token
     it names) fails when the render job loads it: the entry is moved aside, and the same run
-    trains the concept again and renders its images, as for a digest mismatch."""
+    trains the concept again and renders its images, as for a digest mismatch. Two
+    statements use the concept: the second job finds the entry gone and is rendered again
+    too."""
+    spec = project / "project.concept"
+    spec.write_text(spec.read_text("utf-8") + 'generate "teddy* on a table" { steps: 2 }\n',
+                    encoding="utf-8")
     assert cli(project, "run", ".", "--quiet")[0] == 0
     entry = _tamper_with_the_artifact(project, change)
     tampered = (entry / "artifact.safetensors").read_bytes()
@@ -513,7 +518,8 @@ def test_M1_a_stored_artifact_that_fails_its_load_check_is_moved_aside_and_rebui
     assert code == 0, err
     assert f"corrupt cache entry, rebuilding it: {entry}" in err and words in err
     assert "internal error" not in out + err and "error" not in err
-    assert "trained 1 concept(s)" in out and len(outputs(project)) == 7  # 6 PNGs, 1 manifest
+    assert "trained 1 concept(s)" in out and "rendered 5 image(s)" in out
+    assert len(outputs(project)) == 9  # 5 PNGs, 3 contact sheets, 1 manifest
     assert (entry / "artifact.safetensors").read_bytes() != tampered  # rebuilt, not reused
     _tamper_with_the_artifact(project, change)
     code, out, err = cli(project, "run", ".")  # what a user sees without --quiet
