@@ -18,7 +18,7 @@ from .safetensors_file import FormatProblem, no_duplicates, parse_header
 FORMAT = "perfusion-concept"
 FORMAT_VERSION = "2"
 SUPPORTED_VERSIONS: tuple[str, ...] = ("1", "2")
-# Bounds that keep a hostile file from costing memory. An SD 1.5 concept is ~108 KB with a
+# Bounds that keep a hostile file from costing memory. An SD 1.5 concept is ~59 KiB with a
 # ~2 KB header; SDXL-sized ones stay well under a megabyte.
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
@@ -47,8 +47,6 @@ class ConceptInfo:
     cinv_fingerprint: str
     options: dict[str, Any]    # JSON-able; stored as its JSON round trip
     key: str                   # cache key, lowercase hex
-
-
 
 
 class Header(NamedTuple):
