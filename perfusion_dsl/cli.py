@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=f"perfusion {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     check = sub.add_parser("check", help="parse and validate specs; loads no model")
+    check.add_argument("--format", choices=("text", "json", "sarif"), default="text",
+                       help="text (for people, on stderr), or json / sarif on stdout (for "
+                            "CI and editors)")
     plan = sub.add_parser("plan", help="show what would be trained and rendered, and why")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     run = sub.add_parser("run", help="train what is missing or changed, render images, skip "
@@ -133,12 +136,29 @@ def _report(comp: Compilation, quiet_ok: bool = False) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    if args.format != "text":
+        return _check_for_machines(args)
     comp, status = _compiled(args)
     if status == EXIT_OK:
         ctx = comp.context
         print(f"checked {len(ctx.requested)} file(s): {len(ctx.concepts)} concept(s), "
               f"{len(ctx.outputs)} image(s) to render; no errors")
     return status
+
+
+def _check_for_machines(args: argparse.Namespace) -> int:
+    """`check --format json|sarif`: the document on stdout, nothing on stderr, the same exit
+    status as the text format."""
+    import json
+
+    from perfusion_dsl.diagnostic_formats import to_json, to_sarif
+
+    comp = compile_paths(args.paths, args.root, args.model)
+    diags = comp.diagnostics
+    document = to_json(diags, len(comp.context.requested), __version__) \
+        if args.format == "json" else to_sarif(diags, comp.context.root, __version__)
+    print(json.dumps(document, indent=2))  # ASCII: no raw control or bidi character
+    return EXIT_ERRORS if summary(diags)[0] else EXIT_OK
 
 
 def _compiled(args: argparse.Namespace) -> tuple[Compilation, int]:
