@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                          "what is up to date")
     fmt = sub.add_parser("fmt", help="rewrite specs in canonical form (comments kept)")
     fmt.add_argument("--check", action="store_true", help="only report files that would change")
+    sub.add_parser("lsp", help="a language server over stdio, for editors (needs the `lsp` "
+                   "extra; docs/editors.md)")
     cache = sub.add_parser("cache", help="check or clean the concept store")
     actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
     verify = actions.add_parser("verify", help="re-hash every stored concept (exit 1 on "
@@ -220,8 +222,17 @@ def cmd_fmt(args: argparse.Namespace) -> int:
     return format_files(args.paths, check=args.check, root=run_root(args.paths, args.root))
 
 
+def cmd_lsp(args: argparse.Namespace) -> int:
+    try:
+        from perfusion_dsl.lsp import main as serve
+    except ImportError as exc:
+        raise UsageError(f"`perfusion lsp` needs the lsp extra: pip install "
+                         f"'perfusion-concepts[lsp]' ({exc})") from None
+    return serve()
+
+
 COMMANDS = {"check": cmd_check, "plan": cmd_plan, "run": cmd_run, "fmt": cmd_fmt,
-            "cache": cmd_cache}
+            "cache": cmd_cache, "lsp": cmd_lsp}
 
 
 def _crash(exc: BaseException) -> int:

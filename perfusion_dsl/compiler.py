@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,10 +62,21 @@ def run_root(paths: list[Path], explicit: Path | None = None) -> Path:
     return Path(os.path.commonpath(folders))
 
 
+def spec_path(path: Path) -> Path:
+    """A spec file's path as the compiler keys it: absolute, its folder resolved."""
+    return path.absolute().parent.resolve() / path.name
+
+
 def compile_paths(paths: list[Path], root: Path | None = None,
-                  model: str | None = None) -> Compilation:
+                  model: str | None = None, *,
+                  overlay: Mapping[Path, str] | None = None) -> Compilation:
     """Check every `.concept` file under `paths`; raises UsageError for bad paths.
-    `model` overrides the project's default model (a spec's `model` line still wins)."""
+    `model` overrides the project's default model (a spec's `model` line still wins).
+    `overlay`: texts that replace files' contents (an editor's unsaved buffers); a path
+    given in `paths` that is only in the overlay is checked too."""
+    texts = {spec_path(p): t.encode("utf-8", "surrogatepass") for p, t in (overlay or {}).items()}
+    unsaved = [p for p in paths if spec_path(p) in texts and not p.exists()]
+    paths = [p for p in paths if p not in unsaved] or unsaved
     root = run_root(paths, root)
     config, config_diags = load_config(root, lambda p: _display(root, p))
     if model is not None:
@@ -72,17 +84,19 @@ def compile_paths(paths: list[Path], root: Path | None = None,
             raise UsageError("--model needs a model name")
         config = replace(config, model=model.strip())
     try:
-        files, problems = discover_specs(paths, config.limits.max_spec_files)
+        files, problems = discover_specs([p for p in paths if p not in unsaved],
+                                         config.limits.max_spec_files)
     except MatchLimitExceeded as exc:
         raise UsageError(f"more than {exc.limit:,} spec files under the given paths "
                          "(raise `max_spec_files` in perfusion.toml)") from exc
     if problems:
         raise UsageError("; ".join(problems))
+    files += unsaved
     if not files:
         shown = ", ".join(str(p) for p in paths)
         raise UsageError(f"no `.concept` files found under {shown}")
-    requested = [f.absolute().parent.resolve() / f.name for f in files]
-    ctx = Context(root=root, config=config, requested=requested)
+    requested = list(dict.fromkeys(spec_path(f) for f in files))
+    ctx = Context(root=root, config=config, requested=requested, overlay=texts)
     ctx.diagnostics.extend(config_diags)
     if config.file is not None and config_diags:
         ctx.extra_sources[_display(root, config.file)] = _text(config.file)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,9 @@ class Context:
     # the renders that write a file: named (`out`), without duplicates, in plan order
     outputs: list[RenderDecl] = field(default_factory=list)
     extra_sources: dict[str, str] = field(default_factory=dict)  # e.g. perfusion.toml
+    # an editor's unsaved buffers by path (normalised as `requested` is): read instead of the
+    # files, which need not exist (`perfusion lsp`)
+    overlay: Mapping[Path, bytes] = field(default_factory=dict)
 
     def display(self, path: Path) -> str:
         """A path as shown to users and in the plan: relative to the run root when inside."""

@@ -17,12 +17,12 @@ def _read(ctx: Context, path: Path, file: str) -> bytes | None:
     """The file's bytes, or None after reporting why they cannot be used."""
     limit = ctx.config.limits.max_spec_bytes
     try:
-        data = read_limited(path, limit)
+        data = ctx.overlay[path][:limit + 1] if path in ctx.overlay else read_limited(path, limit)
     except Unreadable as exc:
         ctx.add(error("unreadable", f"cannot read spec file: {exc.reason}", file, None))
         return None
     if len(data) > limit:
-        size = max(_size(path), len(data))
+        size = len(ctx.overlay[path]) if path in ctx.overlay else max(_size(path), len(data))
         ctx.add(error("spec-too-large", f"spec file is {size:,} bytes; the limit is "
                       f"{limit:,}", file, None, help="split it into several files, "
                       "or raise `max_spec_bytes` in perfusion.toml"))
@@ -72,7 +72,7 @@ def _resolve_use(ctx: Context, path: Path, file: str, use: Use) -> Path | None:
         ctx.add(error("use-not-spec", f"`use` needs a `.concept` file, found `{target}`",
                       file, use.path.span))
         return None
-    if not full.is_file():
+    if not full.is_file() and full not in ctx.overlay:
         kind = _kind(full)
         what = f"`{target}` is {kind}, not a spec file" if kind else f"no such spec file `{target}`"
         ctx.add(error("use-missing", what, file, use.path.span,
