@@ -187,7 +187,7 @@ def _key_pattern(table: str | None, key: str | None) -> tuple[re.Pattern[str] | 
     """(the key as written inside its table, the key as a dotted top-level key)."""
     if key is None:
         return (None, None)
-    bare = rf"(\"?)(?P<key>{re.escape(key)})\1\s*[=.]"  # `.`: a dotted key, `x.y = 1"
+    bare = rf"(\"?)(?P<key>{re.escape(key)})\1\s*[=.]"  # `.`: a dotted key, `x.y = 1`
     inner = re.compile(rf"^[\s\ufeff]*{bare}")
     if table is None:
         return (inner, inner)
