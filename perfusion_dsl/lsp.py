@@ -5,8 +5,9 @@ file (`compile_paths(overlay=…)`), so a document is checked with the unsaved e
 files it `use`s, and its diagnostics are exactly `perfusion check`'s on that text (the
 diagnostics of used files and of perfusion.toml are published to those files). Typing is
 debounced, and the compiler runs in a worker thread, so a slow glob never blocks the
-server. It also formats documents (`perfusion fmt`'s formatter) and lists their statements
-as symbols. It never loads a model. Setup for editors: docs/editors.md.
+server. It also completes (`completion.complete`), formats documents (`perfusion fmt`'s
+formatter) and lists their statements as symbols. It never loads a model. Setup for
+editors: docs/editors.md.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pygls.uris import from_fs_path, to_fs_path
 from perfusion_dsl import __version__
 from perfusion_dsl import nodes as n
 from perfusion_dsl.compiler import UsageError, compile_paths, spec_path
+from perfusion_dsl.completion import complete
 from perfusion_dsl.diagnostics import Diagnostic
 from perfusion_dsl.formatter import format_bytes
 from perfusion_dsl.limits import DEFAULT_LIMITS
@@ -198,6 +200,22 @@ def formatting(params: lsp.DocumentFormattingParams) -> list[lsp.TextEdit] | Non
     whole = lsp.Range(start=lsp.Position(line=0, character=0),
                       end=lsp.Position(line=len(lines), character=0))
     return [lsp.TextEdit(range=whole, new_text=text)]
+
+
+_KINDS = {"keyword": lsp.CompletionItemKind.Keyword, "option": lsp.CompletionItemKind.Property,
+          "value": lsp.CompletionItemKind.EnumMember, "list": lsp.CompletionItemKind.Variable,
+          "token": lsp.CompletionItemKind.Class}
+
+
+@server.feature(lsp.TEXT_DOCUMENT_COMPLETION,
+                lsp.CompletionOptions(trigger_characters=["{", ":", "\""]))
+def completion(params: lsp.CompletionParams) -> list[lsp.CompletionItem]:
+    """Keywords, the block's option names, fixed option values, `let` names in `{…}`,
+    tokens in templates (`completion.complete`)."""
+    document = server.workspace.get_text_document(params.text_document.uri)
+    offset = document.offset_at_position(params.position)
+    return [lsp.CompletionItem(label=item.label, kind=_KINDS[item.kind], detail=item.detail)
+            for item in complete(document.source, offset)]
 
 
 def _symbol(statement: n.Statement, lines: Sequence[str]) -> lsp.DocumentSymbol | None:

@@ -151,3 +151,23 @@ async def test_bad_input_never_stops_the_server(client: LanguageClient,
         lsp.DocumentSymbolParams(text_document=lsp.TextDocumentIdentifier(uri=_open(
             client, project / "ok.concept", 'let a = [b]\n'))))
     assert symbols and symbols[0].name == "a"
+
+
+@pytest.mark.asyncio
+async def test_completion_inside_an_options_block(client: LanguageClient,
+                                                  tmp_path: Path) -> None:
+    """The learn block's option names, then a fixed option's values, at the cursor."""
+    text = MOON + "learn p/*.png as sun* <star> {\n  lo\n}\n"
+    uri = _open(client, tmp_path / "project" / "sun.concept", text)
+
+    async def labels(line: int, character: int) -> list[str]:
+        result = await client.text_document_completion_async(lsp.CompletionParams(
+            text_document=lsp.TextDocumentIdentifier(uri=uri),
+            position=lsp.Position(line=line, character=character)))
+        items = result.items if isinstance(result, lsp.CompletionList) else result or []
+        return [item.label for item in items]
+
+    offered = await labels(3, 4)
+    assert "lock" in offered and "lr" in offered and "guidance" not in offered
+    _change(client, uri, text.replace("  lo\n", "  lock: \n"), 2)
+    assert await labels(3, 8) == ["local", "global"]
