@@ -12,6 +12,7 @@ from typing import Literal, get_args
 
 from perfusion_dsl.options import SCHEMA
 from perfusion_dsl.plan import LearnOptions
+from perfusion_dsl.templates import NAME, TOKEN
 
 Kind = Literal["keyword", "option", "value", "list", "token"]
 
@@ -21,8 +22,8 @@ KEYWORDS = ("learn", "generate", "let", "use", "model", "defaults")
 VALUES = {"lock": get_args(LearnOptions.model_fields["lock"].annotation),
           "mask": ("none", "attention"), "flip": ("true", "false")}
 _FIRST_WORD = re.compile(r"(?m)^([a-z]+)\b")
-_LET = re.compile(r"(?m)^[ \t]*let[ \t]+([A-Za-z_][A-Za-z0-9_]*)")
-_TOKEN = re.compile(r"\bas[ \t]+([A-Za-z_][A-Za-z0-9_-]*\*)")
+_LET = re.compile(rf"(?m)^[ \t]*let[ \t]+({NAME.pattern})")  # the names templates accept
+_TOKEN = re.compile(rf"\bas[ \t]+({TOKEN.pattern})")
 _KEY_TYPED = re.compile(r"^[ \t]*([a-z_]+)[ \t]*:[ \t]*[a-z]*$")
 _WORD_TYPED = re.compile(r"(?:^|[,{][ \t]*)[ \t]*[a-z_]*$")
 

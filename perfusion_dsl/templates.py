@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from perfusion_dsl.nodes import ESCAPES
 
 TOKEN = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z_][A-Za-z0-9_-]*\*")
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +112,7 @@ def _finish(alts: list[Piece], at: int, length: int) -> Part | TemplateError:
                              "write alternatives `{a|b}` or a `let` name `{NAME}`")
     if len(alts) == 1:
         name = alts[0].text.strip()
-        if _NAME.fullmatch(name):
+        if NAME.fullmatch(name):
             return NameRef(name, alts[0].at, alts[0].length)
         return TemplateError("a group needs `|` alternatives or a `let` name", at, length,
                              "e.g. `{a forest|the snow}` or `{outfits}`")
