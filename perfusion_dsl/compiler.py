@@ -76,7 +76,6 @@ def compile_paths(paths: list[Path], root: Path | None = None,
     given in `paths` that is only in the overlay is checked too."""
     texts = {spec_path(p): t.encode("utf-8", "surrogatepass") for p, t in (overlay or {}).items()}
     unsaved = [p for p in paths if spec_path(p) in texts and not p.exists()]
-    paths = [p for p in paths if p not in unsaved] or unsaved
     root = run_root(paths, root)
     config, config_diags = load_config(root, lambda p: _display(root, p))
     if model is not None:

@@ -69,10 +69,11 @@ def to_sarif(diags: Iterable[Diagnostic], root: Path, tool_version: str) -> dict
     related locations, help and notes in the result's property bag."""
     items = sorted(diags, key=Diagnostic.sort_key)
     codes = sorted({d.code for d in items})
+    rule = {code: i for i, code in enumerate(codes)}
     results = []
     for d in items:
         result: dict[str, Any] = {
-            "ruleId": d.code, "ruleIndex": codes.index(d.code), "level": d.severity,
+            "ruleId": d.code, "ruleIndex": rule[d.code], "level": d.severity,
             "message": {"text": d.message}, "locations": [_location(d.file, d.span)],
         }
         if d.labels:

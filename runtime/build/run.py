@@ -251,8 +251,13 @@ def _rebuild_corrupt(build: _Build, positions: dict[int, list[int]]) -> None:
         build.reporter.line(f"training {c.token} ({_where(c.file, c.line)}) again: its stored "
                             "artifact failed its load check")
     _train_steps(build, steps)
-    again = [job for job in jobs if not {t for t, _ in job.concepts} & build.failed_tokens]
-    skipped = sum(len(job.renders) for job in jobs if job not in again)
+    again: list[RenderJob] = []
+    skipped = 0
+    for job in jobs:
+        if {t for t, _ in job.concepts} & build.failed_tokens:
+            skipped += len(job.renders)
+        else:
+            again.append(job)
     if skipped:
         build.summary.skipped += skipped
         build.reporter.error(f"{skipped} image(s) not rendered: a concept they use failed to "

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import sys
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .safetensors_file import FormatProblem, no_duplicates, parse_header
+from .safetensors_file import FormatProblem, names_of, no_duplicates, parse_header
 
 FORMAT = "perfusion-concept"
 FORMAT_VERSION = "2"
@@ -99,13 +99,6 @@ def non_finite(raw: bytes, dtype: str) -> int:
     if sys.byteorder != "little":
         words.byteswap()
     return sum(1 for w in words if w & mask == mask)
-
-
-def names_of(names: Iterable[str], most: int = 5) -> str:
-    """The first `most` of `names`, sorted, and how many more."""
-    ordered = sorted(names)
-    shown = ", ".join(ordered[:most])
-    return shown + (f" and {len(ordered) - most} more" if len(ordered) > most else "")
 
 
 class _Entry(NamedTuple):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +92,17 @@ def canonical(raw: bytes) -> bytes:
 def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A `json.loads` object hook that refuses a key given twice (ValueError)."""
     keys = [key for key, _ in pairs]
-    twice = sorted({k for k in keys if keys.count(k) > 1})
+    twice = {k for k in keys if keys.count(k) > 1}
     if twice:
-        shown = ", ".join(twice[:5]) + (f" and {len(twice) - 5} more" if len(twice) > 5 else "")
-        raise ValueError(f"a key appears twice ({shown})")
+        raise ValueError(f"a key appears twice ({names_of(twice)})")
     return dict(pairs)
+
+
+def names_of(names: Iterable[str], most: int = 5) -> str:
+    """The first `most` of `names`, sorted, and how many more."""
+    ordered = sorted(names)
+    shown = ", ".join(ordered[:most])
+    return shown + (f" and {len(ordered) - most} more" if len(ordered) > most else "")
 
 
 def _sniff(data: bytes) -> str:

@@ -43,9 +43,8 @@ from ..files.concept_file import (  # the format's constants and description: on
     MAX_FILE_BYTES,
     SUPPORTED_VERSIONS,
     ConceptInfo,
-    names_of,
 )
-from ..files.safetensors_file import FormatProblem, canonical, read_file
+from ..files.safetensors_file import FormatProblem, canonical, names_of, read_file
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_FILE_BYTES", "SUPPORTED_VERSIONS", "ArtifactError",
            "Concept", "ConceptInfo", "InvalidConcept", "encode", "load", "locked_key_targets",
