@@ -36,7 +36,9 @@ class Item:
 
 
 @dataclass
-class _State:
+class State:
+    """Where a cursor is, from the text before it."""
+
     in_string: bool = False
     in_slot: bool = False  # inside `{…}` of a string
     in_comment: bool = False
@@ -44,8 +46,9 @@ class _State:
     statement: str = ""  # keyword of the statement the cursor is in
 
 
-def _scan(before: str) -> _State:
-    state = _State()
+def scan(before: str) -> State:
+    """Strings, `{…}` slots, comments and blocks open at the end of `before`."""
+    state = State()
     escaped = False
     at_line_start = True
     for i, ch in enumerate(before):
@@ -84,7 +87,7 @@ def _scan(before: str) -> _State:
 def complete(text: str, offset: int) -> list[Item]:
     """The items to offer at code-point `offset` of `text`."""
     before = text[:offset]
-    state = _scan(before)
+    state = scan(before)
     line = before[before.rfind("\n") + 1:]
     if state.in_comment:
         return []

@@ -6,8 +6,10 @@ files it `use`s, and its diagnostics are exactly `perfusion check`'s on that tex
 diagnostics of used files and of perfusion.toml are published to those files). Typing is
 debounced, and the compiler runs in a worker thread, so a slow glob never blocks the
 server. It also completes (`completion.complete`), formats documents (`perfusion fmt`'s
-formatter) and lists their statements as symbols. It never loads a model. Setup for
-editors: docs/editors.md.
+formatter), lists their statements as symbols, and answers hover, go to definition, find
+references, rename (`navigation`, over every spec of the run root) and inlay hints
+(`hover`: images per generate, a learn's status against the store, read-only). It never
+loads a model. Setup for editors: docs/editors.md.
 """
 
 from __future__ import annotations
@@ -18,18 +20,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lsprotocol import types as lsp
+from pygls.exceptions import JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 from pygls.uris import from_fs_path, to_fs_path
 
 from perfusion_dsl import __version__
+from perfusion_dsl import navigation as nav
 from perfusion_dsl import nodes as n
-from perfusion_dsl.compiler import UsageError, compile_paths, spec_path
+from perfusion_dsl.compiler import Compilation, UsageError, compile_paths, run_root, spec_path
 from perfusion_dsl.completion import complete
+from perfusion_dsl.context import Context
 from perfusion_dsl.diagnostics import Diagnostic
 from perfusion_dsl.formatter import format_bytes
+from perfusion_dsl.hover import hover as hover_text
+from perfusion_dsl.hover import inlay_hints
 from perfusion_dsl.limits import DEFAULT_LIMITS
 from perfusion_dsl.parser import parse
-from perfusion_dsl.source import decode
+from perfusion_dsl.source import BOM, decode
 
 DEBOUNCE_SECONDS = 0.15  # after the last keystroke; a save or an open is checked at once
 
@@ -247,6 +254,172 @@ def document_symbols(params: lsp.DocumentSymbolParams) -> list[lsp.DocumentSymbo
     module = parse(source).module
     lines = _lines(source.text)
     return [s for s in (_symbol(st, lines) for st in module.statements) if s is not None]
+
+# ---------------------------------------------------------------- navigation and hints
+
+
+def _compile_for(uri: str, *, whole_root: bool = False) -> Compilation | None:
+    """The document compiled with every open buffer; with `whole_root`, every spec under the
+    run root too (references and renames reach files that use this one)."""
+    path = to_fs_path(uri)
+    if not path:
+        return None
+    paths = [Path(path)]
+    if whole_root:
+        paths.insert(0, run_root(paths))
+    try:
+        return compile_paths(paths, overlay=_overlay())
+    except UsageError:
+        if not whole_root:
+            return None
+        return _compile_for(uri)
+
+
+def _cursor(uri: str, position: lsp.Position) -> tuple[Path, int, int]:
+    """The document's compiler path and the 1-based line and code-point column at
+    `position` (counted as the compiler counts: a BOM is not a column)."""
+    document = server.workspace.get_text_document(uri)
+    point = server.workspace.position_codec.position_from_client_units(document.lines,
+                                                                        position)
+    col = point.character + 1
+    if point.line == 0 and document.source.startswith(BOM):
+        col -= 1
+    return spec_path(Path(to_fs_path(uri) or "")), point.line + 1, col
+
+
+def _file_range(ctx: Context, path: Path, span: n.Span | None) -> lsp.Range:
+    unit = ctx.units.get(path)
+    return _range(_lines(unit.source.text if unit else ""), span)
+
+
+async def _symbol_at(uri: str, position: lsp.Position, *, whole_root: bool = False
+                     ) -> tuple[Compilation, list[nav.Occurrence], nav.Occurrence | None] | None:
+    """The compilation, its occurrences and the one under the cursor (None for none)."""
+    comp = await asyncio.to_thread(_compile_for, uri, whole_root=whole_root)
+    if comp is None:
+        return None
+    occs = nav.occurrences(comp.context)
+    return comp, occs, nav.at(occs, *_cursor(uri, position))
+
+
+def _statuses(comp: Compilation) -> dict[str, str]:
+    """Each learned concept's status against the store, as `perfusion plan` words it; none
+    while the specs have errors (there is no plan) or without the runtime package."""
+    if not comp.ok:
+        return {}
+    try:
+        from perfusion_runtime.build.status import concept_statuses
+        from perfusion_runtime.files.store import Store, cache_root
+    except ImportError:
+        return {}
+    root = comp.context.root
+    try:
+        store = Store(cache_root(None, root))
+        statuses: dict[str, str] = concept_statuses(comp.plan(), store, root)
+        return statuses
+    except Exception as exc:  # an unreadable store must not cost the hints of the file
+        server.window_log_message(lsp.LogMessageParams(
+            type=lsp.MessageType.Warning, message=f"perfusion: store status: {exc}"))
+        return {}
+
+
+@server.feature(lsp.TEXT_DOCUMENT_HOVER)
+async def hover(params: lsp.HoverParams) -> lsp.Hover | None:
+    """Keywords, options (the docs' table), `let` names, tokens (their learn, images and
+    store status) and templates (how many images, the first prompts)."""
+    uri = params.text_document.uri
+    found = await _symbol_at(uri, params.position)
+    if found is None:
+        return None
+    comp, occs, _ = found
+    path, line, col = _cursor(uri, params.position)
+    statuses = await asyncio.to_thread(_statuses, comp)
+    text = hover_text(comp.context, occs, path, line, col, statuses)
+    if text is None:
+        return None
+    return lsp.Hover(contents=lsp.MarkupContent(kind=lsp.MarkupKind.Markdown, value=text))
+
+
+@server.feature(lsp.TEXT_DOCUMENT_DEFINITION)
+async def definition(params: lsp.DefinitionParams) -> lsp.Location | None:
+    """A token's learn, a `let`'s name, a `use`d file."""
+    found = await _symbol_at(params.text_document.uri, params.position)
+    if found is None:
+        return None
+    comp, _, occ = found
+    if occ is None:
+        return None
+    where = nav.definition(comp.context, occ)
+    if where is None:
+        return None
+    path, span = where
+    return lsp.Location(uri=_uri(comp.context.root, str(path)),
+                        range=_file_range(comp.context, path, span))
+
+
+@server.feature(lsp.TEXT_DOCUMENT_REFERENCES)
+async def references(params: lsp.ReferenceParams) -> list[lsp.Location]:
+    """Every place the token, `let` name or used file is named, in every spec of the run
+    root and every open buffer."""
+    found = await _symbol_at(params.text_document.uri, params.position, whole_root=True)
+    if found is None:
+        return []
+    comp, occs, occ = found
+    if occ is None:
+        return []
+    ctx = comp.context
+    return [lsp.Location(uri=_uri(ctx.root, str(o.path)),
+                         range=_file_range(ctx, o.path, o.span))
+            for o in nav.references(occs, occ,
+                                    include_definition=params.context.include_declaration)]
+
+
+@server.feature(lsp.TEXT_DOCUMENT_PREPARE_RENAME)
+async def prepare_rename(params: lsp.PrepareRenameParams) -> lsp.Range | None:
+    found = await _symbol_at(params.text_document.uri, params.position)
+    if found is None or found[2] is None or found[2].kind == "use":
+        return None
+    return _file_range(found[0].context, found[2].path, found[2].span)
+
+
+@server.feature(lsp.TEXT_DOCUMENT_RENAME)
+async def rename(params: lsp.RenameParams) -> lsp.WorkspaceEdit | None:
+    """A token across every spec of the run root, or a `let` name in its file; refused
+    (with the reason) when the new name is not valid or already taken."""
+    found = await _symbol_at(params.text_document.uri, params.position, whole_root=True)
+    if found is None:
+        return None
+    comp, occs, occ = found
+    if occ is None:
+        return None
+    try:
+        edits = nav.rename(occs, occ, params.new_name)
+    except nav.RenameRefused as exc:
+        raise JsonRpcInvalidParams(str(exc)) from None
+    ctx = comp.context
+    return lsp.WorkspaceEdit(changes={
+        _uri(ctx.root, str(path)): [lsp.TextEdit(range=_file_range(ctx, path, span),
+                                                 new_text=text) for span, text in spans]
+        for path, spans in edits.items()})
+
+
+@server.feature(lsp.TEXT_DOCUMENT_INLAY_HINT)
+async def inlay_hint(params: lsp.InlayHintParams) -> list[lsp.InlayHint]:
+    """After each `generate`: `→ 8 images in renders/moon/`; after each `learn`: its status
+    against the store (`new`, `up to date`, `changed: steps 300 → 400`)."""
+    uri = params.text_document.uri
+    comp = await asyncio.to_thread(_compile_for, uri)
+    if comp is None:
+        return []
+    statuses = await asyncio.to_thread(_statuses, comp)
+    path = spec_path(Path(to_fs_path(uri) or ""))
+    unit = comp.context.units.get(path)
+    lines = _lines(unit.source.text if unit else "")
+    first, last = params.range.start.line + 1, params.range.end.line + 1
+    return [lsp.InlayHint(position=_position(lines, h.line, h.col), label=h.label,
+                          padding_left=True)
+            for h in inlay_hints(comp.context, path, statuses) if first <= h.line <= last]
+
 
 
 def main() -> int:

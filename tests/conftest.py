@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import pytest
-from helpers import Result, Run, assert_clean, write_tree
+import pytest_lsp
+from helpers import LSP_MOON, LSP_TILE, Result, Run, assert_clean, png_bytes, write_tree
+from lsprotocol import types as lsp
+from pytest_lsp import ClientServerConfig, LanguageClient
 
 from perfusion_dsl.cli import main
 
@@ -46,3 +50,17 @@ def project(tmp_path: Path) -> Callable[[Mapping[str, str | bytes]], Path]:
         return write_tree(tmp_path / f"p{next(counter)}", files)
 
     return make
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(
+    server_command=[sys.executable, "-m", "perfusion_dsl", "lsp"]))
+async def client(lsp_client: LanguageClient, tmp_path: Path) -> AsyncIterator[None]:
+    """A real `perfusion lsp` process and a real client, in a project (tmp_path/project)
+    of one picture, helpers.LSP_MOON (moon.concept) and helpers.LSP_TILE (tile.concept)."""
+    write_tree(tmp_path / "project", {"p/1.png": png_bytes(), "moon.concept": LSP_MOON,
+                                      "tile.concept": LSP_TILE})
+    await lsp_client.initialize_session(lsp.InitializeParams(
+        capabilities=lsp.ClientCapabilities(),
+        root_uri=(tmp_path / "project").as_uri()))
+    yield
+    await lsp_client.shutdown_session()

@@ -48,3 +48,10 @@ class Result:
 
 
 Run = Callable[..., Result]
+
+
+# The project every `perfusion lsp` end-to-end test starts from (the `client` fixture):
+# tile.concept uses moon.concept's moon* and has its own `places`.
+LSP_MOON = 'let places = [left, right]\nlearn p/*.png as moon* <crescent>\n'
+LSP_TILE = ('use "moon.concept"\nlet places = [left, right]\n'
+            'generate "a moon* at the {places}" x 2 {\n  steps: 3\n}\n')

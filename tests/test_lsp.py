@@ -7,34 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-import pytest_lsp
-from helpers import png_bytes, write_tree
+from helpers import LSP_MOON as MOON
+from helpers import LSP_TILE as TILE
 from lsprotocol import types as lsp
-from pytest_lsp import ClientServerConfig, LanguageClient
+from pytest_lsp import LanguageClient
 
 from perfusion_dsl.compiler import compile_paths
 from perfusion_dsl.formatter import format_bytes
-
-MOON = 'let places = [left, right]\nlearn p/*.png as moon* <crescent>\n'
-TILE = ('use "moon.concept"\nlet places = [left, right]\n'
-        'generate "a moon* at the {places}" x 2 {\n  steps: 3\n}\n')
-
-
-@pytest_lsp.fixture(config=ClientServerConfig(
-    server_command=[sys.executable, "-m", "perfusion_dsl", "lsp"]))
-async def client(lsp_client: LanguageClient, tmp_path: Path) -> AsyncIterator[None]:
-    write_tree(tmp_path / "project", {"p/1.png": png_bytes(), "moon.concept": MOON,
-                                      "tile.concept": TILE})
-    await lsp_client.initialize_session(lsp.InitializeParams(
-        capabilities=lsp.ClientCapabilities(),
-        root_uri=(tmp_path / "project").as_uri()))
-    yield
-    await lsp_client.shutdown_session()
 
 
 def _open(client: LanguageClient, path: Path, text: str, version: int = 1) -> str:

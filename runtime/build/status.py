@@ -307,6 +307,12 @@ def plan_status(plan: Plan, root: Path, store: Store,
     return PlanStatus(keys, concepts, rkeys, inputs, renders)
 
 
+def concept_statuses(plan: Plan, store: Store, root: Path) -> dict[str, str]:
+    """Each concept's status as `perfusion plan` words it (`new`, `up to date`, `changed:
+    steps 300 → 400`), by token; read-only, for an editor's hints (`perfusion lsp`)."""
+    return {c.token: str(concept_status(c, store_key(c), store, root)) for c in plan.concepts}
+
+
 def _cached(status: Status, store: Store, key: str) -> Status:
     if status.state == "up to date" or not (store.root / "renders" / key).is_dir():
         return status
