@@ -28,7 +28,14 @@ from perfusion_dsl import __version__
 from perfusion_dsl import navigation as nav
 from perfusion_dsl import nodes as n
 from perfusion_dsl.compiler import Compilation, UsageError, compile_paths, run_root, spec_path
-from perfusion_dsl.completion import complete
+from perfusion_dsl.completion import (
+    Surroundings,
+    complete,
+    model_line,
+    tokenizer_words,
+    used_tokens,
+)
+from perfusion_dsl.config import load_config
 from perfusion_dsl.context import Context
 from perfusion_dsl.diagnostics import Diagnostic
 from perfusion_dsl.formatter import format_bytes
@@ -36,6 +43,7 @@ from perfusion_dsl.hover import hover as hover_text
 from perfusion_dsl.hover import inlay_hints
 from perfusion_dsl.limits import DEFAULT_LIMITS
 from perfusion_dsl.parser import parse
+from perfusion_dsl.reading import Unreadable, read_limited
 from perfusion_dsl.source import BOM, decode
 
 DEBOUNCE_SECONDS = 0.15  # after the last keystroke; a save or an open is checked at once
@@ -45,7 +53,10 @@ class PerfusionServer(LanguageServer):
     def __init__(self) -> None:
         super().__init__("perfusion", __version__)
         self.versions: dict[str, int] = {}  # uri -> edits seen, to drop stale checks
-        self.published: dict[str, set[str]] = {}  # checked uri -> uris it published to
+        # checked uri -> {uri of a file it found diagnostics in (its own always) -> (that
+        # document's version when checked, None when not open; the diagnostics)}
+        self.published: dict[str, dict[str, tuple[int | None, list[lsp.Diagnostic]]]] = {}
+        self.checking: dict[str, asyncio.Event] = {}  # uri -> set when its running check ends
         self.tasks: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak refs
 
 
@@ -76,14 +87,14 @@ def _uri(root: Path, file: str) -> str:
     return from_fs_path(str(path)) or path.as_uri()
 
 
-def _to_lsp(d: Diagnostic, root: Path, sources: dict[str, str]) -> lsp.Diagnostic:
+def _to_lsp(d: Diagnostic, root: Path, ranges: Sequence[lsp.Range]) -> lsp.Diagnostic:
+    """`ranges`: the diagnostic's, then each label's, in the client's text (`check`)."""
     text = "\n".join([d.message, *d.extra, *([f"help: {d.help}"] if d.help else [])])
     related = [lsp.DiagnosticRelatedInformation(
-        location=lsp.Location(uri=_uri(root, label.file),
-                              range=_range(_lines(sources.get(label.file, "")), label.span)),
-        message=label.message) for label in d.labels]
+        location=lsp.Location(uri=_uri(root, label.file), range=where),
+        message=label.message) for label, where in zip(d.labels, ranges[1:], strict=True)]
     return lsp.Diagnostic(
-        range=_range(_lines(sources.get(d.file, "")), d.span), message=text,
+        range=ranges[0], message=text,
         severity=lsp.DiagnosticSeverity.Error if d.severity == "error"
         else lsp.DiagnosticSeverity.Warning,
         code=d.code, source="perfusion", related_information=related or None)
@@ -95,58 +106,136 @@ def _whole_file(message: str) -> lsp.Diagnostic:
 
 
 def _overlay() -> dict[Path, str]:
-    """Every open buffer's text, by its file's path."""
+    """Every open buffer's text, by its file's path. (A copy of the documents is iterated:
+    a worker thread may call this while the event loop opens or closes one.)"""
     texts = {}
-    for uri, document in server.workspace.text_documents.items():
-        path = to_fs_path(uri)
+    for document in list(server.workspace.text_documents.values()):
+        path = to_fs_path(document.uri)  # the client's uri: pygls's key is unquoted
         if path and path.endswith(".concept"):
             texts[Path(path)] = document.source
     return texts
 
 
-def check(uri: str) -> dict[str, list[lsp.Diagnostic]]:
-    """The diagnostics of checking the document at `uri`, by the uri of each file they are
-    in (the document's own uri always present)."""
+def check(uri: str, texts: dict[Path, str] | None = None) -> dict[str, list[lsp.Diagnostic]]:
+    """The diagnostics of checking the document at `uri` with the open buffers `texts` (by
+    default as they are now), by the uri of each file they are in (the document's own uri
+    always present)."""
     path = to_fs_path(uri)
     if not path:
         return {}
+    texts = _overlay() if texts is None else texts
     found: dict[str, list[lsp.Diagnostic]] = {uri: []}
     try:
-        comp = compile_paths([Path(path)], overlay=_overlay())
+        comp = compile_paths([Path(path)], overlay=texts)
     except UsageError as exc:  # e.g. more spec files than the limit: say it on the file
         found[uri].append(_whole_file(str(exc)))
         return found
     ctx = comp.context
-    sources = ctx.sources()
+    # A range indexes the client's text of its file: an open buffer as sent, another file as
+    # read (with the BOM the compiler dropped). The compiler counts neither that BOM as a
+    # column (`perfusion check` shows the column after it) nor a lone CR as a line break; a
+    # client counts both, and UTF-16 units by default.
+    bom = {d.file for d in comp.diagnostics if d.code == "bom"}
+    client = {f: BOM + t if f in bom else t for f, t in ctx.sources().items()}
+    client |= {f: t for p, t in texts.items() if (f := ctx.display(spec_path(p))) in client}
+    split: dict[str, tuple[list[str], list[int] | None]] = {}  # lines; client line of each
+
+    def at(file: str, line: int, col: int) -> lsp.Position:
+        if file not in split:  # once a file, not once a diagnostic
+            text = client.get(file, "")
+            rows, lone = _lines(text), 0
+            starts: list[int] | None = None
+            if "\r" in text:  # a lone CR starts a line for the client
+                starts = []
+                for i, row in enumerate(rows):
+                    starts.append(i + lone)
+                    lone += row.count("\r") - (i < len(rows) - 1 and row.endswith("\r"))
+            split[file] = rows, starts
+        lines, first = split[file]
+        if not 0 < line <= len(lines):
+            return lsp.Position(line=max(line - 1, 0), character=max(col - 1, 0))
+        head = lines[line - 1][:col - 1]
+        if line < len(lines) and head == lines[line - 1] and head.endswith("\r"):
+            head = head[:-1]  # the CR of a CRLF
+        tail = head[head.rfind("\r") + 1:]
+        return lsp.Position(
+            line=(line - 1 if first is None else first[line - 1]) + head.count("\r"),
+            character=_position([tail], 1, len(tail) + 1).character)
+
+    def where(file: str, span: n.Span | None, after_bom: bool = True) -> lsp.Range:
+        if span is None:
+            return _range([], None)
+        more = after_bom and file in bom  # the `bom` warning's column 1 is the BOM itself
+        return lsp.Range(start=at(file, span.line, span.col + (more and span.line == 1)),
+                         end=at(file, span.end_line, span.end_col + (more and span.end_line == 1)))
+
     own = _uri(ctx.root, ctx.display(spec_path(Path(path))))
     for d in comp.diagnostics:
         target = _uri(ctx.root, d.file)
+        ranges = [where(d.file, d.span, d.code != "bom"),
+                  *(where(label.file, label.span) for label in d.labels)]
         found.setdefault(uri if target == own else target, []).append(
-            _to_lsp(d, ctx.root, sources))
+            _to_lsp(d, ctx.root, ranges))
     return found
 
 
 async def _publish(uri: str, version: int, *, wait: float) -> None:
     if wait:
         await asyncio.sleep(wait)
+    # One check of a document at a time, of its newest request: a slow one (a glob over a
+    # huge folder) is not started again beside itself on each edit of another document.
+    while (running := server.checking.get(uri)) is not None:
+        if server.versions.get(uri) != version:
+            return
+        await running.wait()
     if server.versions.get(uri) != version:
         return  # a later edit will publish
+    done = server.checking[uri] = asyncio.Event()
+    # Files by path: pygls keys documents by their uri unquoted, a check names used files by
+    # `from_fs_path`'s spelling of theirs, and the client has its own (published to).
+    versions = {to_fs_path(d.uri) or d.uri: d.version
+                for d in list(server.workspace.text_documents.values())}
     try:
-        found = await asyncio.to_thread(check, uri)
+        found = await asyncio.to_thread(check, uri, _overlay())  # the buffers of `versions`
     except Exception as exc:  # a compiler bug must not take the server down
         server.window_log_message(lsp.LogMessageParams(
             type=lsp.MessageType.Error, message=f"perfusion: internal error checking {uri}: "
                                                 f"{type(exc).__name__}: {exc}"))
         found = {uri: [_whole_file(f"internal error (a bug): {type(exc).__name__}: {exc}")]}
-    if server.versions.get(uri) != version:
-        return
-    stale = server.published.get(uri, set()) - set(found)
-    for target in stale:  # files that had diagnostics from this document and have none now
-        found[target] = []
-    server.published[uri] = {t for t, diags in found.items() if diags}
-    for target, diags in found.items():
-        server.text_document_publish_diagnostics(
-            lsp.PublishDiagnosticsParams(uri=target, diagnostics=diags))
+    finally:
+        del server.checking[uri]
+        done.set()
+    documents = {to_fs_path(d.uri) or d.uri: d
+                 for d in list(server.workspace.text_documents.values())}
+    me = to_fs_path(uri) or uri
+    if me not in documents:
+        return  # closed meanwhile
+    before = server.published.get(me, {})
+    mine = {to_fs_path(t) or t: diags for t, diags in found.items()}
+    server.published[me] = {p: (versions.get(p), diags) for p, diags in mine.items()}
+    # A file shows what the checks of all open documents found in its text as it is now (a
+    # used file's own check finds more in it: its renders are expanded); an open document
+    # whose own check of that text is still to come waits for it. Even when this document
+    # was edited meanwhile, what it found in unchanged files is published: a slow check is
+    # not lost to edits elsewhere.
+    for target in set(mine) | set(before):
+        document = documents.get(target)
+        now = document.version if document is not None else None
+        own = server.published.get(target, {}).get(target)
+        if document is not None and (own is None or own[0] != now):
+            continue
+        merged, seen = [], set()  # once a code, headline and place: its own check's first
+        for checked in (server.published.get(target, {}), *server.published.values()):
+            version_found, diags = checked.get(target, (now, []))
+            for d in diags if version_found == now else []:
+                key = (str(d.code), d.message.split("\n")[0], d.range.start.line,
+                       d.range.start.character, d.range.end.line, d.range.end.character)
+                if key not in seen:
+                    seen.add(key)
+                    merged.append(d)
+        server.text_document_publish_diagnostics(lsp.PublishDiagnosticsParams(
+            uri=document.uri if document is not None else from_fs_path(target) or target,
+            diagnostics=merged, version=now))
 
 
 def _schedule(uri: str, wait: float) -> None:
@@ -159,8 +248,8 @@ def _schedule(uri: str, wait: float) -> None:
 
 def _recheck_open(wait: float) -> None:
     """Check every open document: an edit to one may change another that `use`s it."""
-    for uri in list(server.workspace.text_documents):
-        _schedule(uri, wait)
+    for document in list(server.workspace.text_documents.values()):
+        _schedule(document.uri, wait)  # the client's spelling (pygls keys it unquoted)
 
 
 @server.feature(lsp.INITIALIZED)
@@ -190,9 +279,12 @@ async def did_save(params: lsp.DidSaveTextDocumentParams) -> None:
 async def did_close(params: lsp.DidCloseTextDocumentParams) -> None:
     uri = params.text_document.uri
     server.versions.pop(uri, None)
-    for target in server.published.pop(uri, set()) | {uri}:
-        server.text_document_publish_diagnostics(
-            lsp.PublishDiagnosticsParams(uri=target, diagnostics=[]))
+    me = to_fs_path(uri) or uri
+    still = {to_fs_path(d.uri) or d.uri for d in list(server.workspace.text_documents.values())}
+    for target in set(server.published.pop(me, {})) | {me}:
+        if target == me or target not in still:  # an open one: its own check publishes it
+            server.text_document_publish_diagnostics(lsp.PublishDiagnosticsParams(
+                uri=uri if target == me else from_fs_path(target) or target, diagnostics=[]))
     _recheck_open(0)  # the others now read the file from disk
 
 
@@ -211,18 +303,65 @@ def formatting(params: lsp.DocumentFormattingParams) -> list[lsp.TextEdit] | Non
 
 _KINDS = {"keyword": lsp.CompletionItemKind.Keyword, "option": lsp.CompletionItemKind.Property,
           "value": lsp.CompletionItemKind.EnumMember, "list": lsp.CompletionItemKind.Variable,
-          "token": lsp.CompletionItemKind.Class}
+          "token": lsp.CompletionItemKind.Class, "file": lsp.CompletionItemKind.File,
+          "folder": lsp.CompletionItemKind.Folder, "word": lsp.CompletionItemKind.Text}
+_WORDS: dict[str, tuple[str, ...]] = {}  # model → its tokenizer's words, read once
+
+
+def _spec_text(path: Path) -> str | None:
+    """An open buffer's text, else the file's (bounded, as the compiler reads it)."""
+    buffer = _overlay().get(path)
+    if buffer is not None:
+        return buffer
+    try:
+        return read_limited(path, DEFAULT_LIMITS.max_spec_bytes).decode("utf-8", "replace")
+    except Unreadable:
+        return None
+
+
+def _model_words(text: str, path: Path) -> tuple[str, ...]:
+    """The single-token words of the document's base model (its `model` line, else the
+    project's default), from its tokenizer's vocabulary file; none for a model that is not
+    a folder here (a hub id, or missing)."""
+    model = model_line(text)
+    if not model:
+        root = run_root([path])
+        model = load_config(root, lambda p: str(p))[0].model
+    if model not in _WORDS:
+        try:
+            from perfusion_runtime.build.status import BUILTIN_MODELS
+        except ImportError:
+            BUILTIN_MODELS = {}
+        folder = BUILTIN_MODELS.get(model, Path(model).expanduser())
+        _WORDS[model] = tokenizer_words(folder)
+    return _WORDS[model]
 
 
 @server.feature(lsp.TEXT_DOCUMENT_COMPLETION,
-                lsp.CompletionOptions(trigger_characters=["{", ":", "\""]))
+                lsp.CompletionOptions(trigger_characters=["{", ":", "\"", "/", "<", ","]))
 def completion(params: lsp.CompletionParams) -> list[lsp.CompletionItem]:
     """Keywords, the block's option names, fixed option values, `let` names in `{…}`,
-    tokens in templates (`completion.complete`)."""
+    tokens in templates (this file's and its `use`d files'), paths in `use` and learn
+    patterns, supercategory words (`completion.complete`)."""
     document = server.workspace.get_text_document(params.text_document.uri)
     offset = document.offset_at_position(params.position)
-    return [lsp.CompletionItem(label=item.label, kind=_KINDS[item.kind], detail=item.detail)
-            for item in complete(document.source, offset)]
+    path = spec_path(Path(to_fs_path(document.uri) or "."))
+    text = document.source
+    around = Surroundings(folder=path.parent,
+                          used_tokens=used_tokens(text, path.parent, _spec_text),
+                          words=_model_words(text, path))
+    items = []
+    for rank, item in enumerate(complete(text, offset, around)):
+        edit = None
+        if item.replace:
+            start = lsp.Position(line=params.position.line,
+                                 character=params.position.character - item.replace)
+            edit = lsp.TextEdit(range=lsp.Range(start=start, end=params.position),
+                                new_text=item.label)
+        items.append(lsp.CompletionItem(label=item.label, kind=_KINDS[item.kind],
+                                        detail=item.detail, sort_text=f"{rank:05d}",
+                                        filter_text=item.filter, text_edit=edit))
+    return items
 
 
 def _symbol(statement: n.Statement, lines: Sequence[str]) -> lsp.DocumentSymbol | None:

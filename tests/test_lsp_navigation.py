@@ -133,3 +133,31 @@ async def test_inlay_hints_show_images_and_the_store_status(client: LanguageClie
     assert [(h.position.line, h.label) for h in hints] == [
         (1, "changed: `steps` 300 → 400"), (2, "→ 3 images in renders/moon/")]
     assert hints[1].position.character == len('generate "a moon*" x 3')
+
+
+@pytest.mark.asyncio
+async def test_completion_of_used_tokens_paths_and_supercategory_words(
+        client: LanguageClient, tmp_path: Path) -> None:
+    """In tile.concept, moon* comes from moon.concept; `use "` lists the spec files;
+    `<ci` offers the built-in toy:shapes model's single-token words (its tokenizer file)."""
+    project = tmp_path / "project"
+    text = TILE + 'generate "a m\nuse "\nlearn p/*.png as sun* <ci\n'
+    uri = _open(client, project / "tile.concept", text)
+
+    async def items(line: int, character: int) -> list[lsp.CompletionItem]:
+        result = await client.text_document_completion_async(lsp.CompletionParams(
+            text_document=ID(uri=uri), position=lsp.Position(line=line, character=character)))
+        return list(result.items if isinstance(result, lsp.CompletionList) else result or [])
+
+    lines = text.split("\n")
+    at = len(lines) - 4
+    assert [(i.label, i.detail) for i in await items(at, len(lines[at]))] == [
+        ("sun*", "learned in this file"), ("moon*", "learned in moon.concept")]
+    assert [i.label for i in await items(at + 1, len(lines[at + 1]))] == [
+        "moon.concept", "p/", "tile.concept"]
+    words = await items(at + 2, len(lines[at + 2]))
+    assert "circle" in {i.label for i in words}
+    assert all(i.label.startswith("ci") for i in words)
+    edit = words[0].text_edit
+    assert isinstance(edit, lsp.TextEdit)
+    assert edit.range.start.character == len(lines[at + 2]) - 2  # replaces the typed `ci`
