@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lsprotocol import types as lsp
@@ -36,7 +36,6 @@ from perfusion_dsl.completion import (
     used_tokens,
 )
 from perfusion_dsl.config import load_config
-from perfusion_dsl.context import Context
 from perfusion_dsl.diagnostics import Diagnostic
 from perfusion_dsl.formatter import format_bytes
 from perfusion_dsl.hover import hover as hover_text
@@ -116,6 +115,51 @@ def _overlay() -> dict[Path, str]:
     return texts
 
 
+class ClientRanges:
+    """Compiler spans as ranges in the client's text of their file: an open buffer as sent,
+    another file as read (with the BOM the compiler dropped). The compiler counts neither
+    that BOM as a column (`perfusion check` shows the column after it) nor a lone CR as a
+    line break; a client counts both, and UTF-16 units by default."""
+
+    def __init__(self, comp: Compilation, texts: Mapping[Path, str]) -> None:
+        ctx = comp.context
+        self.bom = {d.file for d in comp.diagnostics if d.code == "bom"}
+        self.client = {f: BOM + t if f in self.bom else t for f, t in ctx.sources().items()}
+        self.client |= {f: t for p, t in texts.items()
+                        if (f := ctx.display(spec_path(p))) in self.client}
+        self.split: dict[str, tuple[list[str], list[int] | None]] = {}  # lines; client line
+
+    def position(self, file: str, line: int, col: int) -> lsp.Position:
+        if file not in self.split:  # once a file, not once a diagnostic
+            text = self.client.get(file, "")
+            rows, lone = _lines(text), 0
+            starts: list[int] | None = None
+            if "\r" in text:  # a lone CR starts a line for the client
+                starts = []
+                for i, row in enumerate(rows):
+                    starts.append(i + lone)
+                    lone += row.count("\r") - (i < len(rows) - 1 and row.endswith("\r"))
+            self.split[file] = rows, starts
+        lines, first = self.split[file]
+        if not 0 < line <= len(lines):
+            return lsp.Position(line=max(line - 1, 0), character=max(col - 1, 0))
+        head = lines[line - 1][:col - 1]
+        if line < len(lines) and head == lines[line - 1] and head.endswith("\r"):
+            head = head[:-1]  # the CR of a CRLF
+        tail = head[head.rfind("\r") + 1:]
+        return lsp.Position(
+            line=(line - 1 if first is None else first[line - 1]) + head.count("\r"),
+            character=_position([tail], 1, len(tail) + 1).character)
+
+    def range(self, file: str, span: n.Span | None, after_bom: bool = True) -> lsp.Range:
+        if span is None:
+            return _range([], None)
+        more = after_bom and file in self.bom  # the `bom` warning's column 1 is the BOM
+        return lsp.Range(
+            start=self.position(file, span.line, span.col + (more and span.line == 1)),
+            end=self.position(file, span.end_line, span.end_col + (more and span.end_line == 1)))
+
+
 def check(uri: str, texts: dict[Path, str] | None = None) -> dict[str, list[lsp.Diagnostic]]:
     """The diagnostics of checking the document at `uri` with the open buffers `texts` (by
     default as they are now), by the uri of each file they are in (the document's own uri
@@ -131,49 +175,12 @@ def check(uri: str, texts: dict[Path, str] | None = None) -> dict[str, list[lsp.
         found[uri].append(_whole_file(str(exc)))
         return found
     ctx = comp.context
-    # A range indexes the client's text of its file: an open buffer as sent, another file as
-    # read (with the BOM the compiler dropped). The compiler counts neither that BOM as a
-    # column (`perfusion check` shows the column after it) nor a lone CR as a line break; a
-    # client counts both, and UTF-16 units by default.
-    bom = {d.file for d in comp.diagnostics if d.code == "bom"}
-    client = {f: BOM + t if f in bom else t for f, t in ctx.sources().items()}
-    client |= {f: t for p, t in texts.items() if (f := ctx.display(spec_path(p))) in client}
-    split: dict[str, tuple[list[str], list[int] | None]] = {}  # lines; client line of each
-
-    def at(file: str, line: int, col: int) -> lsp.Position:
-        if file not in split:  # once a file, not once a diagnostic
-            text = client.get(file, "")
-            rows, lone = _lines(text), 0
-            starts: list[int] | None = None
-            if "\r" in text:  # a lone CR starts a line for the client
-                starts = []
-                for i, row in enumerate(rows):
-                    starts.append(i + lone)
-                    lone += row.count("\r") - (i < len(rows) - 1 and row.endswith("\r"))
-            split[file] = rows, starts
-        lines, first = split[file]
-        if not 0 < line <= len(lines):
-            return lsp.Position(line=max(line - 1, 0), character=max(col - 1, 0))
-        head = lines[line - 1][:col - 1]
-        if line < len(lines) and head == lines[line - 1] and head.endswith("\r"):
-            head = head[:-1]  # the CR of a CRLF
-        tail = head[head.rfind("\r") + 1:]
-        return lsp.Position(
-            line=(line - 1 if first is None else first[line - 1]) + head.count("\r"),
-            character=_position([tail], 1, len(tail) + 1).character)
-
-    def where(file: str, span: n.Span | None, after_bom: bool = True) -> lsp.Range:
-        if span is None:
-            return _range([], None)
-        more = after_bom and file in bom  # the `bom` warning's column 1 is the BOM itself
-        return lsp.Range(start=at(file, span.line, span.col + (more and span.line == 1)),
-                         end=at(file, span.end_line, span.end_col + (more and span.end_line == 1)))
-
+    where = ClientRanges(comp, texts)
     own = _uri(ctx.root, ctx.display(spec_path(Path(path))))
     for d in comp.diagnostics:
         target = _uri(ctx.root, d.file)
-        ranges = [where(d.file, d.span, d.code != "bom"),
-                  *(where(label.file, label.span) for label in d.labels)]
+        ranges = [where.range(d.file, d.span, d.code != "bom"),
+                  *(where.range(label.file, label.span) for label in d.labels)]
         found.setdefault(uri if target == own else target, []).append(
             _to_lsp(d, ctx.root, ranges))
     return found
@@ -426,9 +433,12 @@ def _cursor(uri: str, position: lsp.Position) -> tuple[Path, int, int]:
     return spec_path(Path(to_fs_path(uri) or "")), point.line + 1, col
 
 
-def _file_range(ctx: Context, path: Path, span: n.Span | None) -> lsp.Range:
-    unit = ctx.units.get(path)
-    return _range(_lines(unit.source.text if unit else ""), span)
+def _file_range(comp: Compilation, path: Path, span: n.Span | None,
+                ranges: ClientRanges | None = None) -> lsp.Range:
+    """A span of the file at `path` as a range in the client's text of that file."""
+    unit = comp.context.units.get(path)
+    file = unit.file if unit else comp.context.display(path)
+    return (ranges or ClientRanges(comp, _overlay())).range(file, span)
 
 
 async def _symbol_at(uri: str, position: lsp.Position, *, whole_root: bool = False
@@ -493,7 +503,7 @@ async def definition(params: lsp.DefinitionParams) -> lsp.Location | None:
         return None
     path, span = where
     return lsp.Location(uri=_uri(comp.context.root, str(path)),
-                        range=_file_range(comp.context, path, span))
+                        range=_file_range(comp, path, span))
 
 
 @server.feature(lsp.TEXT_DOCUMENT_REFERENCES)
@@ -506,9 +516,9 @@ async def references(params: lsp.ReferenceParams) -> list[lsp.Location]:
     comp, occs, occ = found
     if occ is None:
         return []
-    ctx = comp.context
+    ctx, ranges = comp.context, ClientRanges(comp, _overlay())
     return [lsp.Location(uri=_uri(ctx.root, str(o.path)),
-                         range=_file_range(ctx, o.path, o.span))
+                         range=_file_range(comp, o.path, o.span, ranges))
             for o in nav.references(occs, occ,
                                     include_definition=params.context.include_declaration)]
 
@@ -518,7 +528,7 @@ async def prepare_rename(params: lsp.PrepareRenameParams) -> lsp.Range | None:
     found = await _symbol_at(params.text_document.uri, params.position)
     if found is None or found[2] is None or found[2].kind == "use":
         return None
-    return _file_range(found[0].context, found[2].path, found[2].span)
+    return _file_range(found[0], found[2].path, found[2].span)
 
 
 @server.feature(lsp.TEXT_DOCUMENT_RENAME)
@@ -535,9 +545,9 @@ async def rename(params: lsp.RenameParams) -> lsp.WorkspaceEdit | None:
         edits = nav.rename(occs, occ, params.new_name)
     except nav.RenameRefused as exc:
         raise JsonRpcInvalidParams(str(exc)) from None
-    ctx = comp.context
+    ctx, ranges = comp.context, ClientRanges(comp, _overlay())
     return lsp.WorkspaceEdit(changes={
-        _uri(ctx.root, str(path)): [lsp.TextEdit(range=_file_range(ctx, path, span),
+        _uri(ctx.root, str(path)): [lsp.TextEdit(range=_file_range(comp, path, span, ranges),
                                                  new_text=text) for span, text in spans]
         for path, spans in edits.items()})
 
@@ -552,11 +562,11 @@ async def inlay_hint(params: lsp.InlayHintParams) -> list[lsp.InlayHint]:
         return []
     statuses = await asyncio.to_thread(_statuses, comp)
     path = spec_path(Path(to_fs_path(uri) or ""))
-    unit = comp.context.units.get(path)
-    lines = _lines(unit.source.text if unit else "")
     first, last = params.range.start.line + 1, params.range.end.line + 1
-    return [lsp.InlayHint(position=_position(lines, h.line, h.col), label=h.label,
-                          padding_left=True)
+    ranges = ClientRanges(comp, _overlay())
+    return [lsp.InlayHint(position=_file_range(comp, path, n.Span(0, 0, h.line, h.col, h.line,
+                                                                  h.col), ranges).start,
+                          label=h.label, padding_left=True)
             for h in inlay_hints(comp.context, path, statuses) if first <= h.line <= last]
 
 

@@ -161,3 +161,25 @@ async def test_completion_of_used_tokens_paths_and_supercategory_words(
     edit = words[0].text_edit
     assert isinstance(edit, lsp.TextEdit)
     assert edit.range.start.character == len(lines[at + 2]) - 2  # replaces the typed `ci`
+
+
+@pytest.mark.asyncio
+async def test_ranges_count_a_bom_as_the_client_does(client: LanguageClient,
+                                                     tmp_path: Path) -> None:
+    """The compiler drops a BOM; the client's text keeps it as its first character. A
+    definition in, and a hint on, the first line point at the client's characters."""
+    project = tmp_path / "project"
+    moon = "\ufefflearn p/*.png as moon* <crescent>\n"
+    (project / "moon.concept").write_text(moon, "utf-8")
+    own = _open(client, project / "moon.concept", moon)
+    found = await client.text_document_definition_async(lsp.DefinitionParams(
+        text_document=ID(uri=_open(client, project / "tile.concept", TILE)),
+        position=_pos(TILE, "moon*")))
+    assert isinstance(found, lsp.Location) and found.uri == own
+    assert found.range.start == lsp.Position(line=0, character=moon.index("moon*"))
+    text = '\ufeffgenerate "a {x|y}"\n'
+    hints = await client.text_document_inlay_hint_async(lsp.InlayHintParams(
+        text_document=ID(uri=_open(client, project / "bom.concept", text)),
+        range=lsp.Range(start=lsp.Position(line=0, character=0),
+                        end=lsp.Position(line=1, character=0))))
+    assert hints is not None and [h.position.character for h in hints] == [len(text) - 1]
