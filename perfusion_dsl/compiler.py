@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,6 +70,32 @@ def spec_path(path: Path) -> Path:
     return path.absolute().parent.resolve() / path.name
 
 
+class _Pauses:
+    count = 0  # compilations running now, in any thread
+    was_enabled = True  # the collector's state before the first: a caller's choice is kept
+    lock = threading.Lock()
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while compiling: a compilation allocates tens of
+    thousands of small objects (one per image) and makes no cycles to collect, and the
+    collector's passes over them were the slow tail of an editor's checks (90th percentile
+    twice the median; docs/editors.md). Collection resumes when the last one ends."""
+    with _Pauses.lock:
+        if _Pauses.count == 0:
+            _Pauses.was_enabled = gc.isenabled()
+        _Pauses.count += 1
+        gc.disable()
+    try:
+        yield
+    finally:
+        with _Pauses.lock:
+            _Pauses.count -= 1
+            if _Pauses.count == 0 and _Pauses.was_enabled:
+                gc.enable()
+
+
 def compile_paths(paths: list[Path], root: Path | None = None,
                   model: str | None = None, *,
                   overlay: Mapping[Path, str] | None = None) -> Compilation:
@@ -74,6 +103,12 @@ def compile_paths(paths: list[Path], root: Path | None = None,
     `model` overrides the project's default model (a spec's `model` line still wins).
     `overlay`: texts that replace files' contents (an editor's unsaved buffers); a path
     given in `paths` that is only in the overlay is checked too."""
+    with _gc_paused():
+        return _compile(paths, root, model, overlay)
+
+
+def _compile(paths: list[Path], root: Path | None, model: str | None,
+             overlay: Mapping[Path, str] | None) -> Compilation:
     texts = {spec_path(p): t.encode("utf-8", "surrogatepass") for p, t in (overlay or {}).items()}
     unsaved = [p for p in paths if spec_path(p) in texts and not p.exists()]
     root = run_root(paths, root)
