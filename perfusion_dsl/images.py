@@ -39,13 +39,25 @@ class ImageProblem:
     message: str
 
 
+# What decoding found, by content digest and pixel limit: the same bytes decode the same, so
+# a process that checks again (an editor's server, on every edit) decodes each image once.
+# Reading and hashing stay (a tenth of decoding a photo), so a changed file is always seen.
+_DECODED: dict[tuple[str, int], tuple[int, int, str] | str] = {}
+MAX_DECODED = 100_000
+
+
 def check_image(path: Path, max_pixels: int, max_bytes: int) -> ImageInfo | ImageProblem:
     """Read, hash and fully decode `path` without ever blocking on or trusting its contents."""
     data = _read_regular_file(path, max_bytes)
     if isinstance(data, ImageProblem):
         return data
     digest = hashlib.sha256(data).hexdigest()
-    decoded = _decode(data, max_pixels)
+    decoded = _DECODED.get((digest, max_pixels))
+    if decoded is None:
+        decoded = _decode(data, max_pixels)
+        if len(_DECODED) >= MAX_DECODED:
+            _DECODED.clear()
+        _DECODED[digest, max_pixels] = decoded
     if isinstance(decoded, str):
         return ImageProblem(path, decoded)
     width, height, fmt = decoded

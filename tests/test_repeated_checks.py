@@ -1,10 +1,12 @@
-"""`compile_paths` pauses the cyclic garbage collector while it runs (the slow tail of an
-editor's checks) and leaves it as the caller had it, also when compilations overlap in
-threads (`perfusion lsp` compiles in worker threads)."""
+"""What makes repeated compilations (an editor's checks) fast: `compile_paths` pauses the
+cyclic garbage collector while it runs (the slow tail of those checks) and leaves it as the
+caller had it, also when compilations overlap in threads (`perfusion lsp` compiles in worker
+threads); images are decoded once per content."""
 
 from __future__ import annotations
 
 import gc
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,3 +68,25 @@ def test_overlapping_compilations_in_threads_restore_it_once_all_end(
         t.join()
     assert len(during) == 12
     assert gc.isenabled()
+
+
+def test_an_image_is_decoded_once_per_content_and_a_change_is_always_seen(
+        tmp_path: Path) -> None:
+    """Editor checks reuse what decoding found for the same bytes; a file rewritten with
+    other bytes of the same size and the same modification time is decoded again."""
+    from helpers import png_bytes
+
+    from perfusion_dsl import images
+
+    path = tmp_path / "a.png"
+    good = png_bytes((10, 20, 30), size=16)
+    path.write_bytes(good)
+    stamp = path.stat().st_mtime_ns
+    first = images.check_image(path, 10**6, 10**6)
+    assert isinstance(first, images.ImageInfo)
+    assert (first.digest, 10**6) in images._DECODED
+    assert images.check_image(path, 10**6, 10**6) == first
+    path.write_bytes(good[:40] + bytes(len(good) - 40))  # same size, no pixel data
+    os.utime(path, ns=(stamp, stamp))
+    again = images.check_image(path, 10**6, 10**6)
+    assert isinstance(again, images.ImageProblem), again
