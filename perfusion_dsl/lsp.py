@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from lsprotocol import types as lsp
@@ -121,12 +121,19 @@ class ClientRanges:
     that BOM as a column (`perfusion check` shows the column after it) nor a lone CR as a
     line break; a client counts both, and UTF-16 units by default."""
 
-    def __init__(self, comp: Compilation, texts: Mapping[Path, str]) -> None:
-        ctx = comp.context
-        self.bom = {d.file for d in comp.diagnostics if d.code == "bom"}
-        self.client = {f: BOM + t if f in self.bom else t for f, t in ctx.sources().items()}
-        self.client |= {f: t for p, t in texts.items()
-                        if (f := ctx.display(spec_path(p))) in self.client}
+    def __init__(self, comp: Compilation | None, texts: Mapping[Path, str]) -> None:
+        """`comp`'s files, as `texts` (the open buffers) hold them or as read; without a
+        compilation, the files of `texts` alone, keyed by their paths."""
+        if comp is None:
+            self.client = {str(p): t for p, t in texts.items()}
+            self.bom = {f for f, t in self.client.items() if t.startswith(BOM)}
+        else:
+            ctx = comp.context
+            self.bom = {d.file for d in comp.diagnostics if d.code == "bom"}
+            self.client = {f: BOM + t if f in self.bom else t
+                           for f, t in ctx.sources().items()}
+            self.client |= {f: t for p, t in texts.items()
+                            if (f := ctx.display(spec_path(p))) in self.client}
         self.split: dict[str, tuple[list[str], list[int] | None]] = {}  # lines; client line
 
     def position(self, file: str, line: int, col: int) -> lsp.Position:
@@ -371,20 +378,21 @@ def completion(params: lsp.CompletionParams) -> list[lsp.CompletionItem]:
     return items
 
 
-def _symbol(statement: n.Statement, lines: Sequence[str]) -> lsp.DocumentSymbol | None:
-    whole = _range(lines, statement.span)
+def _symbol(statement: n.Statement, at: Callable[[n.Span], lsp.Range]
+            ) -> lsp.DocumentSymbol | None:
+    whole = at(statement.span)
     if isinstance(statement, n.Learn):
         supers = ", ".join(s.text for s in statement.supers)
         return lsp.DocumentSymbol(name=statement.token, kind=lsp.SymbolKind.Class, range=whole,
-                                  selection_range=_range(lines, statement.token_span),
+                                  selection_range=at(statement.token_span),
                                   detail=f"learn <{supers}>" if supers else "learn")
     if isinstance(statement, n.Generate):
         return lsp.DocumentSymbol(name=f'"{statement.template.raw}"', kind=lsp.SymbolKind.Event,
                                   range=whole, detail="generate",
-                                  selection_range=_range(lines, statement.template.span))
+                                  selection_range=at(statement.template.span))
     if isinstance(statement, n.Let):
         return lsp.DocumentSymbol(name=statement.name, kind=lsp.SymbolKind.Array, range=whole,
-                                  selection_range=_range(lines, statement.name_span),
+                                  selection_range=at(statement.name_span),
                                   detail="let")
     return None
 
@@ -398,8 +406,10 @@ def document_symbols(params: lsp.DocumentSymbolParams) -> list[lsp.DocumentSymbo
     if source is None:
         return []
     module = parse(source).module
-    lines = _lines(source.text)
-    return [s for s in (_symbol(st, lines) for st in module.statements) if s is not None]
+    # ranged in the client's text: its BOM and lone CRs count
+    ranges = ClientRanges(None, {Path("buffer"): document.source})
+    return [s for s in (_symbol(st, lambda span: ranges.range("buffer", span))
+                        for st in module.statements) if s is not None]
 
 # ---------------------------------------------------------------- navigation and hints
 

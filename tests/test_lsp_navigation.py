@@ -167,7 +167,8 @@ async def test_completion_of_used_tokens_paths_and_supercategory_words(
 async def test_ranges_count_a_bom_as_the_client_does(client: LanguageClient,
                                                      tmp_path: Path) -> None:
     """The compiler drops a BOM; the client's text keeps it as its first character. A
-    definition in, and a hint on, the first line point at the client's characters."""
+    definition in, a hint on and symbols of the first line point at the client's
+    characters."""
     project = tmp_path / "project"
     moon = "\ufefflearn p/*.png as moon* <crescent>\n"
     (project / "moon.concept").write_text(moon, "utf-8")
@@ -183,3 +184,9 @@ async def test_ranges_count_a_bom_as_the_client_does(client: LanguageClient,
         range=lsp.Range(start=lsp.Position(line=0, character=0),
                         end=lsp.Position(line=1, character=0))))
     assert hints is not None and [h.position.character for h in hints] == [len(text) - 1]
+    listed = "\ufefflet a = [b]\nlet c = [d]\n"
+    symbols = await client.text_document_document_symbol_async(lsp.DocumentSymbolParams(
+        text_document=ID(uri=_open(client, project / "symbols.concept", listed))))
+    assert symbols is not None
+    assert [(s.selection_range.start.line, s.selection_range.start.character)
+            for s in symbols if isinstance(s, lsp.DocumentSymbol)] == [(0, 5), (1, 4)]
