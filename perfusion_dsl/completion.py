@@ -59,7 +59,7 @@ class Surroundings:
 
     folder: Path | None = None
     used_tokens: tuple[tuple[str, str], ...] = ()
-    words: Sequence[str] = ()
+    words: Callable[[], Sequence[str]] = tuple  # read only where words are offered
 
 
 @dataclass
@@ -230,7 +230,7 @@ def complete(text: str, offset: int, around: Surroundings | None = None) -> list
         if not prefix:
             return []
         return [Item(word, "word", "one token of the base model", len(prefix))
-                for word in around.words if word.startswith(prefix)][:MAX_WORDS]
+                for word in around.words() if word.startswith(prefix)][:MAX_WORDS]
     if state.depth == 0 and re.fullmatch(r"[a-z]*", line):
         return [Item(word, "keyword", "statement") for word in KEYWORDS]
     return []

@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from perfusion_dsl.completion import KEYWORDS, scan
+from perfusion_dsl.completion import scan
 from perfusion_dsl.context import Context, Unit
-from perfusion_dsl.navigation import Occurrence, at, definition
+from perfusion_dsl.navigation import Occurrence, at, learned
 from perfusion_dsl.nodes import Generate, Learn, Statement
 from perfusion_dsl.option_docs import hover_markdown
 
@@ -64,8 +64,12 @@ def _statement_at(unit: Unit, line: int) -> Statement | None:
                  if s.span.line <= line <= s.span.end_line), None)
 
 
-def _renders_of(ctx: Context, gen: Generate) -> list[tuple[str, Path]]:
-    return [(r.prompt, r.out_dir) for r in ctx.renders if r.generate is gen]
+def _renders_by_generate(ctx: Context) -> dict[int, list[tuple[str, Path]]]:
+    """(prompt, folder) of each render, by the id of its generate statement (one pass)."""
+    found: dict[int, list[tuple[str, Path]]] = {}
+    for r in ctx.renders:
+        found.setdefault(id(r.generate), []).append((r.prompt, r.out_dir))
+    return found
 
 
 def _folders(ctx: Context, dirs: list[Path]) -> str:
@@ -78,9 +82,8 @@ def _plural(count: int, word: str) -> str:
 
 
 def _token_hover(ctx: Context, occ: Occurrence, statuses: Mapping[str, str]) -> str:
-    where = definition(ctx, occ)
-    decl = ctx.visible.get(occ.path, {}).get(occ.name) or ctx.concepts.get(occ.name)
-    if where is None or decl is None:
+    decl = learned(ctx, occ)
+    if decl is None:
         return f"**`{occ.name}`**: not learned in this file or any file it `use`s"
     learn = decl.learn
     lines = [f"**`{learn.token}`**, learned in `{decl.unit.file}:{learn.span.line}`",
@@ -107,7 +110,7 @@ def _let_hover(ctx: Context, occ: Occurrence) -> str:
 
 
 def _template_hover(ctx: Context, gen: Generate) -> str:
-    renders = _renders_of(ctx, gen)
+    renders = _renders_by_generate(ctx).get(id(gen), [])
     if not renders:
         return "**template**: makes no images here (errors above, or a file only `use`d)"
     prompts = list(dict.fromkeys(p for p, _ in renders))
@@ -150,9 +153,7 @@ def hover(ctx: Context, occs: list[Occurrence], path: Path, line: int, col: int,
     if state.depth > 0 and key is not None and key.group(1) == word:
         kind = state.statement if state.statement in ("learn", "generate") else None
         return hover_markdown(word, kind)
-    if word in KEYWORDS or word in KEYWORD_DOCS:
-        return KEYWORD_DOCS.get(word)
-    return None
+    return KEYWORD_DOCS.get(word)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,9 +197,10 @@ def inlay_hints(ctx: Context, path: Path, statuses: Mapping[str, str] | None = N
     if unit is None:
         return []
     hints = []
+    by_generate = _renders_by_generate(ctx)
     for stmt in unit.module.statements:
         if isinstance(stmt, Generate):
-            renders = _renders_of(ctx, stmt)
+            renders = by_generate.get(id(stmt), [])
             if renders:
                 line, col = _end_of_first_line(unit, stmt)
                 hints.append(Hint(line, col, f"→ {_plural(len(renders), 'image')} in "

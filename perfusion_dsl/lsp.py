@@ -363,7 +363,7 @@ def completion(params: lsp.CompletionParams) -> list[lsp.CompletionItem]:
     text = document.source
     around = Surroundings(folder=path.parent,
                           used_tokens=used_tokens(text, path.parent, _spec_text),
-                          words=_model_words(text, path))
+                          words=lambda: _model_words(text, path))
     items = []
     for rank, item in enumerate(complete(text, offset, around)):
         edit = None
@@ -490,9 +490,10 @@ async def hover(params: lsp.HoverParams) -> lsp.Hover | None:
     found = await _symbol_at(uri, params.position)
     if found is None:
         return None
-    comp, occs, _ = found
+    comp, occs, occ = found
     path, line, col = _cursor(uri, params.position)
-    statuses = await asyncio.to_thread(_statuses, comp)
+    # the store is read only for a token's hover: keywords and options need no plan
+    statuses = await asyncio.to_thread(_statuses, comp) if occ and occ.kind == "token" else {}
     text = hover_text(comp.context, occs, path, line, col, statuses)
     if text is None:
         return None

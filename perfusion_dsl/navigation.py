@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from perfusion_dsl.context import Context, Unit, use_target
+from perfusion_dsl.context import ConceptDecl, Context, Unit, use_target
 from perfusion_dsl.nodes import Bare, Generate, Learn, Let, Span, Str, Use
 from perfusion_dsl.templates import NAME, TOKEN, NameRef, parse_template
 
@@ -83,6 +83,11 @@ def at(occs: list[Occurrence], path: Path, line: int, col: int) -> Occurrence | 
     return next((o for o in occs if o.path == path and o.contains(line, col)), None)
 
 
+def learned(ctx: Context, occ: Occurrence) -> ConceptDecl | None:
+    """The learn of the token `occ` names: the one its file sees, else any of the run."""
+    return ctx.visible.get(occ.path, {}).get(occ.name) or ctx.concepts.get(occ.name)
+
+
 def definition(ctx: Context, occ: Occurrence) -> tuple[Path, Span | None] | None:
     """Where the thing `occ` names is defined: a learn's token, a `let`'s name, or a used
     file (None for its span: the file itself). None when it is defined nowhere."""
@@ -91,7 +96,7 @@ def definition(ctx: Context, occ: Occurrence) -> tuple[Path, Span | None] | None
         assert isinstance(target, Path)
         return (target, None) if target in ctx.units or target.is_file() else None
     if occ.kind == "token":
-        decl = ctx.visible.get(occ.path, {}).get(occ.name) or ctx.concepts.get(occ.name)
+        decl = learned(ctx, occ)
         return (decl.unit.path, decl.learn.token_span) if decl else None
     let = ctx.lets.get(occ.path, {}).get(occ.name)
     return (occ.path, let.name_span) if let else None

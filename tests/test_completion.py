@@ -116,7 +116,7 @@ def test_a_huge_folder_offers_a_bounded_number_of_paths(tmp_path: Path) -> None:
 
 
 def test_supercategory_words_from_the_model_s_tokenizer() -> None:
-    around = Surroundings(words=("circle", "crescent", "cross", "square"))
+    around = Surroundings(words=lambda: ("circle", "crescent", "cross", "square"))
     text = "learn p/*.png as sun* <circle, cr"
     offered = complete(text, len(text), around)
     assert [(i.label, i.replace) for i in offered] == [("crescent", 2), ("cross", 2)]
