@@ -4,10 +4,17 @@ arrive, through a real server process, beside the compiler alone on the same tex
     .venv/bin/python bench/lsp_latency.py [--lines 500] [--repeat 20]
 
 The spec: a `let` list, one `learn` on a real image, and generate statements (with a slot,
-a count and options) up to `--lines` lines. Each edit changes one option value and saves
-(`didSave` checks at once; typing waits DEBOUNCE_SECONDS more, printed beside). Printed:
-the median and the 90th percentile of (a) `compile_paths` of the document in this process,
-and (b) the server: from sending the edit to receiving its `publishDiagnostics`.
+a count and options) up to `--lines` lines. Each edit changes the value of the option on
+line 3, to a number of 1 to 4 digits (so the rest of the file moves), and saves (`didSave`
+checks at once; typing waits DEBOUNCE_SECONDS more, printed beside). Printed, the median
+and the 90th percentile of:
+
+- `compile_paths` of the document as an editor's buffer, in this process (parsed
+  statement by statement), beside the same text read from disk as `perfusion check`
+  reads it (parsed whole);
+- the server: from sending the edit to receiving its `publishDiagnostics`;
+- the server again, for edits that leave a syntax error on that line (half-typed text:
+  the error is found by a whole-file parse, the rest re-parsed by statement).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from perfusion_dsl.compiler import compile_paths
 from perfusion_dsl.lsp import DEBOUNCE_SECONDS
 
 
-def spec(lines: int, steps: int) -> str:
+def spec(lines: int, steps: int | str) -> str:
     head = ["let places = [left, right, top, bottom]",
             "learn images/*.png as moon* <crescent> {", f"  steps: {steps}", "}"]
     body = []
@@ -104,33 +111,44 @@ def main() -> None:
         path = root / "big.concept"
         path.write_text(spec(args.lines, 100), encoding="utf-8")
         uri = path.as_uri()
-        alone = []
-        for i in range(args.repeat):
+        texts = [spec(args.lines, 10 ** (i % 4) + i) for i in range(args.repeat)]
+        broken = [spec(args.lines, f"{i}{{") for i in range(args.repeat)]
+        compile_paths([path], overlay={path: texts[-1]})  # builds the parser
+        alone: dict[str, list[float]] = {"buffer": [], "disk": []}
+        for text in texts:
             start = time.perf_counter()
-            comp = compile_paths([path], overlay={path: spec(args.lines, 101 + i)})
-            alone.append(time.perf_counter() - start)
+            comp = compile_paths([path], overlay={path: text})
+            alone["buffer"].append(time.perf_counter() - start)
             assert not comp.diagnostics, comp.diagnostics[:1]
+            path.write_text(text, encoding="utf-8")
+            start = time.perf_counter()
+            compile_paths([path])  # as `perfusion check` reads it: parsed whole
+            alone["disk"].append(time.perf_counter() - start)
         client = Client(root)
         client.notify("textDocument/didOpen", {"textDocument": {
             "uri": uri, "languageId": "perfusion", "version": 1,
             "text": path.read_text("utf-8")}})
         client.diagnostics_for(uri)  # the first check also builds the parser
-        served = []
+        version = 1
+        served: dict[str, list[float]] = {"valid": [], "broken": []}
         for i in range(args.repeat):
-            text = spec(args.lines, 200 + i)
-            start = time.perf_counter()
-            client.notify("textDocument/didChange", {
-                "textDocument": {"uri": uri, "version": i + 2},
-                "contentChanges": [{"text": text}]})
-            client.notify("textDocument/didSave", {"textDocument": {"uri": uri}})
-            found = client.diagnostics_for(uri)
-            served.append(time.perf_counter() - start)
-            assert found == [], found[:1]
+            for kind, text in (("valid", texts[i]), ("broken", broken[i])):
+                version += 1
+                start = time.perf_counter()
+                client.notify("textDocument/didChange", {
+                    "textDocument": {"uri": uri, "version": version},
+                    "contentChanges": [{"text": text}]})
+                client.notify("textDocument/didSave", {"textDocument": {"uri": uri}})
+                found = client.diagnostics_for(uri)
+                served[kind].append(time.perf_counter() - start)
+                assert (found == []) == (kind == "valid"), found[:1]
         client.close()
     lines = spec(args.lines, 100).count("\n")
-    print(f"a {lines}-line spec, {args.repeat} edits, one option changed each time")
-    print(f"  compile_paths in this process:     {percentiles(alone)}")
-    print(f"  server, edit + save to diagnostics: {percentiles(served)}")
+    print(f"a {lines}-line spec, {args.repeat} edits of each kind on line 3")
+    print(f"  compile_paths of the buffer here:   {percentiles(alone['buffer'])}")
+    print(f"  the same from disk (parsed whole):  {percentiles(alone['disk'])}")
+    print(f"  server, edit + save to diagnostics:  {percentiles(served['valid'])}")
+    print(f"  the same, edits with a syntax error: {percentiles(served['broken'])}")
     print(f"  (while typing, the server waits {DEBOUNCE_SECONDS * 1000:.0f} ms after the last "
           "keystroke first)")
 

@@ -254,6 +254,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=_LEARN["steps"],
                         help="training steps (all methods)")
     parser.add_argument("--batch", type=int, default=_LEARN["batch"])
+    parser.add_argument("--lr", type=float, default=_LEARN["lr"],
+                        help="Perfusion's learning rate (keys and values)")
+    parser.add_argument("--embedding-lr", type=float, default=_LEARN["embedding_lr"],
+                        help="the new token's embedding learning rate (all methods)")
     parser.add_argument("--finetune-lr", type=float, default=1e-4,
                         help="the full fine-tune's learning rate for the UNet's parameters")
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
@@ -271,12 +275,13 @@ def main() -> None:
     cinv, cinv_print = cinv_for(pipe, args.work / "cache", _captions(args.model))
     base_print = base_fingerprint(pipe)
     # no mirrored copies: a crescent opens one way
-    recipe = Recipe(steps=args.steps, batch=args.batch, templates=tuple(_LEARN["templates"]),
-                    flip=False)
+    recipe = Recipe(steps=args.steps, batch=args.batch, lr=args.lr, embedding_lr=args.embedding_lr,
+                    templates=tuple(_LEARN["templates"]), flip=False)
     headline = _headline(args.strengths)
     results: dict[str, Any] = {"settings": {
         "model": args.model, "prompts": args.prompts, "leak_prompts": args.leak,
-        "steps": args.steps, "batch": args.batch, "finetune_lr": args.finetune_lr,
+        "steps": args.steps, "batch": args.batch, "lr": args.lr,
+        "embedding_lr": args.embedding_lr, "finetune_lr": args.finetune_lr,
         "strengths": args.strengths, "render": RENDER, "templates": list(recipe.templates),
         "threads": args.threads, "headline_strength": headline, "targets": TARGETS,
         "torch": torch.__version__}, "concepts": {}}

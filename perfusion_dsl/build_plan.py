@@ -26,7 +26,6 @@ def _concept(ctx: Context, decl: ConceptDecl) -> ConceptStep:
 
 
 def _render(ctx: Context, render: RenderDecl) -> RenderStep:
-    assert render.out is not None
     return RenderStep(file=render.unit.file, line=render.generate.span.line, model=render.model,
                       prompt=render.prompt, concepts=list(render.concepts), seed=render.seed,
                       strength=render.strength, out=ctx.display(render.out),

@@ -48,8 +48,13 @@ class RenderDecl:
     strength: float
     model: str
     options: RenderOptions  # shared by all renders of a statement
-    out_dir: Path
-    out: Path | None = None
+    out_dir: Path  # shared by all renders of a statement
+    name: str  # the image's file name in out_dir (output_names.file_name)
+
+    @property
+    def out(self) -> Path:
+        """The image's path: built when asked for (a plan), not for each render of a check."""
+        return self.out_dir / self.name
 
 
 @dataclass

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t", "{": "{", "}": "}", "|": "|"}
 
@@ -182,3 +183,25 @@ def walk(node: object) -> Iterator[object]:
         for name in node.__dataclass_fields__:
             if name != "span" and not name.endswith("_span"):
                 yield from walk(getattr(node, name))
+
+
+_Node = TypeVar("_Node")
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def moved(node: _Node, offset: int, lines: int) -> _Node:
+    """A copy of `node` (a node, a tuple of them, or a leaf) whose spans start `offset`
+    characters and `lines` lines later; columns are kept, so it is for text moved by whole
+    lines (a statement parsed on its own, then placed in its file)."""
+    if isinstance(node, Span):
+        return Span(node.start + offset, node.end + offset, node.line + lines,  # type: ignore[return-value]
+                    node.col, node.end_line + lines, node.end_col)
+    if isinstance(node, tuple):
+        return tuple(moved(x, offset, lines) for x in node)  # type: ignore[return-value]
+    if node is None or isinstance(node, str):
+        return node
+    cls: Any = type(node)
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in fields(cls))
+    return cls(*(moved(getattr(node, name), offset, lines) for name in names))  # type: ignore[no-any-return]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -27,6 +29,7 @@ _STRING_OR_COMMENT = re.compile(r'"(?:[^"\\\n]|\\[^\n])*"?|#[^\n]*')
 _BRACKETS = re.compile(r'"(?:[^"\\\n]|\\[^\n])*"?|#[^\n]*|[\[\]{}\n]')
 _LEARNED = re.compile(r"\bas\s+([A-Za-z_][A-Za-z0-9_-]*\*)")
 _LET = re.compile(r"^[ \t]*let\s+([A-Za-z_][A-Za-z0-9_-]*)", re.MULTILINE)
+_REMEMBERING = threading.Lock()  # the language server checks in worker threads
 
 
 def defined_names(text: str, start: int = 0, end: int | None = None) -> set[str]:
@@ -269,15 +272,77 @@ def _blank(text: str, start: int, end: int) -> str:
     return text[:start] + middle + text[end:]
 
 
-def parse(source: Source) -> Parsed:
-    """Parse, reporting up to MAX_SYNTAX_ERRORS errors, one per broken statement."""
+# Statements parsed on their own, by their text, at line 1 of offset 0 (`by_statement`)
+_STATEMENTS: OrderedDict[str, tuple[n.Statement, ...]] = OrderedDict()
+MAX_REMEMBERED_STATEMENTS = 4096
+
+
+def _statement_bounds(text: str) -> list[int]:
+    """Where statements may be parsed apart: the start of each line outside brackets,
+    strings and comments that begins with neither a blank nor a comment (blank and comment
+    lines stay with the statement before)."""
+    bounds = [0]
+    depth = 0
+    for m in _BRACKETS.finditer(text):
+        tok = m.group()
+        if tok == "\n":
+            at = m.end()
+            if depth == 0 and at < len(text) and text[at] not in " \t\f\r\n#":
+                bounds.append(at)
+        elif tok == "[" or tok == "{":
+            depth += 1
+        elif tok == "]" or tok == "}":
+            depth = max(0, depth - 1)
+    bounds.append(len(text))
+    return bounds
+
+
+def _by_statement(text: str) -> tuple[n.Statement, ...] | None:
+    """The statements of `text`, each region between `_statement_bounds` parsed on its own
+    (or taken from `_STATEMENTS`) and moved into place; None when any region fails to
+    parse, so errors always come from the whole-file parse.
+
+    Equal to parsing the whole text: a bound follows a newline outside brackets, which the
+    grammar allows only between statements, and no token but a newline crosses a line end;
+    a bound in the wrong place (a `[` in a glob) makes a region that fails, never a
+    different tree."""
+    statements: list[n.Statement] = []
+    line = 1
+    for start, end in itertools.pairwise(_statement_bounds(text)):
+        chunk = text[start:end]
+        found = _STATEMENTS.get(chunk)
+        if found is None:
+            try:
+                built: Any = _node_parser().parse(chunk)
+            except UnexpectedInput:
+                return None
+            found = _STATEMENTS[chunk] = built.statements
+            if len(_STATEMENTS) > MAX_REMEMBERED_STATEMENTS:
+                _STATEMENTS.popitem(last=False)
+        else:
+            _STATEMENTS.move_to_end(chunk)
+        statements += n.moved(found, start, line - 1)
+        line += chunk.count("\n")
+    return tuple(statements)
+
+
+def parse(source: Source, *, by_statement: bool = False) -> Parsed:
+    """Parse, reporting up to MAX_SYNTAX_ERRORS errors, one per broken statement.
+
+    `by_statement`: for a text parsed again and again as it is edited (an editor's buffer):
+    each statement is parsed on its own and remembered by its text, so an edit re-parses
+    only the statements it touched (docs/editors.md). The result is the same: a text with
+    an error is parsed whole to find it, and again by statement once it is blanked."""
     text = source.text if source.text.endswith("\n") else source.text + "\n"
     diags: list[Diagnostic] = []
     broken: set[str] = set()
     brackets_checked = False
     for _ in range(MAX_SYNTAX_ERRORS):
         try:
-            built: Any = _node_parser().parse(text)
+            statements = _remembered(text) if by_statement else None
+            if statements is None:
+                built: Any = _node_parser().parse(text)  # a Module (ToNodes builds it)
+                statements = built.statements
         except UnexpectedInput as exc:
             if not brackets_checked:  # only a file that fails pays for this scan
                 brackets_checked = True
@@ -295,10 +360,14 @@ def parse(source: Source) -> Parsed:
                 break
             text = blanked
             continue
-        assert isinstance(built, n.Module)
-        module = n.Module(built.statements, comments(source.text))
+        module = n.Module(statements, comments(source.text))
         return Parsed(module, tuple(diags), frozenset(broken))
     return Parsed(n.Module((), comments(source.text)), tuple(diags), frozenset(broken))
+
+
+def _remembered(text: str) -> tuple[n.Statement, ...] | None:
+    with _REMEMBERING:
+        return _by_statement(text)
 
 
 def _error_offset(exc: UnexpectedInput, text: str) -> int:

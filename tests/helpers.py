@@ -55,3 +55,14 @@ Run = Callable[..., Result]
 LSP_MOON = 'let places = [left, right]\nlearn p/*.png as moon* <crescent>\n'
 LSP_TILE = ('use "moon.concept"\nlet places = [left, right]\n'
             'generate "a moon* at the {places}" x 2 {\n  steps: 3\n}\n')
+
+
+def with_spans(node: object) -> object:
+    """`node` as nested tuples that include every span (node equality leaves spans out), for
+    checking that two parses agree on positions too."""
+    if isinstance(node, tuple):
+        return tuple(with_spans(x) for x in node)
+    if hasattr(node, "__dataclass_fields__"):
+        return (type(node).__name__,
+                *(with_spans(getattr(node, name)) for name in node.__dataclass_fields__))
+    return node

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import with_spans
 from hypothesis import example, given, target
 from hypothesis import strategies as st
 from hypothesis.extra.lark import from_lark
@@ -272,6 +273,10 @@ def _parse_checked(source: Source, tally: Tally) -> Parsed:
     elapsed = time.perf_counter() - started
     assert elapsed < MAX_SECONDS, f"parsing took {elapsed:.2f} s"
     _check_diagnostics(list(parsed.diagnostics), {source.file: source.text})
+    # an editor's buffer is parsed statement by statement: the same tree, spans and errors
+    again = parse(source, by_statement=True)
+    assert with_spans(again.module) == with_spans(parsed.module)
+    assert (again.diagnostics, again.broken_names) == (parsed.diagnostics, parsed.broken_names)
     return parsed
 
 

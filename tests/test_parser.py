@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from helpers import with_spans
 
 from perfusion_dsl import nodes as n
+from perfusion_dsl import parser as parser_module
 from perfusion_dsl.parser import ToNodes, parse
 from perfusion_dsl.source import Source
 
@@ -86,3 +88,63 @@ def test_spans_are_excluded_from_equality() -> None:
 def test_transformer_refuses_rules_it_does_not_know() -> None:
     with pytest.raises(NotImplementedError, match="no node builder"):
         ToNodes().__default__("mystery_rule", [], None)
+
+
+# --------------------------------------------------- an editor's buffer, statement by statement
+
+BUFFER = """\
+# a header comment
+let places = [left,
+  right]   # a list over two lines
+
+learn "p/*.png" as moon* <crescent> adjectives: [thin] {
+  steps: 300
+  # a comment inside the block
+  lr: 0.05
+}
+generate "a moon* at the {places}" x 2 { strength: [0.4, 0.6] }
+  generate "indented, so it stays with the statement above"
+learn img[0-9].png as dot* <dot>
+"""
+
+
+def _both(text: str) -> tuple[object, object]:
+    whole, parts = parse(Source("t.concept", text)), parse(Source("t.concept", text),
+                                                           by_statement=True)
+    assert (parts.diagnostics, parts.broken_names) == (whole.diagnostics, whole.broken_names)
+    return with_spans(whole.module), with_spans(parts.module)
+
+
+@pytest.mark.parametrize("text", [
+    BUFFER, BUFFER.replace("\n", "\r\n"), BUFFER.rstrip("\n"), "", "\n\n# only a comment\n",
+    BUFFER.replace("lr: 0.05", "lr: 0.05 {"),  # a block never closed: the whole-file errors
+    BUFFER.replace("generate", "generat"),  # a syntax error in the middle
+    "let a = [\nlearn,\ngenerate]\n",  # keywords in column 0 inside a list
+], ids=["buffer", "crlf", "no-final-newline", "empty", "comment", "unclosed", "error",
+        "keywords-in-list"])
+def test_by_statement_gives_the_whole_parse_with_spans_and_errors(text: str) -> None:
+    whole, parts = _both(text)
+    assert parts == whole
+
+
+def test_by_statement_reparses_only_the_edited_statement() -> None:
+    lines = [f'generate "statement {i}" x 2 {{\n  seed: {i}\n}}' for i in range(200)]
+    before = "\n".join(lines) + "\n"
+    parse(Source("t.concept", before), by_statement=True)
+    remembered = dict(parser_module._STATEMENTS)
+    # the first statement grows by two characters: every later one moves
+    after = before.replace("seed: 0\n", "seed: 100\n", 1)
+    edited = parse(Source("t.concept", after), by_statement=True)
+    new = [chunk for chunk in parser_module._STATEMENTS if chunk not in remembered]
+    assert new == ['generate "statement 0" x 2 {\n  seed: 100\n}\n']
+    assert with_spans(edited.module) == with_spans(parse(Source("t.concept", after)).module)
+    assert edited.module.statements[-1].span.start == len(after) - len(lines[-1]) - 1
+
+
+def test_by_statement_shares_no_node_between_parses() -> None:
+    """Passes group renders by their `generate` node's identity, so two files with the same
+    text (or two parses of one) must not share nodes."""
+    first = parse(Source("a.concept", BUFFER), by_statement=True).module.statements
+    second = parse(Source("b.concept", BUFFER), by_statement=True).module.statements
+    assert first == second
+    assert all(a is not b for a, b in zip(first, second, strict=True))

@@ -1,30 +1,14 @@
-"""Names every output image, keeps outputs inside the run root, and finds clashes."""
+"""Keeps outputs inside the run root and finds clashes: two renders with one file name
+(`output_names.file_name`, given as templates expand) in one folder."""
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from functools import lru_cache
 from pathlib import Path
 
 from perfusion_dsl.context import Context, RenderDecl
 from perfusion_dsl.diagnostics import Label, error, warning
 from perfusion_dsl.nodes import Generate, Span
 from perfusion_dsl.spec_files import is_within
-
-_NON_WORD = re.compile(r"[^a-z0-9]+")
-MAX_SLUG = 80
-
-
-@lru_cache(maxsize=1024)  # a prompt's renders (strengths, seeds) come one after another
-def slug(prompt: str) -> str:
-    text = _NON_WORD.sub("-", prompt.lower()).strip("-")
-    return text[:MAX_SLUG].rstrip("-") or "prompt"
-
-
-def file_name(render: RenderDecl) -> str:
-    # repr: the shortest text that round-trips, so distinct strengths get distinct names
-    return f"{slug(render.prompt)}_seed{render.seed}_s{render.strength!r}.png"
 
 
 def _identity(render: RenderDecl) -> tuple[object, ...]:
@@ -41,7 +25,9 @@ def _out_span(gen: Generate) -> Span:
 
 def run(ctx: Context) -> None:
     checked: dict[Path, bool] = {}
-    claimed: dict[Path, RenderDecl] = {}
+    # keyed by the folder's text and the name: no path is built per render (a check of a
+    # large spec names thousands; docs/editors.md)
+    claimed: dict[tuple[str, str], RenderDecl] = {}
     reported: set[tuple[int, int]] = set()
     for render in ctx.renders:
         inside = checked.get(render.out_dir)
@@ -56,10 +42,10 @@ def run(ctx: Context) -> None:
                                    "from the project folder or pass `--root`"))
         if not inside:
             continue
-        out = render.out_dir / file_name(render)
-        first = claimed.get(out)
+        key = (str(render.out_dir), render.name)
+        first = claimed.get(key)
         if first is None:
-            claimed[out] = render = dataclasses.replace(render, out=out)
+            claimed[key] = render
             ctx.outputs.append(render)
             continue
         pair = (id(first.generate), id(render.generate))
@@ -69,8 +55,8 @@ def run(ctx: Context) -> None:
         same = _identity(first) == _identity(render)
         make = warning if same else error
         ctx.add(make("duplicate-render" if same else "render-clash",
-                     f"this renders `{ctx.display(out)}` again" if same else
-                     f"two different renders would write `{ctx.display(out)}`",
+                     f"this renders `{ctx.display(render.out)}` again" if same else
+                     f"two different renders would write `{ctx.display(render.out)}`",
                      render.unit.file, render.generate.template.span,
                      labels=(Label(first.unit.file, first.generate.template.span,
                                    "also rendered here"),),

@@ -12,6 +12,7 @@ from typing import Any
 from perfusion_dsl.context import Context, RenderDecl, Unit
 from perfusion_dsl.diagnostics import closest, did_you_mean, error
 from perfusion_dsl.nodes import Generate, Span, Str
+from perfusion_dsl.output_names import file_name
 from perfusion_dsl.plan import RenderOptions
 from perfusion_dsl.templates import TOKEN, Choice, NameRef, Part, Piece, parse_template
 
@@ -164,9 +165,10 @@ def _emit(ctx: Context, unit: Unit, gen: Generate, lists: list[list[str]],
         prompt = "".join(combo)
         concepts = tuple(dict.fromkeys(TOKEN.findall(prompt)))
         for strength in options["strength"]:
-            for k in range(options["count"]):
-                ctx.renders.append(RenderDecl(unit, gen, prompt, concepts, options["seed"] + k,
-                                              strength, model, render_opts, out_dir))
+            for seed in range(options["seed"], options["seed"] + options["count"]):
+                ctx.renders.append(RenderDecl(unit, gen, prompt, concepts, seed, strength, model,
+                                              render_opts, out_dir,
+                                              file_name(prompt, seed, strength)))
 
 
 def _out_dir(ctx: Context, unit: Unit, options: dict[str, Any]) -> Path:

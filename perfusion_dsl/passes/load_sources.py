@@ -46,7 +46,7 @@ def _load(ctx: Context, path: Path, requested: bool) -> Unit:
     ctx.diagnostics.extend(diags)
     if source is None:
         return _undecodable(path, file, data, requested)
-    parsed = parse(source)
+    parsed = parse(source, by_statement=path in ctx.overlay)  # an editor's buffer
     ctx.diagnostics.extend(parsed.diagnostics)
     if not parsed.module.statements and not parsed.diagnostics:  # blank or only comments
         ctx.add(warning("empty-file", "file declares nothing", file, None))
