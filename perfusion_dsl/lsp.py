@@ -336,18 +336,19 @@ def _spec_text(path: Path) -> str | None:
 def _model_words(text: str, path: Path) -> tuple[str, ...]:
     """The single-token words of the document's base model (its `model` line, else the
     project's default), from its tokenizer's vocabulary file; none for a model that is not
-    a folder here (a hub id, or missing)."""
+    a folder here (a model id not in the hub's cache, a checkpoint file, or missing)."""
     model = model_line(text)
     if not model:
         root = run_root([path])
         model = load_config(root, lambda p: str(p))[0].model
     if model not in _WORDS:
         try:
-            from perfusion_runtime.build.status import BUILTIN_MODELS
-        except ImportError:
-            BUILTIN_MODELS = {}
-        folder = BUILTIN_MODELS.get(model, Path(model).expanduser())
-        _WORDS[model] = tokenizer_words(folder)
+            from perfusion_runtime.build.models import local_folder
+        except ImportError:  # the compiler alone: a local folder is read as such
+            folder: Path | None = Path(model).expanduser()
+        else:
+            folder = local_folder(model)
+        _WORDS[model] = tokenizer_words(folder) if folder is not None else ()
     return _WORDS[model]
 
 

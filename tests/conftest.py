@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
@@ -13,6 +15,12 @@ from lsprotocol import types as lsp
 from pytest_lsp import ClientServerConfig, LanguageClient
 
 from perfusion_dsl.cli import main
+
+# No test reaches the Hugging Face hub or reads the user's cache of it: model ids resolve
+# offline, in a cache a test makes (tests/runtime/test_model_sources.py).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = os.path.join(tempfile.gettempdir(), "perfusion-tests-no-hf-home")
+os.environ.pop("HF_HUB_CACHE", None)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -130,6 +130,8 @@ def test_plan_text(project: Project, run_cli: Run) -> None:
     result = run_cli(project(GOOD), "plan", ".")
     assert result.code == EXIT_OK
     lines = result.out.splitlines()
+    assert lines[:2] == ["models: 1", "  toy:shapes: built in"]
+    lines = lines[2:]
     assert lines[0] == "concepts: 1 (1 to train)"
     assert lines[1].split() == ["teddy*", "new"]
     assert lines[2].split()[:2] == ["1", "image(s),"] and "(a.concept:2, key " in lines[2]

@@ -17,6 +17,7 @@ from perfusion_dsl.terminal import visible
 
 from ..files.lock import LockHeld, build_lock
 from ..files.store import Store, StoreError, StoreUnusable, cache_root
+from .models import describe as describe_model
 from .progress import Reporter
 from .run import RunOptions, Summary, run
 from .status import PlanStatus, plan_status, store_key
@@ -37,7 +38,10 @@ def with_status(plan: Plan, root: Path, cache: Path | None) -> tuple[Plan, PlanS
 def describe(plan: Plan, status: PlanStatus) -> str:
     """`perfusion plan` for people: each concept and each generate statement, with why."""
     train, render = status.counts()
-    lines = [f"concepts: {len(plan.concepts)} ({train} to train)"]
+    models = sorted({c.model for c in plan.concepts} | {r.model for r in plan.renders})
+    lines = [f"models: {len(models)}"]
+    lines += [f"  {model}: {describe_model(model)}" for model in models]
+    lines.append(f"concepts: {len(plan.concepts)} ({train} to train)")
     for c in plan.concepts:
         lines.append(f"  {c.token:<16} {status.concepts[c.token]}")
         lines.append(f"  {'':<16} {len(c.images)} image(s), {c.options.steps} steps, lock "

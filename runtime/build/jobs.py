@@ -24,7 +24,8 @@ from ..method.device import Precision, choose
 from ..method.fingerprint import base_fingerprint
 from ..method.render import apply_concepts, load_for
 from ..method.trainer import Progress, Recipe, Subject, train
-from .status import BUILTIN_MODELS, BUILTIN_TEST_MODEL, concept_inputs, tool_version
+from .models import BUILTIN_MODELS, ModelUnavailable, download_command, fetch, source_of
+from .status import concept_inputs, tool_version
 from .stop import Stop, Stopped
 
 
@@ -37,33 +38,44 @@ def default_captions(model: str) -> Path | None:
     return folder / "captions.txt"
 
 
-class ModelUnavailable(RuntimeError):
-    """The base model cannot be loaded (it is never downloaded)."""
-
-
 class OutOfMemory(RuntimeError):
     """Out of memory even at the smallest batch; the message says what to try."""
 
 
 def load_pipeline(source: str, precision: Precision) -> Any:
-    """A StableDiffusionPipeline for a plan's model name, from local files only."""
-    if source == BUILTIN_TEST_MODEL:
+    """A StableDiffusionPipeline for a plan's model name (`models.source_of`): built in, a
+    local diffusers folder, or a model id from the Hugging Face cache, downloaded on first
+    use. ModelUnavailable says what is missing and how to get it."""
+    model = source_of(source)
+    if model.kind == "tiny":
         from ..method.tiny import tiny_pipeline
 
         return tiny_pipeline(0).to(precision.device)
-    if source.startswith("toy:"):
-        folder = BUILTIN_MODELS.get(source, Path("/nonexistent"))
-        if not (folder / "model_index.json").is_file():
+    if model.kind == "builtin":
+        if model.path is None or not (model.path / "model_index.json").is_file():
             known = ", ".join(sorted(BUILTIN_MODELS))
             raise ModelUnavailable(f"{source!r} is not a built-in model here (built in: "
                                    f"{known}; its weights ship in the package)")
-        return _from_folder(folder, precision)
-    folder = Path(source).expanduser()
-    if not (folder / "model_index.json").is_file():
-        raise ModelUnavailable(f"model {source!r} is not a local diffusers folder (no "
-                               "model_index.json); perfusion never downloads weights: download "
-                               "it yourself and give its path")
-    return _from_folder(folder, precision)
+        return _from_folder(model.path, precision)
+    if model.kind == "hub":
+        folder = fetch(model)
+        try:
+            return _from_folder(folder, precision)
+        except ModelUnavailable as exc:
+            raise ModelUnavailable(f"model {source!r} (Hugging Face cache, snapshot "
+                                   f"{folder.name[:12]}) is incomplete or unreadable: {exc}; "
+                                   f"`{download_command(model)}` fetches what is missing"
+                                   ) from exc
+    if model.kind == "file":
+        raise ModelUnavailable(f"model {source!r}: single checkpoint files are not loaded yet")
+    assert model.path is not None
+    if not (model.path / "model_index.json").is_file():
+        what = "does not exist" if not model.path.exists() else "has no model_index.json"
+        raise ModelUnavailable(
+            f"model {source!r} is not a diffusers folder ({what}); a model is a built-in name "
+            "(toy:shapes), a local diffusers folder, a .safetensors checkpoint, or a Hugging "
+            "Face model id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+    return _from_folder(model.path, precision)
 
 
 def _from_folder(folder: Path, precision: Precision) -> Any:

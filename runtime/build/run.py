@@ -17,11 +17,13 @@ from ..files.atomic import file_sha256
 from ..files.lock import build_lock
 from ..files.store import Store
 from .executor import Executor
+from .models import ModelUnavailable, cached_snapshot, fetch, hub_cache, offline, source_of
 from .progress import Reporter, duration
 from .status import (
     Manifests,
     PlanStatus,
     concept_inputs,
+    forget_stamp,
     plan_status,
     tool_version,
     write_history,
@@ -146,6 +148,7 @@ def run(plan: Plan, root: Path, options: RunOptions, reporter: Reporter,
         captions = file_sha256(options.captions) if options.captions else None
         if options.captions and captions is None:
             raise FileNotFoundError(f"cannot read the caption file {options.captions}")
+        _resolve_models(plan, reporter)
         build = _Build(plan, root, options, reporter, stop, store,
                        plan_status(plan, root, store, captions))
         try:
@@ -160,6 +163,29 @@ def run(plan: Plan, root: Path, options: RunOptions, reporter: Reporter,
             if build.executor is not None:
                 build.executor.close()
         return build.summary
+
+
+def _resolve_models(plan: Plan, reporter: Reporter) -> None:
+    """Model ids are resolved (and downloaded on first use) before any key is made, so that
+    keys carry the revision really used: a new revision rebuilds, the same one never does.
+    One that cannot be had is left to fail in the steps that use it, each naming its spec
+    line."""
+    for name in sorted({c.model for c in plan.concepts} | {r.model for r in plan.renders}):
+        try:
+            source = source_of(name)
+        except ModelUnavailable:
+            continue
+        if source.kind != "hub":
+            continue
+        if cached_snapshot(source) is None and not offline():
+            reporter.line(f"downloading model {name} into the Hugging Face cache "
+                          f"({hub_cache()})")
+        try:
+            fetch(source)
+        except ModelUnavailable:
+            continue
+        finally:
+            forget_stamp(name)
 
 
 # ---------------------------------------------------------------- training
@@ -305,6 +331,8 @@ def provenance(r: RenderStep, image: Rendered, inputs: dict[str, Any], key: str)
         "base_model": r.model,
         "concepts": json.dumps(inputs["concepts"], sort_keys=True),
         "spec": _where(r.file, r.line), "tool": tool_version(), "render_key": key,
+        # which weights: a model id's commit, a built-in model's record, a folder's files
+        **({"base_model_weights": inputs["model_stamp"]} if inputs.get("model_stamp") else {}),
     }
 
 

@@ -16,6 +16,7 @@ from perfusion_dsl.plan import PLAN_VERSION, ConceptStep, Plan, RenderStep
 from ..files.atomic import file_sha256, read_regular, write_json_atomically
 from ..files.outputs import read_manifest
 from ..files.store import Store, StoreError
+from .models import ModelUnavailable, source_of, stamp
 
 State = Literal["new", "up to date", "changed"]
 RENDER_KEY_FORMAT = 1  # bump when a render's bytes would change for the same inputs
@@ -42,40 +43,32 @@ def tool_version() -> str:
         return "perfusion (not installed)"
 
 
-BUILTIN_TEST_MODEL = "tiny:random"  # a random tiny pipeline, for tests and CPU benches
-# Pretrained built-in models: diffusers folders shipped as package data (docs/toy.md).
-BUILTIN_MODELS = {"toy:shapes": Path(__file__).resolve().parent.parent / "toy" / "shapes"}
 _STAMPS: dict[str, str | None] = {}
 
 
 def model_stamp(model: str) -> str | None:
-    """What identifies a base model's weights beyond its name, read without loading it:
-    a built-in model's training record, or the names, sizes and times of a local folder's
-    files. None for the code-defined `tiny:random`. A model retrained or replaced under the
-    same name thus changes every key made with it."""
+    """What identifies a base model's weights beyond its name, read without loading it
+    (`models.stamp`): a model retrained, replaced or at a new revision under the same name
+    thus changes every key made with it. Remembered per process, except a model id not yet
+    in the hub's cache, which a run may download meanwhile."""
     if model not in _STAMPS:
-        _STAMPS[model] = _stamp(model)
+        found = stamp(model)
+        if found == "missing" and _is_hub(model):
+            return found
+        _STAMPS[model] = found
     return _STAMPS[model]
 
 
-def _stamp(model: str) -> str | None:
-    if model == BUILTIN_TEST_MODEL:
-        return None
-    if model in BUILTIN_MODELS:  # its training record and the caption corpus it ships
-        folder = BUILTIN_MODELS[model]
-        record = file_sha256(folder / "training.json")
-        if record is None:
-            return "missing"
-        corpus = file_sha256(folder / "captions.txt")
-        return record if corpus is None else digest({"record": record, "captions": corpus})
-    folder = Path(model).expanduser()
+def _is_hub(model: str) -> bool:
     try:
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
-        stats = [(p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-                 for p in files]
-    except OSError:
-        return "missing"
-    return digest(stats) if stats else "missing"
+        return source_of(model).kind == "hub"
+    except ModelUnavailable:
+        return False
+
+
+def forget_stamp(model: str) -> None:
+    """After a run downloaded or resolved `model` again."""
+    _STAMPS.pop(model, None)
 
 
 def store_key(step: ConceptStep, captions_sha256: str | None = None) -> str:

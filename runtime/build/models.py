@@ -1,0 +1,241 @@
+"""Where a plan's model name points, and what identifies its weights, read without loading
+anything (no torch): built in, a local diffusers folder, a single checkpoint file, or a
+Hugging Face model id resolved through the hub's cache (docs/models.md)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from perfusion_dsl.keys import digest
+
+from ..files.atomic import file_sha256
+
+BUILTIN_TEST_MODEL = "tiny:random"  # a random tiny pipeline, for tests and CPU benches
+# Pretrained built-in models: diffusers folders shipped as package data (docs/toy.md).
+BUILTIN_MODELS = {"toy:shapes": Path(__file__).resolve().parent.parent / "toy" / "shapes"}
+
+# `org/name` or `org/name@revision` (a branch, a tag or a commit), as the hub spells them
+HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+# Formats that run code when loaded (Python pickles): never read
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+# What a diffusers pipeline needs from a model repository, in safetensors only: the configs,
+# the tokenizers, and each component's full-precision weights (not the repository's
+# single-file copies, fp16 or EMA variants, nor pickled `.bin` weights)
+HUB_FILES = ("model_index.json", "*/*.json", "*/*.txt", "*/*.model",
+             "*/diffusion_pytorch_model.safetensors", "*/diffusion_pytorch_model-*.safetensors",
+             "*/model.safetensors", "*/model-*.safetensors")
+
+Kind = Literal["tiny", "builtin", "folder", "file", "hub"]
+
+
+class ModelUnavailable(RuntimeError):
+    """The base model cannot be found or read; the message says what is missing and how to
+    get it."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model name, classified."""
+
+    name: str  # as the plan spells it
+    kind: Kind
+    path: Path | None = None  # builtin, folder and file: where it is
+    repo: str | None = None  # hub
+    revision: str | None = None  # hub: None means the default branch
+
+    @property
+    def shown(self) -> str:
+        return self.name
+
+
+def source_of(name: str) -> ModelSource:
+    """What `name` names. An existing path wins over a model id (write `./org/name` for a
+    folder that does not exist yet); pickle formats are refused here, before any reading."""
+    if name == BUILTIN_TEST_MODEL:
+        return ModelSource(name, "tiny")
+    if name.startswith("toy:"):
+        return ModelSource(name, "builtin", BUILTIN_MODELS.get(name))
+    path = Path(name).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelUnavailable(
+            f"model {name!r} is a {path.suffix} file, a Python pickle that can run code when "
+            "loaded; perfusion reads only safetensors: convert it (e.g. with diffusers' "
+            "conversion scripts) or use the model's .safetensors release")
+    if path.suffix.lower() == ".safetensors":
+        return ModelSource(name, "file", path)
+    found = HUB_ID.fullmatch(name)
+    if found and not path.exists() and not name.startswith((".", "/", "~")):
+        return ModelSource(name, "hub", repo=found["repo"], revision=found["revision"])
+    return ModelSource(name, "folder", path)
+
+
+# ---------------------------------------------------------------- the Hugging Face cache
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE, read when asked (not when huggingface_hub was imported)."""
+    return _env_true("HF_HUB_OFFLINE")
+
+
+def hub_cache() -> Path:
+    """The hub's cache folder, read when asked: HF_HUB_CACHE, else HF_HOME/hub, else
+    ~/.cache/huggingface/hub (XDG_CACHE_HOME honoured), as huggingface_hub finds it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base).expanduser() / "huggingface" / "hub"
+
+
+def cached_snapshot(source: ModelSource) -> Path | None:
+    """The snapshot folder of a model id in the local cache, or None: the revision read from
+    the cache's `refs/` (or a commit's own snapshot), with no network and no download."""
+    assert source.kind == "hub" and source.repo is not None
+    repo = hub_cache() / ("models--" + source.repo.replace("/", "--"))
+    revision = source.revision or "main"
+    commit = revision if COMMIT.fullmatch(revision) else None
+    if commit is None:
+        try:
+            commit = (repo / "refs" / revision).read_text("utf-8").strip()
+        except OSError:
+            return None
+    folder = repo / "snapshots" / commit
+    return folder if (folder / "model_index.json").is_file() else None
+
+
+def fetch(source: ModelSource) -> Path:
+    """The snapshot folder of a model id, downloading what is missing on first use (the
+    pipeline's files only, `HUB_FILES`). Offline (HF_HUB_OFFLINE, or no network), the cache
+    must hold it; ModelUnavailable says what is missing and how to get it."""
+    assert source.kind == "hub" and source.repo is not None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    revision = source.revision or "main"
+    try:
+        folder = Path(snapshot_download(source.repo, revision=revision, cache_dir=hub_cache(),
+                                        allow_patterns=list(HUB_FILES),
+                                        local_files_only=offline()))
+    except GatedRepoError as exc:
+        raise ModelUnavailable(
+            f"model {source.repo!r} is gated: accept its licence on huggingface.co, then log in "
+            "(`hf auth login`) or set HF_TOKEN") from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelUnavailable(
+            f"no model {source.repo!r} on the Hugging Face hub (or it is private: log in with "
+            "`hf auth login` or set HF_TOKEN); a local folder must exist") from exc
+    except RevisionNotFoundError as exc:
+        raise ModelUnavailable(f"model {source.repo!r} has no revision {revision!r}") from exc
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        raise ModelUnavailable(_not_cached(source, exc)) from exc
+    if not (folder / "model_index.json").is_file():
+        raise ModelUnavailable(f"model {source.name!r} is not a diffusers pipeline (its "
+                               "repository has no model_index.json)")
+    return folder
+
+
+def download_command(source: ModelSource) -> str:
+    """The command that fetches a model id into the cache by hand."""
+    return f"hf download {source.repo}" + (f" --revision {source.revision}"
+                                           if source.revision else "")
+
+
+def _not_cached(source: ModelSource, exc: BaseException) -> str:
+    why = ("HF_HUB_OFFLINE is set" if offline() else
+           f"the hub could not be reached ({type(exc).__name__})")
+    get = download_command(source)
+    return (f"model {source.name!r} is not in the Hugging Face cache ({hub_cache()}) and {why}; "
+            f"on a machine with a network, run `{get}` (or a first `perfusion run` there) "
+            "with the same HF_HOME, then copy the cache folder here")
+
+
+def describe(name: str) -> str:
+    """Where a model comes from and whether it is there, for `perfusion plan`."""
+    try:
+        source = source_of(name)
+    except ModelUnavailable as exc:
+        return f"refused: {exc}"
+    if source.kind == "tiny":
+        return "built in (random weights, for tests)"
+    if source.kind == "builtin":
+        ok = source.path is not None and (source.path / "model_index.json").is_file()
+        return "built in" if ok else "not a built-in model here"
+    if source.kind == "file":
+        assert source.path is not None
+        return "single checkpoint file" if source.path.is_file() else "missing file"
+    if source.kind == "folder":
+        assert source.path is not None
+        return ("local diffusers folder" if (source.path / "model_index.json").is_file() else
+                "missing: not a diffusers folder (no model_index.json)")
+    snapshot = cached_snapshot(source)
+    if snapshot is not None:
+        return f"Hugging Face cache, snapshot {snapshot.name[:12]}"
+    return ("not in the Hugging Face cache; HF_HUB_OFFLINE is set, so a run will fail"
+            if offline() else "not in the Hugging Face cache yet: downloaded by the first run")
+
+
+def local_folder(name: str) -> Path | None:
+    """The diffusers folder `name` reads from here, without downloading: a built-in model's,
+    a local folder, or a model id's cached snapshot; None for anything else."""
+    try:
+        source = source_of(name)
+    except ModelUnavailable:
+        return None
+    if source.kind == "hub":
+        return cached_snapshot(source)
+    return source.path if source.kind in ("builtin", "folder") else None
+
+
+# ---------------------------------------------------------------- weights stamps
+
+
+def stamp(name: str) -> str | None:
+    """What identifies a model's weights beyond its name, without loading it: a built-in
+    model's training record; a folder's or a file's names, sizes and times; a model id's
+    cached snapshot (its commit). None for the code-defined `tiny:random`; "missing" when
+    there is nothing to read (so no key made with it matches one made with the weights)."""
+    try:
+        source = source_of(name)
+    except ModelUnavailable:
+        return "missing"
+    if source.kind == "tiny":
+        return None
+    if source.kind == "builtin":
+        if source.path is None:
+            return "missing"
+        record = file_sha256(source.path / "training.json")
+        if record is None:
+            return "missing"
+        corpus = file_sha256(source.path / "captions.txt")  # it ships with the model
+        return record if corpus is None else digest({"record": record, "captions": corpus})
+    if source.kind == "hub":
+        snapshot = cached_snapshot(source)
+        return f"hub:{snapshot.name}" if snapshot is not None else "missing"
+    assert source.path is not None
+    return _files_stamp(source.path)
+
+
+def _files_stamp(path: Path) -> str:
+    try:
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        stats = [(p.relative_to(path).as_posix() if p != path else p.name, p.stat().st_size,
+                  p.stat().st_mtime_ns) for p in files]
+    except OSError:
+        return "missing"
+    return digest(stats) if stats else "missing"

@@ -1,0 +1,180 @@
+"""Model sources (docs/models.md): model ids through a Hugging Face cache that the tests
+fill themselves in the hub's real layout (blobs, snapshot links, refs), loaded with the
+network off; the names that are refused; the weights stamp in cache keys."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from test_e2e import fresh_cache
+
+from perfusion_dsl.compiler import compile_paths
+from perfusion_runtime.build import status as status_module
+from perfusion_runtime.build.jobs import ModelUnavailable, load_pipeline
+from perfusion_runtime.build.models import describe, source_of, stamp
+from perfusion_runtime.build.progress import Reporter
+from perfusion_runtime.build.run import RunOptions, run
+from perfusion_runtime.method.device import choose
+from perfusion_runtime.method.fingerprint import base_fingerprint
+from perfusion_runtime.method.tiny import tiny_pipeline
+
+REPO = "perfusion-tests/tiny-sd"
+FIRST = "1" * 40
+SECOND = "2" * 40
+
+
+def hub_snapshot(hub: Path, repo: str, commit: str, pipe: Any, refs: tuple[str, ...] = ("main",),
+                 ) -> Path:
+    """Save `pipe` as the hub's cache keeps a download: each file's bytes once under
+    `blobs/`, the snapshot a tree of relative links to them, `refs/<branch>` the commit."""
+    folder = hub / ("models--" + repo.replace("/", "--"))
+    staging = folder / "staging"
+    pipe.save_pretrained(staging, safe_serialization=True)
+    snapshot = folder / "snapshots" / commit
+    for file in sorted(p for p in staging.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / file.relative_to(staging)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+        file.unlink()
+    for ref in refs:
+        (folder / "refs").mkdir(exist_ok=True)
+        (folder / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty hub cache under HF_HOME, with the network off, and no stamp remembered."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(status_module, "_STAMPS", {})
+    return tmp_path / "hf" / "hub"
+
+
+def test_model_names_are_classified() -> None:
+    assert source_of("tiny:random").kind == "tiny"
+    assert source_of("toy:shapes").kind == "builtin"
+    hub = source_of("stable-diffusion-v1-5/stable-diffusion-v1-5@fp16-main")
+    assert (hub.kind, hub.repo, hub.revision) == ("hub", "stable-diffusion-v1-5/"
+                                                  "stable-diffusion-v1-5", "fp16-main")
+    assert source_of("models/dreamshaper_8.safetensors").kind == "file"
+    assert source_of("./models/sd15").kind == "folder"  # a path, even where it does not exist
+    assert source_of("/opt/models/sd15").kind == "folder"
+    assert source_of("sd15").kind == "folder"  # no slash: not an id
+
+
+def test_an_existing_folder_wins_over_a_model_id(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert source_of("org/name").kind == "folder"
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "weights/model.PT", "x.pth", "m.bin"])
+def test_S8_pickle_checkpoints_are_refused_before_any_read(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not read")
+    with pytest.raises(ModelUnavailable, match="pickle that can run code") as caught:
+        load_pipeline(str(path), choose("cpu"))
+    assert "safetensors" in str(caught.value)
+    assert describe(str(path)).startswith("refused: ")
+
+
+def test_M7_model_id_loads_from_the_hub_cache_offline(hub: Path) -> None:
+    original = tiny_pipeline(0)
+    hub_snapshot(hub, REPO, FIRST, original, refs=("main", "v1"))
+    for name in (REPO, f"{REPO}@v1", f"{REPO}@{FIRST}"):
+        pipe = load_pipeline(name, choose("cpu"))
+        assert base_fingerprint(pipe) == base_fingerprint(original), name
+    assert describe(REPO) == f"Hugging Face cache, snapshot {FIRST[:12]}"
+
+
+def test_M7_model_id_missing_offline_says_what_and_how_within_a_second(hub: Path) -> None:
+    for name, revision in ((REPO, None), (f"{REPO}@v9", "v9")):
+        started = time.perf_counter()
+        with pytest.raises(ModelUnavailable) as caught:
+            load_pipeline(name, choose("cpu"))
+        assert time.perf_counter() - started < 1.0
+        message = str(caught.value)
+        assert "not in the Hugging Face cache" in message and "HF_HUB_OFFLINE" in message
+        assert f"hf download {REPO}" in message and str(hub) in message
+        if revision:
+            assert f"--revision {revision}" in message
+    assert "HF_HUB_OFFLINE is set" in describe(REPO)
+
+
+def test_M7_incomplete_snapshot_is_unavailable_not_a_crash(hub: Path) -> None:
+    snapshot = hub_snapshot(hub, REPO, FIRST, tiny_pipeline(0))
+    (snapshot / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelUnavailable, match=REPO):
+        load_pipeline(REPO, choose("cpu"))
+
+
+def test_stamp_is_the_resolved_snapshot_so_a_new_revision_rebuilds(hub: Path) -> None:
+    assert stamp(REPO) == "missing"
+    assert status_module.model_stamp(REPO) == "missing"  # not remembered: a run may fetch it
+    hub_snapshot(hub, REPO, FIRST, tiny_pipeline(0))
+    assert status_module.model_stamp(REPO) == f"hub:{FIRST}"
+    assert stamp(f"{REPO}@{FIRST}") == f"hub:{FIRST}"
+    hub_snapshot(hub, REPO, SECOND, tiny_pipeline(1))  # main moves on
+    assert stamp(REPO) == f"hub:{SECOND}"
+    assert stamp(f"{REPO}@{FIRST}") == f"hub:{FIRST}"  # a pinned revision does not
+
+
+def test_e2e_model_id_train_render_noop_and_a_new_revision(
+        hub: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    hub_snapshot(hub, REPO, FIRST, tiny_pipeline(0))
+    root = tmp_path / "project"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 120, 40)).save(root / "images" / "1.png")
+    (root / "a.concept").write_text(
+        f'model "{REPO}"\nlearn images/*.png as teddy* <teddy bear> {{ steps: 2, batch: 1 }}\n'
+        'generate "a photo of teddy*" { steps: 2 }\n', encoding="utf-8")
+    cache = fresh_cache(tmp_path_factory, "hub-e2e")
+    compilation = compile_paths([root], root)
+    assert compilation.ok, compilation.diagnostics
+    plan = compilation.plan()
+
+    def build() -> Any:
+        return run(plan, root, RunOptions(store=cache, device="cpu"), Reporter(quiet=True))
+
+    first = build()
+    assert (first.trained, len(first.rendered), first.failures) == (["teddy*"], 1, [])
+    again = build()
+    assert (again.trained, again.rendered, again.reused, again.failures) == ([], [], ["teddy*"],
+                                                                             [])
+    hub_snapshot(hub, REPO, SECOND, tiny_pipeline(0))  # main moves to a new commit
+    newer = build()
+    assert (newer.trained, len(newer.rendered), newer.failures) == (["teddy*"], 1, [])
+    image = next((root / "renders" / "a").glob("a-photo-of-teddy_*.png"))
+    text = Image.open(image).text  # type: ignore[attr-defined]
+    assert (text["base_model"], text["base_model_weights"]) == (REPO, f"hub:{SECOND}")
+
+
+def test_e2e_model_id_missing_offline_fails_its_steps_with_their_spec_lines(
+        hub: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    root = tmp_path / "project"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 120, 40)).save(root / "images" / "1.png")
+    (root / "a.concept").write_text(
+        f'model "{REPO}"\n\nlearn images/*.png as teddy* <teddy bear> {{ steps: 2 }}\n',
+        encoding="utf-8")
+    compilation = compile_paths([root], root)
+    summary = run(compilation.plan(), root,
+                  RunOptions(store=fresh_cache(tmp_path_factory, "hub-missing"), device="cpu"),
+                  Reporter(quiet=True))
+    (failure,) = summary.failures
+    assert "a.concept:3" in failure and "not in the Hugging Face cache" in failure
+    assert f"hf download {REPO}" in failure
