@@ -34,5 +34,8 @@ def _render(ctx: Context, render: RenderDecl) -> RenderStep:
 
 def build(ctx: Context) -> Plan:
     concepts = sorted(ctx.concepts.values(), key=lambda d: (d.unit.file, d.learn.span.line))
-    return Plan(concepts=[_concept(ctx, d) for d in concepts],
-                renders=[_render(ctx, r) for r in ctx.outputs])
+    steps = [_concept(ctx, d) for d in concepts]
+    renders = [_render(ctx, r) for r in ctx.outputs]
+    used = {c.model for c in steps} | {r.model for r in renders}
+    return Plan(concepts=steps, renders=renders,
+                checkpoint_configs={m: c for m, c in ctx.config.checkpoint_configs if m in used})

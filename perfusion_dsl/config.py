@@ -32,7 +32,8 @@ RANGE = "config-range"
 PATH = "config-path"
 
 PROJECT_KEYS = ("model", "output_root")
-TABLES = ("project", "limits")
+TABLES = ("project", "limits", "checkpoints")
+CHECKPOINT_KEYS = ("config",)
 BOM = "\ufeff"
 
 _HEADER = re.compile(
@@ -50,6 +51,9 @@ class ProjectConfig:
     output_root: str | None = None
     limits: Limits = DEFAULT_LIMITS
     file: Path | None = None
+    # `[checkpoints]`: a single-file model (as specs name it) → its diffusers configuration,
+    # a folder relative to the run root or a model id (docs/models.md)
+    checkpoint_configs: tuple[tuple[str, str], ...] = ()
 
 
 def find_root(start: Path) -> Path:
@@ -88,7 +92,8 @@ def load_config(
     checker = _Checker(text, file, root)
     checker.check(data)
     config = ProjectConfig(root, checker.model, checker.output_root,
-                           replace(DEFAULT_LIMITS, **checker.limits), path)
+                           replace(DEFAULT_LIMITS, **checker.limits), path,
+                           tuple(sorted(checker.checkpoint_configs.items())))
     return config, checker.diags
 
 
@@ -219,6 +224,7 @@ class _Checker:
     model: str = DEFAULT_MODEL
     output_root: str | None = None
     limits: dict[str, int] = field(default_factory=dict)
+    checkpoint_configs: dict[str, str] = field(default_factory=dict)
 
     def report(self, code: str, message: str, table: str | None, key: str | None,
                help: str | None = None) -> None:
@@ -234,6 +240,8 @@ class _Checker:
                             f"{_toml_type(value)}", None, name)
             elif name == "project":
                 self.check_project(value)
+            elif name == "checkpoints":
+                self.check_checkpoints(value)
             else:
                 self.check_limits(value)
 
@@ -248,7 +256,8 @@ class _Checker:
             shown = f"[{written}]" if isinstance(value, dict) else f"[[{written}]]"
             message = f"unknown table `{shown}`{did_you_mean(name, TABLES)}"
             self.diags.append(error(UNKNOWN_KEY, message, self.file, span,
-                                    help="the tables are `[project]` and `[limits]`"))
+                                    help="the tables are `[project]`, `[limits]` and "
+                                         "`[checkpoints]`"))
             return
         home = "project" if name in PROJECT_KEYS else "limits" if name in Limits.names() else None
         hint = f"put it under `[{home}]`" if home else "settings go under `[project]` or `[limits]`"
@@ -290,6 +299,34 @@ class _Checker:
         else:
             self.output_root = PurePosixPath(value).as_posix()
 
+    def check_checkpoints(self, table: dict[str, object]) -> None:
+        example = '`"models/x.safetensors" = { config = "models/x-config" }`'
+        for name, value in table.items():
+            if not name.lower().endswith(".safetensors"):
+                self.report(PATH, f"`[checkpoints]` is for single `.safetensors` files, not "
+                            f"`{name}`", "checkpoints", name,
+                            help="a diffusers folder or a model id carries its own configuration")
+                continue
+            if not isinstance(value, dict):
+                self.report(TYPE, f"`{name}` must be a table, not {_toml_type(value)}",
+                            "checkpoints", name, help=f"e.g. {example}")
+                continue
+            for key in value:
+                if key not in CHECKPOINT_KEYS:
+                    self.report(UNKNOWN_KEY, f"unknown key `{key}` for `{name}`"
+                                f"{did_you_mean(key, CHECKPOINT_KEYS)}", "checkpoints", name,
+                                help="a checkpoint accepts `config`")
+            config = value.get("config")
+            if not isinstance(config, str) or not config.strip():
+                self.report(TYPE, f"`{name}` needs `config`: a diffusers folder or a model id",
+                            "checkpoints", name, help=f"e.g. {example}")
+            elif (problem := _config_problem(config.strip(), self.root)) is not None:
+                self.report(PATH, f"the config of `{name}` {problem}", "checkpoints", name,
+                            help="give a diffusers folder (with model_index.json), relative "
+                                 "to the folder holding perfusion.toml, or a model id")
+            else:
+                self.checkpoint_configs[name] = config.strip()
+
     def check_limits(self, table: dict[str, object]) -> None:
         names = Limits.names()
         for key, value in table.items():
@@ -307,6 +344,21 @@ class _Checker:
                             "limits", key, help="the ceilings keep the compiler safe to run")
             else:
                 self.limits[key] = value
+
+
+_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?")
+
+
+def _config_problem(value: str, root: Path) -> str | None:
+    """Why `value` is neither a diffusers folder under `root` nor a model id, or None."""
+    folder = (root / value).expanduser() if not value.startswith("~") else Path(value).expanduser()
+    if (folder / "model_index.json").is_file():
+        return None
+    if folder.exists():
+        return f"`{value}` is not a diffusers folder (no model_index.json)"
+    if _MODEL_ID.fullmatch(value) and not value.startswith("."):
+        return None
+    return f"`{value}` does not exist"
 
 
 def _output_root_problem(value: str, root: Path) -> str | None:

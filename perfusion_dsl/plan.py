@@ -108,6 +108,10 @@ class Plan(_Frozen):
     version: Literal[2] = PLAN_VERSION
     concepts: list[ConceptStep]
     renders: list[RenderStep]
+    # `[checkpoints]` of perfusion.toml for the single-file models the steps use: the file as
+    # the steps name it → its diffusers configuration (a folder relative to the run root, or
+    # a model id)
+    checkpoint_configs: dict[str, str] = Field(default_factory=dict)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

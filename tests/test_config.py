@@ -362,3 +362,31 @@ def test_S7_a_config_that_is_not_a_file_is_refused_at_once(tmp_path: Path, kind:
     assert done.returncode == 1, done.stderr
     assert f"perfusion.toml: error: cannot read perfusion.toml: it is {shown}, not a file" \
         in done.stderr
+
+
+def test_checkpoints_table_gives_each_file_its_config(tmp_path: Path) -> None:
+    (tmp_path / "configs" / "sd15").mkdir(parents=True)
+    (tmp_path / "configs" / "sd15" / "model_index.json").write_text("{}")
+    config, diags = _load(tmp_path, '[checkpoints]\n'
+                          '"models/a.safetensors" = { config = "configs/sd15" }\n'
+                          '"models/b.safetensors" = { config = "org/sd-config@v2" }\n')
+    assert diags == []
+    assert config.checkpoint_configs == (("models/a.safetensors", "configs/sd15"),
+                                         ("models/b.safetensors", "org/sd-config@v2"))
+
+
+@pytest.mark.parametrize("entry, code, words", [
+    ('"models/a" = { config = "org/x" }', "config-path", "single `.safetensors` files"),
+    ('"a.safetensors" = "org/x"', "config-type", "must be a table"),
+    ('"a.safetensors" = { }', "config-type", "needs `config`"),
+    ('"a.safetensors" = { config = "org/x", confg = 1 }', "config-unknown-key", "`confg`"),
+    ('"a.safetensors" = { config = "./nowhere" }', "config-path", "does not exist"),
+    ('"a.safetensors" = { config = "plain" }', "config-path", "is not a diffusers folder"),
+], ids=["not-a-file", "not-a-table", "no-config", "unknown-key", "missing-folder",
+        "folder-without-index"])
+def test_checkpoints_table_problems(tmp_path: Path, entry: str, code: str, words: str) -> None:
+    (tmp_path / "plain").mkdir()
+    _, diags = _load(tmp_path, f"[checkpoints]\n{entry}\n")
+    diag = _one(diags)
+    assert diag.code == code and words in diag.message, diag.message
+    assert diag.span is not None and diag.span.line == 2

@@ -36,7 +36,7 @@ from perfusion_dsl.plan import LearnOptions, Plan, RenderOptions
 CASES = plan_cases()
 
 # The keys of the `plan --json` example in docs/language.md ("The plan"), in its order.
-PLAN_KEYS = ["version", "concepts", "renders"]
+PLAN_KEYS = ["version", "concepts", "renders", "checkpoint_configs"]
 CONCEPT_KEYS = ["token", "file", "line", "model", "supercategories", "adjectives", "images",
                 "image_sha256", "mask_sha256", "options", "key", "up_to_date"]
 RENDER_KEYS = ["file", "line", "model", "prompt", "concepts", "seed", "strength", "out",

@@ -16,9 +16,13 @@ def concept_inputs(ctx: Context, decl: ConceptDecl) -> dict[str, Any]:
                for k, v in ctx.options.get(where, {}).items() if k != "mask"}
     masks = ctx.masks.get(where)
     learn = decl.learn
+    model = ctx.models[decl.unit.path]
+    config = dict(ctx.config.checkpoint_configs).get(model)
     return {
         "token": learn.token,
-        "model": ctx.models[decl.unit.path],
+        "model": model,
+        # a checkpoint's configuration decides how its weights are read: it changes the key
+        **({"model_config": config} if config is not None else {}),
         "supercategories": [s.text for s in learn.supers],
         "adjectives": [i.value for i in learn.adjectives.items] if learn.adjectives else [],
         "images": [i.digest for i in ctx.images.get(where, ())],
@@ -29,7 +33,7 @@ def concept_inputs(ctx: Context, decl: ConceptDecl) -> dict[str, Any]:
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    names = [k for k in a if k != "options" and a[k] != b[k]]
+    names = [k for k in dict.fromkeys([*a, *b]) if k != "options" and a.get(k) != b.get(k)]
     names += [f"`{k}`" for k in sorted(set(a["options"]) | set(b["options"]))
               if a["options"].get(k) != b["options"].get(k)]
     return names

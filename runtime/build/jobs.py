@@ -24,7 +24,18 @@ from ..method.device import Precision, choose
 from ..method.fingerprint import base_fingerprint
 from ..method.render import apply_concepts, load_for
 from ..method.trainer import Progress, Recipe, Subject, train
-from .models import BUILTIN_MODELS, ModelUnavailable, download_command, fetch, source_of
+from .models import (
+    BUILTIN_MODELS,
+    CONFIG_FILES,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    ModelUnavailable,
+    checkpoint_family,
+    checkpoint_tensors,
+    download_command,
+    fetch,
+    source_of,
+)
 from .status import concept_inputs, tool_version
 from .stop import Stop, Stopped
 
@@ -42,10 +53,12 @@ class OutOfMemory(RuntimeError):
     """Out of memory even at the smallest batch; the message says what to try."""
 
 
-def load_pipeline(source: str, precision: Precision) -> Any:
+def load_pipeline(source: str, precision: Precision, config: str | None = None) -> Any:
     """A StableDiffusionPipeline for a plan's model name (`models.source_of`): built in, a
-    local diffusers folder, or a model id from the Hugging Face cache, downloaded on first
-    use. ModelUnavailable says what is missing and how to get it."""
+    local diffusers folder, a model id from the Hugging Face cache (downloaded on first use),
+    or a single `.safetensors` checkpoint read with `config` (a diffusers folder or a model
+    id: `[checkpoints]` in perfusion.toml). ModelUnavailable says what is missing and how to
+    get it."""
     model = source_of(source)
     if model.kind == "tiny":
         from ..method.tiny import tiny_pipeline
@@ -67,7 +80,8 @@ def load_pipeline(source: str, precision: Precision) -> Any:
                                    f"`{download_command(model)}` fetches what is missing"
                                    ) from exc
     if model.kind == "file":
-        raise ModelUnavailable(f"model {source!r}: single checkpoint files are not loaded yet")
+        assert model.path is not None
+        return _from_single_file(source, model.path, config, precision)
     assert model.path is not None
     if not (model.path / "model_index.json").is_file():
         what = "does not exist" if not model.path.exists() else "has no model_index.json"
@@ -91,23 +105,84 @@ def _from_folder(folder: Path, precision: Precision) -> Any:
     return pipe.to(precision.device)
 
 
+def _from_single_file(source: str, path: Path, config: str | None, precision: Precision) -> Any:
+    """A checkpoint in the original layout (A1111, civitai), read through diffusers'
+    `from_single_file` with a local configuration only, and checked whole: diffusers leaves
+    a weight the file lacks at its random start without a word, so the UNet's and the VAE's
+    tensor counts must match the configuration's."""
+    tensors = checkpoint_tensors(path)
+    try:
+        family = checkpoint_family(tensors)
+    except ValueError as exc:
+        raise ModelUnavailable(f"the checkpoint {source!r} is not a Stable Diffusion model: "
+                               f"{exc}") from exc
+    if family == "sdxl":
+        raise ModelUnavailable(f"the checkpoint {source!r} is SDXL, which perfusion does not "
+                               "train or render yet (SD 1.x and SD 2.x only)")
+    if config is None:
+        raise ModelUnavailable(
+            f"the checkpoint {source!r} ({_FAMILY_NAMES[family]}) needs its diffusers "
+            f"configuration to be read without a network: in perfusion.toml, add `[checkpoints]` "
+            f'and `"{source}" = {{ config = "<diffusers folder or model id>" }}` (for example '
+            f'"{_FAMILY_REPOS[family]}")')
+    folder = Path(config)
+    if not folder.is_dir():
+        try:
+            hub = source_of(config)
+        except ModelUnavailable:
+            hub = None
+        if hub is None or hub.kind != "hub":
+            raise ModelUnavailable(f"the configuration {config!r} of {source!r} is neither a "
+                                   "folder nor a model id")
+        folder = fetch(hub, CONFIG_FILES)
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), config=str(folder), local_files_only=True, safety_checker=None,
+            requires_safety_checker=False, torch_dtype=precision.dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[:3]  # a shape mismatch lists every tensor
+        raise ModelUnavailable(f"cannot read the checkpoint {source!r} with the configuration "
+                               f"{config!r} (another model family or size?): "
+                               + " ".join(line.strip() for line in first)[:400]) from exc
+    for name, prefix, module in (("UNet", UNET_PREFIX, pipe.unet),
+                                 ("VAE", VAE_PREFIX, pipe.vae)):
+        have = sum(k.startswith(prefix) for k in tensors)
+        want = len(module.state_dict())
+        if have != want:
+            raise ModelUnavailable(
+                f"the checkpoint {source!r} does not match its configuration {config!r}: its "
+                f"{name} has {have} tensors where the configuration's has {want} (another "
+                "model family or size?)")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(precision.device)
+
+
+_FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL"}
+_FAMILY_REPOS = {"sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                 "sd2": "stabilityai/stable-diffusion-2-1",
+                 "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+
+
 @dataclass
 class Pipelines:
     """Loaded base models, kept for the jobs of one process (a worker keeps its own)."""
 
     device: str = "auto"
-    loaded: dict[str, tuple[Any, str]] = field(default_factory=dict)  # model → (pipe, print)
+    # (model, checkpoint config) → (pipe, print)
+    loaded: dict[tuple[str, str | None], tuple[Any, str]] = field(default_factory=dict)
 
     @property
     def precision(self) -> Precision:
         return choose(self.device)
 
-    def get(self, model: str) -> tuple[Any, str]:
+    def get(self, model: str, config: str | None = None) -> tuple[Any, str]:
         """(pipeline, base fingerprint) for `model`, loading it on first use."""
-        if model not in self.loaded:
-            pipe = load_pipeline(model, self.precision)
-            self.loaded[model] = (pipe, base_fingerprint(pipe))
-        return self.loaded[model]
+        if (model, config) not in self.loaded:
+            pipe = load_pipeline(model, self.precision, config)
+            self.loaded[model, config] = (pipe, base_fingerprint(pipe))
+        return self.loaded[model, config]
 
 
 @dataclass(frozen=True)
@@ -117,6 +192,7 @@ class TrainJob:
     root: str  # the run root: the step's paths are relative to it
     store: str
     captions: str | None = None
+    model_config: str | None = None  # a checkpoint's configuration (`run.checkpoint_config`)
 
 
 @dataclass(frozen=True)
@@ -134,6 +210,7 @@ class RenderJob:
     store: str
     batch_size: int | None = None
     captions: str | None = None
+    model_config: str | None = None  # a checkpoint's configuration (`run.checkpoint_config`)
 
 
 @dataclass(frozen=True)
@@ -185,7 +262,7 @@ def train_job(job: TrainJob, pipes: Pipelines, *, progress: Callable[[Progress],
         # a run killed between publishing and removing its checkpoint left it behind
         store.checkpoint(job.key).unlink(missing_ok=True)
         return Trained(job.step.token, job.key, 0.0)
-    pipe, base = pipes.get(job.step.model)
+    pipe, base = pipes.get(job.step.model, job.model_config)
     cinv, cinv_print = cinv_for(pipe, Path(job.store), Path(job.captions) if job.captions
                                 else default_captions(job.step.model))
     micro = Recipe.from_options(job.step.options).batch
@@ -250,7 +327,7 @@ def render_job(job: RenderJob, pipes: Pipelines, emit: Callable[[list[Rendered]]
     memory the batch is halved down to one image, then OutOfMemory says what to try."""
     store = Store(job.store)
     model = job.renders[0].model
-    pipe, _ = pipes.get(model)
+    pipe, _ = pipes.get(model, job.model_config)
     files = [_checked_concept(store, pipe, token, key, model) for token, key in job.concepts]
     captions = Path(job.captions) if job.captions else \
         default_captions(job.renders[0].model)

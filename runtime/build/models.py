@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,14 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 HUB_FILES = ("model_index.json", "*/*.json", "*/*.txt", "*/*.model",
              "*/diffusion_pytorch_model.safetensors", "*/diffusion_pytorch_model-*.safetensors",
              "*/model.safetensors", "*/model-*.safetensors")
+
+# ... and what reading a single checkpoint file needs from its configuration's repository
+CONFIG_FILES = ("model_index.json", "*/*.json", "*/*.txt", "*/*.model")
+MAX_CHECKPOINT_HEADER = 100 << 20  # a safetensors header: JSON names, dtypes and offsets
+# Where each family keeps its text encoder in the original (A1111, civitai) layout
+FAMILY_PREFIXES = (("sdxl", "conditioner.embedders."), ("sd2", "cond_stage_model.model."),
+                   ("sd1", "cond_stage_model.transformer."))
+UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 
 Kind = Literal["tiny", "builtin", "folder", "file", "hub"]
 
@@ -113,10 +122,11 @@ def cached_snapshot(source: ModelSource) -> Path | None:
     return folder if (folder / "model_index.json").is_file() else None
 
 
-def fetch(source: ModelSource) -> Path:
+def fetch(source: ModelSource, files: tuple[str, ...] = HUB_FILES) -> Path:
     """The snapshot folder of a model id, downloading what is missing on first use (the
-    pipeline's files only, `HUB_FILES`). Offline (HF_HUB_OFFLINE, or no network), the cache
-    must hold it; ModelUnavailable says what is missing and how to get it."""
+    pipeline's `files` only: `HUB_FILES`, or `CONFIG_FILES` for a checkpoint's
+    configuration). Offline (HF_HUB_OFFLINE, or no network), the cache must hold it;
+    ModelUnavailable says what is missing and how to get it."""
     assert source.kind == "hub" and source.repo is not None
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -130,7 +140,7 @@ def fetch(source: ModelSource) -> Path:
     revision = source.revision or "main"
     try:
         folder = Path(snapshot_download(source.repo, revision=revision, cache_dir=hub_cache(),
-                                        allow_patterns=list(HUB_FILES),
+                                        allow_patterns=list(files),
                                         local_files_only=offline()))
     except GatedRepoError as exc:
         raise ModelUnavailable(
@@ -154,6 +164,39 @@ def download_command(source: ModelSource) -> str:
     """The command that fetches a model id into the cache by hand."""
     return f"hf download {source.repo}" + (f" --revision {source.revision}"
                                            if source.revision else "")
+
+
+def checkpoint_tensors(path: Path) -> dict[str, list[int]]:
+    """The tensor names and shapes of a single `.safetensors` checkpoint, from its header
+    alone (the weights are not read); ModelUnavailable when it is not one."""
+    from ..files.safetensors_file import FormatProblem, parse_header
+
+    try:
+        with open(path, "rb") as file:
+            size = file.read(8)
+            length = int.from_bytes(size, "little") if len(size) == 8 else 0
+            data = size + file.read(min(length, MAX_CHECKPOINT_HEADER))
+        header, _ = parse_header(data)
+    except OSError as exc:
+        raise ModelUnavailable(f"cannot read the checkpoint {str(path)!r}: "
+                               f"{exc.strerror or exc}") from exc
+    except FormatProblem as exc:
+        raise ModelUnavailable(f"the checkpoint {str(path)!r} is not usable: {exc}") from exc
+    return {k: list(v.get("shape", [])) for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict)}
+
+
+def checkpoint_family(names: Iterable[str]) -> str:
+    """`sd1`, `sd2` or `sdxl`, from where a checkpoint keeps its text encoder; ValueError
+    for a file that holds no Stable Diffusion UNet or text encoder."""
+    names = list(names)
+    if not any(n.startswith(UNET_PREFIX) for n in names):
+        raise ValueError(f"it holds no Stable Diffusion UNet (no `{UNET_PREFIX}*` tensors): a "
+                         "LoRA, an embedding or a lone component is not a base model")
+    for family, prefix in FAMILY_PREFIXES:
+        if any(n.startswith(prefix) for n in names):
+            return family
+    raise ValueError("it holds no text encoder in a known layout (SD 1.x, SD 2.x or SDXL)")
 
 
 def _not_cached(source: ModelSource, exc: BaseException) -> str:

@@ -165,6 +165,16 @@ def run(plan: Plan, root: Path, options: RunOptions, reporter: Reporter,
         return build.summary
 
 
+def checkpoint_config(build: _Build, model: str) -> str | None:
+    """A single-file model's configuration from the plan (`[checkpoints]` of perfusion.toml):
+    a folder, made absolute from the run root, or a model id as written."""
+    config = build.plan.checkpoint_configs.get(model)
+    if config is None:
+        return None
+    folder = build.root / Path(config).expanduser()
+    return str(folder) if folder.exists() else config
+
+
 def _resolve_models(plan: Plan, reporter: Reporter) -> None:
     """Model ids are resolved (and downloaded on first use) before any key is made, so that
     keys carry the revision really used: a new revision rebuilds, the same one never does.
@@ -212,7 +222,8 @@ def _train_steps(build: _Build, steps: Sequence[ConceptStep]) -> None:
 
     captions = str(build.options.captions) if build.options.captions else None
     jobs = [TrainJob(c, build.status.concept_keys[c.token], str(build.root),
-                     str(build.store.root), captions) for c in steps]
+                     str(build.store.root), captions, checkpoint_config(build, c.model))
+            for c in steps]
     build.get_executor().train_all(jobs, lambda job, result: _trained(build, job, result))
 
 
@@ -308,7 +319,8 @@ def _render_jobs(build: _Build, todo: list[int]) -> list[tuple[RenderJob, list[i
             renders = tuple(plan.renders[i] for i in part)
             tokens = sorted({t for r in renders for t in r.concepts})
             jobs.append((RenderJob(renders, tuple((t, keys[t]) for t in tokens),
-                                   str(build.store.root), build.options.batch_size, captions),
+                                   str(build.store.root), build.options.batch_size, captions,
+                                   checkpoint_config(build, renders[0].model)),
                          part))
     return jobs
 

@@ -106,8 +106,8 @@ def spy_pipelines(patch: pytest.MonkeyPatch) -> list[Any]:
     loaded: list[Any] = []
     real = jobs_module.load_pipeline
 
-    def spy(source: str, precision: Any) -> Any:
-        loaded.append(real(source, precision))
+    def spy(source: str, precision: Any, config: str | None = None) -> Any:
+        loaded.append(real(source, precision, config))
         return loaded[-1]
 
     patch.setattr(jobs_module, "load_pipeline", spy)

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from ldm_layout import to_single_file
 from PIL import Image
 from test_e2e import fresh_cache
 
@@ -178,3 +181,139 @@ def test_e2e_model_id_missing_offline_fails_its_steps_with_their_spec_lines(
     (failure,) = summary.failures
     assert "a.concept:3" in failure and "not in the Hugging Face cache" in failure
     assert f"hf download {REPO}" in failure
+
+
+# ---------------------------------------------------------------- single checkpoint files
+
+
+def checkpoint(tmp_path: Path, pipe: Any, name: str = "model") -> tuple[Path, Path]:
+    """`pipe` as one original-layout `.safetensors` file, and its diffusers configuration
+    (the folder without the weights, as a configuration repository holds it)."""
+    config = tmp_path / f"{name}-config"
+    pipe.save_pretrained(config, safe_serialization=True)
+    for weights in config.rglob("*.safetensors"):
+        weights.unlink()
+    return to_single_file(pipe, tmp_path / f"{name}.safetensors"), config
+
+
+def same_weights(a: Any, b: Any) -> None:
+    for component in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(a, component).state_dict(), getattr(b, component).state_dict()
+        assert ours.keys() == theirs.keys(), component
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), (component, key)
+
+
+@pytest.mark.parametrize("sd2", [False, True], ids=["sd1", "sd2"])
+def test_single_file_checkpoint_loads_with_its_config_offline(tmp_path: Path, sd2: bool) -> None:
+    original = tiny_pipeline(0, sd2=sd2)
+    file, config = checkpoint(tmp_path, original)
+    pipe = load_pipeline(str(file), choose("cpu"), str(config))
+    same_weights(pipe, original)
+    assert base_fingerprint(pipe) == base_fingerprint(original)
+    assert pipe.scheduler.config.prediction_type == ("v_prediction" if sd2 else "epsilon")
+    assert describe(str(file)) == "single checkpoint file"
+
+
+def test_single_file_config_from_a_model_id_in_the_hub_cache(hub: Path, tmp_path: Path) -> None:
+    original = tiny_pipeline(0)
+    file, _ = checkpoint(tmp_path, original)
+    snapshot = hub_snapshot(hub, REPO, FIRST, original)
+    for weights in snapshot.rglob("*.safetensors"):  # a configuration needs no weights
+        weights.unlink()
+    same_weights(load_pipeline(str(file), choose("cpu"), REPO), original)
+
+
+def test_single_file_without_a_config_says_how_to_give_one(tmp_path: Path) -> None:
+    file, _ = checkpoint(tmp_path, tiny_pipeline(0))
+    with pytest.raises(ModelUnavailable, match=r"\[checkpoints\]") as caught:
+        load_pipeline(str(file), choose("cpu"))
+    assert "Stable Diffusion 1.x" in str(caught.value)
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in str(caught.value)
+
+
+@pytest.mark.parametrize("file_layers, config_layers", [(1, 2), (2, 1)],
+                         ids=["config-bigger", "file-bigger"])
+def test_single_file_with_the_wrong_config_is_refused_not_half_random(
+        tmp_path: Path, file_layers: int, config_layers: int) -> None:
+    def pipe(layers: int) -> Any:
+        made = tiny_pipeline(0)
+        made.unet = made.unet.__class__(**{**made.unet.config, "layers_per_block": layers})
+        return made
+
+    file, _ = checkpoint(tmp_path, pipe(file_layers), "file")
+    _, wrong = checkpoint(tmp_path, pipe(config_layers), "wrong")
+    with pytest.raises(ModelUnavailable, match="another model family or size") as caught:
+        load_pipeline(str(file), choose("cpu"), str(wrong))
+    assert len(str(caught.value)) < 1000  # not every mismatched tensor
+
+
+@pytest.mark.parametrize("prefix", ["model.diffusion_model.", "first_stage_model."])
+def test_single_file_missing_a_tensor_is_refused_not_left_random(tmp_path: Path,
+                                                                 prefix: str) -> None:
+    """diffusers' loader keeps a weight the file lacks at its random start, silently."""
+    from safetensors.torch import load_file, save_file
+
+    file, config = checkpoint(tmp_path, tiny_pipeline(0))
+    tensors = load_file(str(file))
+    dropped = next(k for k in sorted(tensors) if k.startswith(prefix) and k.endswith(".weight"))
+    del tensors[dropped]
+    save_file(tensors, str(file))
+    with pytest.raises(ModelUnavailable, match="does not match its configuration"):
+        load_pipeline(str(file), choose("cpu"), str(config))
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"", "too small to be a safetensors file"),
+    (b"PK\x03\x04" + bytes(60), "not a safetensors file"),
+], ids=["empty", "zip"])
+def test_single_file_that_is_not_safetensors_is_unavailable(tmp_path: Path, content: bytes,
+                                                            why: str) -> None:
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(content)
+    with pytest.raises(ModelUnavailable, match=why):
+        load_pipeline(str(file), choose("cpu"), str(tmp_path))
+
+
+def test_single_file_that_is_no_base_model_is_named_so(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    file = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down_blocks_0.alpha": torch.ones(1)}, str(file))
+    with pytest.raises(ModelUnavailable, match="no Stable Diffusion UNet"):
+        load_pipeline(str(file), choose("cpu"), str(tmp_path))
+
+
+def test_e2e_single_file_with_its_config_from_perfusion_toml(
+        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    root = tmp_path / "project"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 120, 40)).save(root / "images" / "1.png")
+    file, config = checkpoint(root, tiny_pipeline(0, sd2=True), "tiny-v")
+    name = str(file)
+    (root / "perfusion.toml").write_text(
+        f'[checkpoints]\n"{name}" = {{ config = "{config.name}" }}\n', encoding="utf-8")
+    (root / "a.concept").write_text(
+        f'model "{name}"\nlearn images/*.png as teddy* <teddy bear> {{ steps: 2, batch: 1 }}\n'
+        'generate "a photo of teddy*" { steps: 2 }\n', encoding="utf-8")
+    cache = fresh_cache(tmp_path_factory, "single-file-e2e")
+
+    def build() -> Any:
+        compilation = compile_paths([root], root)
+        assert compilation.ok, compilation.diagnostics
+        plan = compilation.plan()
+        assert plan.checkpoint_configs == {name: config.name}
+        return run(plan, root, RunOptions(store=cache, device="cpu"), Reporter(quiet=True))
+
+    first = build()
+    assert (first.trained, len(first.rendered), first.failures) == (["teddy*"], 1, [])
+    again = build()
+    assert (again.trained, again.rendered, again.failures) == ([], [], [])
+    # another configuration reads the same weights differently: the concept is trained again
+    shutil.copytree(config, root / "other-config")
+    (root / "perfusion.toml").write_text(
+        f'[checkpoints]\n"{name}" = {{ config = "other-config" }}\n', encoding="utf-8")
+    compilation = compile_paths([root], root)
+    summary = run(compilation.plan(), root, RunOptions(store=cache, device="cpu"),
+                  Reporter(quiet=True))
+    assert (summary.trained, summary.failures) == (["teddy*"], [])
