@@ -1,10 +1,10 @@
-"""Size of one concept file for SD 1.5's dimensions against the budget (invariant 8), and
-what the fp16 option costs in pixels.
+"""Size of one concept file for SD 1.5's dimensions against the budget (invariant 8), for
+SD 2.1's and SDXL's, and what the fp16 option costs in pixels.
 
-    .venv/bin/python bench/artifact_size.py [--pixels] [--threads 1]
+    .venv/bin/python bench/artifact_size.py [--models sd15 sd21 sdxl] [--pixels] [--threads 1]
 
-Builds SD 1.5's UNet and text encoder on the meta device (shapes only, no weights), reads
-the 16 cross-attention layers and their to_k/to_v widths, saves a concept with random
+Builds each model's UNet and text encoder(s) on the meta device (shapes only, no weights),
+reads the cross-attention layers and their to_k/to_v widths, saves a concept with random
 tensors of exactly those shapes and realistic metadata (locked keys: the file holds i_super,
 not o*_K), in fp32 and in fp16, and prints the sizes, beside the trained-keys form (o*_K in
 full) and the previous format 1. `--pixels` also trains concepts on the tiny pipeline and
@@ -23,7 +23,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from sd15 import sd15_unet_and_text_encoder
+from architectures import ARCHITECTURES, unet_and_text_encoders
 
 from perfusion_runtime.method.artifact import (
     Concept,
@@ -49,17 +49,19 @@ OPTIONS = {
 }
 
 
-def sd15_shapes() -> tuple[dict[str, int], int, int]:
-    """({attn2 path: O}, D_tok, D) read from the architecture itself."""
-    unet, text_encoder = sd15_unet_and_text_encoder(device="meta")
+def shapes(name: str) -> tuple[dict[str, int], int, int]:
+    """({attn2 path: O}, D_tok, D) read from the architecture itself. SDXL's D is both
+    encoders' widths side by side, and so is its D_tok: the new token has an embedding
+    row in each encoder."""
+    unet, encoders = unet_and_text_encoders(name, device="meta")
     attn = cross_attention_layers(unet)
     layers = {}
-    for name, module in attn.items():
-        assert module.to_k.out_features == module.to_v.out_features, name
-        layers[name] = int(module.to_k.out_features)
+    for layer, module in attn.items():
+        assert module.to_k.out_features == module.to_v.out_features, layer
+        layers[layer] = int(module.to_k.out_features)
     d_text = {int(module.to_k.in_features) for module in attn.values()}
-    assert d_text == {text_encoder.config.hidden_size}, d_text
-    d_token = int(text_encoder.get_input_embeddings().embedding_dim)
+    assert d_text == {sum(e.config.hidden_size for e in encoders)}, d_text
+    d_token = sum(int(e.get_input_embeddings().embedding_dim) for e in encoders)
     return layers, d_token, d_text.pop()
 
 
@@ -107,8 +109,9 @@ def format_1_size(concept: Concept) -> int:
     return len(safetensors.torch.save(tensors, metadata=metadata))
 
 
-def sizes() -> None:
-    layers, d_token, d_text = sd15_shapes()
+def sizes(name: str) -> None:
+    print(f"{name}:")
+    layers, d_token, d_text = shapes(name)
     concept, weights = random_concept(layers, d_token, d_text)
     trained_keys = Concept(**{**concept.__dict__, "i_super": None})
     with tempfile.TemporaryDirectory() as folder:
@@ -186,11 +189,14 @@ def pixel_cost(model: str, concepts: int, prompts: list[str], steps: int) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(ARCHITECTURES),
+                        choices=list(ARCHITECTURES))
     parser.add_argument("--pixels", action="store_true", help="also measure fp16 in pixels")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sizes()
+    for name in args.models:
+        sizes(name)
     if args.pixels:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         prompts = ["a {} on the left, black background", "a large {} at the top, white "

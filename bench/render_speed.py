@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 from _images import make_images
-from sd15 import sd15_unet_and_text_encoder
+from architectures import sd15_unet_and_text_encoder
 from torch import Tensor
 
 from perfusion_runtime.method.artifact import Concept

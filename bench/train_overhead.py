@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _images import make_images
-from sd15 import sd15_unet_and_text_encoder
+from architectures import sd15_unet_and_text_encoder
 from torch import Tensor, nn
 
 from perfusion_runtime.method import trainer

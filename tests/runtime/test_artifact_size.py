@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from sd15 import sd15_unet_and_text_encoder
+from architectures import sd15_unet_and_text_encoder
 
 from perfusion_dsl.plan import LearnOptions
 from perfusion_runtime.method.artifact import Concept, encode, locked_key_targets, size_for

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import regex
 import torch
-from sd15 import sd15_unet_and_text_encoder  # bench/, on the path through conftest
+from architectures import sd15_unet_and_text_encoder  # bench/, on the path through conftest
 
 from perfusion_runtime.method.layers import cross_attention_layers
 from perfusion_runtime.method.tiny import TOKENIZER_DIR, tiny_pipeline, tiny_tokenizer

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from perfusion_runtime.build.jobs import default_captions, load_pipeline
-from perfusion_runtime.build.status import BUILTIN_MODELS
+from perfusion_runtime.build.models import BUILTIN_MODELS
 from perfusion_runtime.method.covariance import cinv_for
 from perfusion_runtime.method.device import choose
 from perfusion_runtime.method.fingerprint import base_fingerprint
