@@ -44,15 +44,22 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("render")
 
 
-@pytest.fixture(scope="module")
-def pipe() -> Any:
-    return tiny_pipeline(0)
+@pytest.fixture(scope="module", params=[False, True], ids=["sd1", "sd2"])
+def sd2(request: pytest.FixtureRequest) -> bool:
+    """Every test here runs on the SD 1.x tiny pipeline and on the SD 2.x one (GELU text
+    encoder, per-block heads, linear projections, upcast attention, v-prediction)."""
+    return bool(request.param)
 
 
 @pytest.fixture(scope="module")
-def base() -> Any:
+def pipe(sd2: bool) -> Any:
+    return tiny_pipeline(0, sd2=sd2)
+
+
+@pytest.fixture(scope="module")
+def base(sd2: bool) -> Any:
     """The plain pipeline, never touched by a concept."""
-    return tiny_pipeline(0)
+    return tiny_pipeline(0, sd2=sd2)
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +151,13 @@ def test_no_concept_is_active_after_a_call(pipe: Any, base: Any, teddy: Concept,
 
 
 def test_invariant_8_reload_reproduces_outputs_exactly(
-        pipe: Any, teddy: Concept, cinv: Tensor, tmp_path: Path) -> None:
+        pipe: Any, teddy: Concept, cinv: Tensor, tmp_path: Path, sd2: bool) -> None:
     prompts = ["a photo of teddy*", "teddy* in the snow", PLAIN]
     with apply_concepts(pipe, [teddy], cinv=cinv) as applied:
         in_memory = applied(prompts, seed=[0, 1, 2], **RENDER)
     path = tmp_path / "teddy.safetensors"
     artifact.save(teddy, path)
-    fresh = tiny_pipeline(0)
+    fresh = tiny_pipeline(0, sd2=sd2)
     with apply_concepts(fresh, [path], cinv=cinv) as applied:
         loaded = applied.concepts["teddy*"]
         reloaded = applied(prompts, seed=[0, 1, 2], **RENDER)

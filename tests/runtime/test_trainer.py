@@ -95,12 +95,17 @@ class Trained:
     processors: dict[str, Any]
     optimisers: list[torch.optim.Optimizer]
     runs: list[Any]  # trainer._Run of the training
+    cinv: tuple[Tensor, str]  # of this pipeline's text encoder
+    sd2: bool  # tiny_pipeline(0, sd2=…) made it
 
 
-@pytest.fixture(scope="module")
-def trained(subject: Subject, cinv: tuple[Tensor, str]) -> Trained:
-    """One training on a fresh tiny pipeline, with a spy on the optimiser it builds."""
-    pipe = tiny_pipeline(0)
+@pytest.fixture(scope="module", params=[False, True], ids=["sd1", "sd2"])
+def trained(request: pytest.FixtureRequest, subject: Subject,
+            tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """One training on a fresh tiny pipeline, with a spy on the optimiser it builds; on the
+    SD 1.x tiny pipeline and on the SD 2.x one (`tiny_pipeline(sd2=True)`)."""
+    pipe = tiny_pipeline(0, sd2=request.param)
+    cinv = cinv_for(pipe, tmp_path_factory.getbasetemp() / "cinv-cache")
     before = state_dicts(pipe)
     embedding = pipe.text_encoder.get_input_embeddings()
     processors = dict(pipe.unet.attn_processors)
@@ -117,7 +122,8 @@ def trained(subject: Subject, cinv: tuple[Tensor, str]) -> Trained:
         patch.setattr(trainer, "_optimiser", spy)
         concept = train(pipe, subject, RECIPE, cinv[0], cinv_fingerprint=cinv[1],
                         base_fingerprint=base_fingerprint(pipe), options={"steps": 6})
-    return Trained(pipe, concept, before, embedding, processors, optimisers, runs)
+    return Trained(pipe, concept, before, embedding, processors, optimisers, runs, cinv,
+                   request.param)
 
 
 def test_invariant_4_key_targets_locked(trained: Trained, subject: Subject) -> None:
@@ -143,9 +149,8 @@ def test_invariant_4_key_targets_locked(trained: Trained, subject: Subject) -> N
     assert all(p.requires_grad for p in optimised)
 
 
-def test_invariant_5_base_weights_bit_identical(trained: Trained, cinv: tuple[Tensor, str]
-                                                ) -> None:
-    pipe = trained.pipe
+def test_invariant_5_base_weights_bit_identical(trained: Trained) -> None:
+    pipe, cinv = trained.pipe, trained.cinv
     assert_bit_identical(trained.before, pipe)  # after training
     assert pipe.text_encoder.get_input_embeddings() is trained.embedding
     assert dict(pipe.unet.attn_processors) == trained.processors
@@ -204,11 +209,13 @@ def test_failure_while_preparing_leaves_the_pipeline_as_it_was(
 
 
 def test_M3_basis_seeded_training_is_bit_deterministic(
-        trained: Trained, subject: Subject, cinv: tuple[Tensor, str]) -> None:
+        trained: Trained, subject: Subject) -> None:
     """Two trainings with the same seed give the same artifact bytes (resume exactness, M3,
     builds on this); another seed gives other bytes."""
+    cinv = trained.cinv
+
     def bytes_for(recipe: Recipe) -> bytes:
-        pipe = tiny_pipeline(0)
+        pipe = tiny_pipeline(0, sd2=trained.sd2)
         concept = train(pipe, subject, recipe, cinv[0], cinv_fingerprint=cinv[1],
                         base_fingerprint=base_fingerprint(pipe), options={"steps": 6})
         return artifact.encode(concept)
@@ -283,12 +290,11 @@ def test_training_restores_module_modes_and_grad_flags(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("variant", ["trained_keys", "embedding_only"])
 def test_benchmark_ablations_train_what_they_name(variant: str, subject: Subject,
-                                                  trained: Trained,
-                                                  cinv: tuple[Tensor, str]) -> None:
+                                                  trained: Trained) -> None:
     """bench/ablations.py, subclasses of the trainer's Method: "trained_keys" optimises o*_K
     too (it moves off W_K i_super), "embedding_only" (textual inversion) only the embedding
     (o*_K and o*_V stay at their starts). Neither touches the base weights."""
-    pipe = tiny_pipeline(0)
+    pipe, cinv = tiny_pipeline(0, sd2=trained.sd2), trained.cinv
     before = state_dicts(pipe)
     concept = train(pipe, subject, RECIPE, cinv[0], cinv_fingerprint=cinv[1],
                     base_fingerprint=base_fingerprint(pipe), method=ABLATIONS[variant])
