@@ -182,6 +182,9 @@ async def test_a_use_cycle_of_two_open_unsaved_documents(client: LanguageClient,
     b = _open(client, project / "b.concept", b_text)
     a_text += "# unsaved\n"
     _change(client, a, a_text, 2)
+    # a's first check, before b was open, found b missing: wait until a's check with b open
+    # has replaced it, or a later wait for "some diagnostics" would take that old publish
+    assert list(await _diagnostics(client, a, lambda d: len(d) == 0)) == []
     files = {"a.concept": a_text, "b.concept": b_text}
     own_b = _saved(project, files, "b.concept")
     assert [c for c, *_ in own_b] == ["use-cycle", "unknown-option", "duplicate-render"]

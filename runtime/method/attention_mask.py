@@ -61,9 +61,11 @@ def _binarise(grid: Tensor) -> Tensor:
 
 @torch.no_grad()
 def attention_masks(pipe: Any, latents: Tensor, hidden: Tensor, hit: Tensor,
-                    generator: torch.Generator) -> Tensor:
+                    generator: torch.Generator,
+                    added: dict[str, Tensor] | None = None) -> Tensor:
     """[N, 1, h, w] masks for the training latents [N, C, h, w]. `hidden` [1, T, D] encodes a
-    caption with the supercategory in place of the token; `hit` [1, T] marks its positions."""
+    caption with the supercategory in place of the token; `hit` [1, T] marks its positions.
+    `added`: SDXL's added conditions for that caption ([1, …] each), None for SD 1.x/2.x."""
     unet = pipe.unet
     steps = pipe.scheduler.config.num_train_timesteps
     t = torch.full((latents.shape[0],), int(steps * NOISE_LEVEL), dtype=torch.long)
@@ -75,8 +77,11 @@ def attention_masks(pipe: Any, latents: Tensor, hidden: Tensor, hit: Tensor,
     try:
         for attn in layers.values():
             attn.set_processor(capture)
+        rows = latents.shape[0]
         unet(noisy.to(unet.device), t.to(unet.device),
-             encoder_hidden_states=hidden.expand(latents.shape[0], -1, -1).to(unet.device))
+             encoder_hidden_states=hidden.expand(rows, -1, -1).to(unet.device),
+             added_cond_kwargs=None if added is None else
+             {k: v.expand(rows, -1).to(unet.device) for k, v in added.items()})
     finally:
         for name, attn in layers.items():
             attn.set_processor(originals[name])

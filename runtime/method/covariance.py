@@ -18,7 +18,8 @@ import json
 import logging
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from ..files.atomic import FileError, read_regular, reason, write_atomically
 from ..files.safetensors_file import FormatProblem, tensor_sha256
 from ..files.store import CINV_DIGEST, CINV_DIR, MAX_CINV_BYTES
+from . import text
 from .key_locking import DEFAULT_RIDGE, inverse_covariance, second_moment
 from .tokens import ExtendedEmbedding
 
@@ -178,26 +180,36 @@ def _encode(tokenizer: Any, text_encoder: nn.Module, batch: Sequence[str],
 def caption_moment(tokenizer: Any, text_encoder: nn.Module, captions: Sequence[str],
                    batch_size: int = 64, device: torch.device | str | None = None) -> Tensor:
     """C = E[e eᵀ] over all 77 positions of every caption, [D, D] float64 (on the CPU)."""
+    where = torch.device(device) if device is not None else _encoder_device(text_encoder)
+    return _moment(lambda batch: _encode(tokenizer, text_encoder, batch, where), [text_encoder],
+                   captions, batch_size, where)
+
+
+def _moment(encode: Callable[[Sequence[str]], Tensor], encoders: Sequence[nn.Module],
+            captions: Sequence[str], batch_size: int, where: torch.device) -> Tensor:
+    """E[e eᵀ] [D, D] float64 (CPU) of `encode(batch)` [B·T, D] over the captions, with the
+    encoders in eval mode (dropout off: C of the model as it renders) for the duration."""
     if not captions:
         raise ValueError("no captions: C needs at least one")
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    where = torch.device(device) if device is not None else _encoder_device(text_encoder)
     summing = where if where.type in ("cpu", "cuda") else torch.device("cpu")  # has float64
     total: Tensor | None = None  # Σ e eᵀ [D, D] float64
     count, started = 0, time.monotonic()
-    was_training = text_encoder.training
-    text_encoder.eval()  # dropout off: C of the model as it renders
+    modes = [e.training for e in encoders]
+    for encoder in encoders:
+        encoder.eval()
     try:
         with torch.no_grad():
             for index, batch in enumerate(_batches(captions, batch_size)):
-                flat = _encode(tokenizer, text_encoder, batch, where)  # [B·T, D]
+                flat = encode(batch)  # [B·T, D]
                 part = second_moment(flat.to(summing)) * flat.shape[0]  # float64 Σ [D, D]
                 total = part if total is None else total + part
                 count += flat.shape[0]
                 _progress(index + 1, -(-len(captions) // batch_size), started)
     finally:
-        text_encoder.train(was_training)
+        for encoder, mode in zip(encoders, modes, strict=True):
+            encoder.train(mode)
     assert total is not None
     return (total / count).cpu()
 
@@ -235,6 +247,38 @@ def _parts(pipeline_or_parts: Any) -> tuple[Any, nn.Module]:
         raise TypeError("expected a pipeline with .tokenizer and .text_encoder, "
                         "or a (tokenizer, text_encoder) pair")
     return tokenizer, text_encoder
+
+
+@dataclass(frozen=True)
+class _TextSide:
+    """What C⁻¹ is estimated on: one (tokenizer, encoder) pair, or an SDXL pipeline (`pipe`
+    set), whose two encoders the UNet reads side by side."""
+
+    tokenizer: Any
+    text_encoder: nn.Module
+    width: int
+    pipe: Any = None
+
+    def fingerprint(self) -> str:
+        if self.pipe is None:
+            return text_encoder_fingerprint(self.tokenizer, self.text_encoder)
+        return joint_fingerprint(self.pipe)
+
+
+def joint_fingerprint(pipe: Any) -> str:
+    """Of an SDXL pipeline's text side: each (tokenizer, encoder)'s fingerprint, in order."""
+    parts = [text_encoder_fingerprint(t, e) for t, e in text.pairs(pipe)]
+    return hashlib.sha256(("perfusion joint text fingerprint v1\n" + "\n".join(parts))
+                          .encode("ascii")).hexdigest()
+
+
+def _side(pipeline_or_parts: Any) -> _TextSide:
+    if not isinstance(pipeline_or_parts, tuple | list) and text.is_xl(pipeline_or_parts):
+        pipe = pipeline_or_parts
+        width = sum(_width(e) for _, e in text.pairs(pipe))
+        return _TextSide(pipe.tokenizer, pipe.text_encoder, width, pipe)
+    tokenizer, text_encoder = _parts(pipeline_or_parts)
+    return _TextSide(tokenizer, text_encoder, _width(text_encoder))
 
 
 def _width(text_encoder: nn.Module) -> int:
@@ -318,13 +362,19 @@ def _metadata(fingerprint: str, encoder: str, captions_sha256: str,
             "positions": str(TEXT_POSITIONS), "ridge": repr(RIDGE)}
 
 
-def _estimate(tokenizer: Any, text_encoder: nn.Module, source: Path,
-              caption_bytes: bytes) -> tuple[Tensor, int]:
+def _estimate(side: _TextSide, source: Path, caption_bytes: bytes) -> tuple[Tensor, int]:
     """(C⁻¹, number of captions) from a caption file's bytes, checked."""
     captions = _caption_lines(source, caption_bytes)
     logger.info("estimating C⁻¹ on %d captions from %s", len(captions), source)
-    cinv = estimate_cinv(tokenizer, text_encoder, captions)
-    problem = _cinv_problem(cinv, _width(text_encoder))
+    if side.pipe is None:
+        cinv = estimate_cinv(side.tokenizer, side.text_encoder, captions)
+    else:  # SDXL: the UNet's input, both encoders side by side (text.encode)
+        pipe = side.pipe
+        moment = _moment(lambda batch: text.encode(pipe, batch)[0].reshape(-1, side.width),
+                         [e for _, e in text.pairs(pipe)], captions, 64,
+                         _encoder_device(side.text_encoder))
+        cinv = inverse_covariance(moment, ridge=RIDGE).contiguous()
+    problem = _cinv_problem(cinv, side.width)
     if problem is not None:  # not a cache problem: the estimate itself is wrong
         raise ValueError(f"the C⁻¹ estimated from {source} is unusable: {problem}")
     return cinv, len(captions)
@@ -351,18 +401,18 @@ def cinv_for(pipeline_or_parts: Any, cache_dir: Path,
     Read from `<cache_dir>/cinv/<fingerprint>.safetensors` when that entry is valid; otherwise
     estimated on `captions_path` (default: the shipped corpus) and written there atomically.
     Call it on the base model: concept tokens added later do not change the fingerprint."""
-    tokenizer, text_encoder = _parts(pipeline_or_parts)
+    side = _side(pipeline_or_parts)
     source = Path(captions_path) if captions_path is not None else CAPTIONS_PATH
     caption_bytes = _read_caption_file(source)
     captions_sha256 = hashlib.sha256(caption_bytes).hexdigest()
-    encoder = text_encoder_fingerprint(tokenizer, text_encoder)
+    encoder = side.fingerprint()
     fingerprint = cinv_fingerprint(encoder, captions_sha256)
     path = Path(cache_dir) / CINV_DIR / f"{fingerprint}.safetensors"
     if path.exists():
         try:
-            return _read_cache(path, fingerprint, _width(text_encoder)), fingerprint
+            return _read_cache(path, fingerprint, side.width), fingerprint
         except _CacheProblem as why:
             logger.warning("C⁻¹ cache entry %s is unusable (%s): recomputing it", path, why)
-    cinv, count = _estimate(tokenizer, text_encoder, source, caption_bytes)
+    cinv, count = _estimate(side, source, caption_bytes)
     _store(path, cinv, _metadata(fingerprint, encoder, captions_sha256, count))
     return cinv, fingerprint

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..files.store import cache_root
+from . import text
 from .artifact import Concept, load
 from .covariance import cinv_for
 from .fingerprint import base_fingerprint
@@ -69,7 +70,8 @@ class Applied:
         if not tokens:
             self.state.deactivate()
             self.installed.restore()
-            remove_extension(self.pipe.text_encoder)
+            for _, encoder in text.pairs(self.pipe):
+                remove_extension(encoder)
             self.removed = True
             return
         missing = [t for t in tokens if t not in self.concepts]
@@ -77,7 +79,8 @@ class Applied:
             raise ValueError(f"{', '.join(missing)}: not applied (applied: "
                              f"{', '.join(self.concepts) or 'none'})")
         for token in tokens:
-            drop_concept(self.pipe.tokenizer, self.pipe.text_encoder, token)
+            for tokenizer, encoder in text.pairs(self.pipe):
+                drop_concept(tokenizer, encoder, token)
             del self.concepts[token]
 
     def tokens_in(self, prompts: Sequence[str]) -> list[str]:
@@ -170,20 +173,38 @@ class Applied:
         """The pipeline's keyword arguments: the caller's, the prompt encodings and, when a
         row locks keys globally, the supercategory prompts' (merged into the caller's own
         cross_attention_kwargs)."""
-        device = self.pipe.unet.device
         out = dict(pipe_kwargs)
         with torch.no_grad():
-            cond, uncond = self.pipe.encode_prompt(
-                [rewrite(p, self.concepts) for p in prompts], device, 1, guided,
-                [negative] * len(prompts))
+            negatives = [negative] * len(prompts)
+            encoded = _encode_prompt(self.pipe, [rewrite(p, self.concepts) for p in prompts],
+                                     guided, negatives)
+            cond, uncond = encoded[0], encoded[1]
             out.update(prompt_embeds=cond, negative_prompt_embeds=uncond)
+            supers = [self.supercategory_prompt(p) for p in prompts]
+            if text.is_xl(self.pipe):
+                # SDXL's pooled text from the supercategory prompt, as in training: the
+                # concept reaches the UNet only through the gated cross-attention, and a
+                # prompt without a concept gets the base model's pooled text
+                plain = _encode_prompt(self.pipe, supers, guided, negatives)
+                out.update(pooled_prompt_embeds=plain[2],
+                           negative_pooled_prompt_embeds=plain[3])
             if self.state.needs_super:
-                sup, _ = self.pipe.encode_prompt(
-                    [self.supercategory_prompt(p) for p in prompts], device, 1, False)
+                sup = _encode_prompt(self.pipe, supers, False, None)[0]
                 both = torch.cat([uncond, sup]) if guided else sup
                 out["cross_attention_kwargs"] = {**(pipe_kwargs.get("cross_attention_kwargs")
                                                     or {}), SUPER_KWARG: both}
         return out
+
+
+def _encode_prompt(pipe: Any, prompts: list[str], guided: bool,
+                   negatives: list[str] | None) -> tuple[Any, ...]:
+    """The pipeline's own prompt encoding, by keyword (SDXL's takes a second prompt after
+    the first): (cond, uncond) for SD 1.x/2.x, (cond, uncond, pooled, uncond pooled) for
+    SDXL."""
+    found: tuple[Any, ...] = pipe.encode_prompt(
+        prompt=prompts, device=pipe.unet.device, num_images_per_prompt=1,
+        do_classifier_free_guidance=guided, negative_prompt=negatives)
+    return found
 
 
 def _seeds(seed: int | Sequence[int], count: int) -> list[int]:
@@ -213,11 +234,11 @@ def load_for(pipe: Any, path: Path) -> Concept:
     embedding of the wrong size would otherwise fail later, inside rendering); locked keys
     are rebuilt from the pipeline's W_K. Raises ArtifactError."""
     cross = cross_attention_layers(pipe.unet)
-    embeddings = pipe.text_encoder.get_input_embeddings().weight
+    # SDXL: the token's rows in both encoders side by side, and both encoders' widths
     return load(path, expect_base_fingerprint=base_fingerprint(pipe),
                 expect_layers={n: int(a.to_k.out_features) for n, a in cross.items()},
-                expect_dims=(int(embeddings.shape[1]),
-                             int(pipe.text_encoder.config.hidden_size)),
+                expect_dims=(sum(text.token_widths(pipe)),
+                             sum(int(e.config.hidden_size) for _, e in text.pairs(pipe))),
                 key_weights={n: a.to_k.weight for n, a in cross.items()})
 
 
@@ -251,7 +272,7 @@ def apply_concepts(pipe: Any, concepts: Sequence[str | os.PathLike[str] | Concep
         batch_size = CPU_BATCH if pipe.unet.device.type == "cpu" else CUDA_BATCH
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if is_installed(pipe.unet) or is_extended(pipe.text_encoder):
+    if is_installed(pipe.unet) or any(is_extended(e) for _, e in text.pairs(pipe)):
         raise ValueError("concepts are already applied to this pipeline (or it is training): "
                          "call Applied.remove() on the one apply_concepts returned (or leave "
                          "its `with` block) first; Applied.remove(token) unloads one concept")
@@ -268,7 +289,9 @@ def apply_concepts(pipe: Any, concepts: Sequence[str | os.PathLike[str] | Concep
         if cinv_print is not None and concept.cinv_fingerprint != cinv_print:
             raise ValueError(f"concept {concept.token!r} was trained with another C⁻¹ "
                              f"({concept.cinv_fingerprint[:12]}, here {cinv_print[:12]})")
-    add_concepts(pipe.tokenizer, pipe.text_encoder,
-                 {t: c.embedding for t, c in loaded.items()})
+    widths = text.token_widths(pipe)
+    for k, (tokenizer, encoder) in enumerate(text.pairs(pipe)):
+        add_concepts(tokenizer, encoder,
+                     {t: torch.split(c.embedding, widths)[k] for t, c in loaded.items()})
     state = ConceptState()
     return Applied(pipe, loaded, cinv.float(), install(pipe.unet, state), state, batch_size)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from perfusion_dsl.plan import LearnOptions
 
 from . import checkpoint as checkpoints
+from . import text
 from .artifact import Concept, locked_key_targets
 from .attention_mask import attention_masks
 from .device import Precision
@@ -132,11 +133,9 @@ def captions(template: str, subject: str, adjectives: Sequence[str]) -> str:
 
 
 def encode(pipe: Any, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-    """(last hidden state [B, 77, D], input ids [B, 77]); no attention mask (SD 1.x)."""
-    tok = pipe.tokenizer(list(prompts), padding="max_length", truncation=True,
-                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
-    ids = tok.input_ids.to(pipe.text_encoder.device)
-    return pipe.text_encoder(ids)[0], ids
+    """(the UNet's text input [B, 77, D], the first tokenizer's ids [B, 77]); no attention
+    mask (`text.encode`: SDXL's two encoders side by side)."""
+    return text.encode(pipe, prompts)
 
 
 def _word_ids(tokenizer: Any, text: str) -> list[int]:
@@ -177,22 +176,38 @@ def super_encoding(pipe: Any, subject: Subject, templates: Sequence[str]) -> Ten
     the whole word, as the concept's own single token stands for the whole concept."""
     rows = []
     for sup in subject.supercategories:
-        spliced = [super_caption(pipe.tokenizer, t, sup, subject.adjectives) for t in templates]
-        ids = torch.stack([ids for ids, _ in spliced]).to(pipe.text_encoder.device)
-        hidden = pipe.text_encoder(ids)[0]
-        for b, (_, span) in enumerate(spliced):
+        hidden, spans = _super_hidden(pipe, templates, sup, subject.adjectives)
+        for b, span in enumerate(spans):
             rows.append(hidden[b, span[-1]].float())
     return torch.stack(rows).mean(0)
 
 
+def _super_hidden(pipe: Any, templates: Sequence[str], sup: str, adjectives: Sequence[str]
+                  ) -> tuple[Tensor, list[range]]:
+    """The UNet's text input for `templates` with `sup` in place of the token, and where the
+    word is in each. Each encoder's tokenizer splices its own ids; they split text alike
+    (SDXL's two share one vocabulary), so the word sits at the same positions in both."""
+    ids, spans = [], []
+    for tokenizer, _ in text.pairs(pipe):
+        spliced = [super_caption(tokenizer, t, sup, adjectives) for t in templates]
+        ids.append(torch.stack([i for i, _ in spliced]))
+        spans.append([span for _, span in spliced])
+    if any(other != spans[0] for other in spans[1:]):
+        raise TrainingError(f"the text encoders' tokenizers split {sup!r} differently")
+    return text.encode_ids(pipe, ids), spans[0]
+
+
 @torch.no_grad()
 def initial_embedding(pipe: Any, subject: Subject) -> Tensor:
-    """The mean input embedding of the first supercategory's tokens."""
-    base = extended_embedding(pipe.text_encoder).base
-    ids = torch.tensor(_word_ids(pipe.tokenizer, subject.supercategories[0]),
-                       device=base.weight.device)
-    start: Tensor = base(ids).float().mean(0)
-    return start
+    """The mean input embedding of the first supercategory's tokens, in each encoder's own
+    table, side by side (SDXL: a row for each encoder)."""
+    starts = []
+    for tokenizer, encoder in text.pairs(pipe):
+        base = extended_embedding(encoder).base
+        ids = torch.tensor(_word_ids(tokenizer, subject.supercategories[0]),
+                           device=base.weight.device)
+        starts.append(base(ids).float().mean(0))
+    return torch.cat(starts)
 
 
 @torch.no_grad()
@@ -206,9 +221,12 @@ def encode_latents(pipe: Any, pixels: Tensor) -> Tensor:
     return torch.cat(out)
 
 
+def _vae_scale(pipe: Any) -> int:
+    return 1 << (len(pipe.vae.config.block_out_channels) - 1)
+
+
 def native_resolution(pipe: Any) -> int:
-    scale = 1 << (len(pipe.vae.config.block_out_channels) - 1)
-    return int(pipe.unet.config.sample_size) * scale
+    return int(pipe.unet.config.sample_size) * _vae_scale(pipe)
 
 
 class Method:
@@ -224,8 +242,12 @@ class Method:
         return locked
 
     def trainable(self, run: _Run) -> dict[str, nn.Parameter]:
-        """The optimised parameters by stable name: the embedding, then o*_V per layer."""
-        return {"embedding": run.embedding, **{f"o_v.{n}": p for n, p in run.o_v.items()}}
+        """The optimised parameters by stable name: the embedding (SDXL: and the second
+        encoder's, `embedding_2`), then o*_V per layer."""
+        rows = {"embedding": run.embedding}
+        if run.embedding_2 is not None:
+            rows["embedding_2"] = run.embedding_2
+        return {**rows, **{f"o_v.{n}": p for n, p in run.o_v.items()}}
 
     def edit(self, state: ConceptState, run: _Run, i_star: Tensor) -> None:
         """Switch the gated edit on for this step (every prompt names the concept)."""
@@ -263,20 +285,28 @@ class _Run:
     i_super: Tensor | None = None  # [D]: o*_K = W_K · i_super while keys are locked
     losses: list[float] = field(default_factory=list)
     method: Method = PERFUSION
+    embedding_2: nn.Parameter | None = None  # SDXL: the token's row in the second encoder
+
+    @property
+    def embeddings(self) -> list[nn.Parameter]:
+        """The token's learned row in each text encoder."""
+        return [self.embedding] + ([self.embedding_2] if self.embedding_2 is not None else [])
 
 
 def _attention_masks(pipe: Any, subject: Subject, recipe: Recipe, latents: Tensor) -> Tensor:
     """Masks from the base model's cross-attention to the (first) supercategory, read in the
     first caption template with the supercategory in place of the token: every token of the
     substituted word, and only those (not a repetition of the word elsewhere)."""
-    ids, span = super_caption(pipe.tokenizer, recipe.templates[0], subject.supercategories[0],
-                              subject.adjectives)
-    ids = ids[None].to(pipe.text_encoder.device)
-    hidden = pipe.text_encoder(ids)[0]
-    hit = torch.zeros_like(ids, dtype=torch.bool)
+    hidden, (span,) = _super_hidden(pipe, recipe.templates[:1], subject.supercategories[0],
+                                    subject.adjectives)
+    hit = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
     hit[0, span.start:span.stop] = True
     generator = torch.Generator().manual_seed(recipe.seed)
-    return attention_masks(pipe, latents, hidden.detach(), hit, generator)
+    added = text.added_conditions(pipe, [captions(recipe.templates[0],
+                                                  subject.supercategories[0],
+                                                  subject.adjectives)],
+                                  int(latents.shape[-1]) * _vae_scale(pipe))
+    return attention_masks(pipe, latents, hidden.detach(), hit, generator, added)
 
 
 def _targets(pipe: Any, i_super: Tensor, method: Method
@@ -299,7 +329,7 @@ def _targets(pipe: Any, i_super: Tensor, method: Method
 def _frozen(pipe: Any) -> Iterator[None]:
     """The base modules in eval mode with no parameter requiring grad, for the duration; then
     each module's mode and each parameter's flag as they were."""
-    modules = (pipe.unet, pipe.vae, pipe.text_encoder)
+    modules = (pipe.unet, pipe.vae, *(encoder for _, encoder in text.pairs(pipe)))
     modes = [m.training for m in modules]
     flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
     try:
@@ -325,24 +355,35 @@ def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor,
     elif recipe.mask == "attention":
         masks = _attention_masks(pipe, subject, recipe, latents)
     start = initial_embedding(pipe, subject)
-    ids = add_concepts(pipe.tokenizer, pipe.text_encoder, {subject.token: start},
-                       trainable=True)
-    embedding = extended_embedding(pipe.text_encoder).vectors[str(ids[subject.token])]
+    rows: list[nn.Parameter] = []
+    first_id = None
+    for (tokenizer, encoder), part in zip(text.pairs(pipe), torch.split(
+            start, text.token_widths(pipe)), strict=True):
+        ids = add_concepts(tokenizer, encoder, {subject.token: part}, trainable=True)
+        first_id = ids[subject.token] if first_id is None else first_id
+        rows.append(extended_embedding(encoder).vectors[str(ids[subject.token])])
+    assert first_id is not None
     i_super = super_encoding(pipe, subject, recipe.templates)
     o_k, o_v = _targets(pipe, i_super, method)
     generator = torch.Generator().manual_seed(recipe.seed)
-    return _Run(pipe, subject, recipe, cinv.float(), ids[subject.token], embedding,
-                o_k, o_v, latents, masks, generator, i_super=i_super, method=method)
+    return _Run(pipe, subject, recipe, cinv.float(), first_id, rows[0],
+                o_k, o_v, latents, masks, generator, i_super=i_super, method=method,
+                embedding_2=rows[1] if len(rows) > 1 else None)
 
 
-def _batch(run: _Run, size: int) -> tuple[Tensor, Tensor | None, list[str]]:
+def _batch(run: _Run, size: int) -> tuple[Tensor, Tensor | None, list[str], list[str]]:
+    """Latents, masks, the captions with the token, and the same captions with the first
+    supercategory in its place (SDXL's pooled text is read from those)."""
     n = run.latents.shape[0]
     pick = torch.randint(0, n, (size,), generator=run.generator)
     which = torch.randint(0, len(run.recipe.templates), (size,), generator=run.generator)
-    prompts = [rewrite(captions(run.recipe.templates[int(t)], run.subject.token,
-                                run.subject.adjectives), [run.subject.token]) for t in which]
+    subject = run.subject
+    prompts = [rewrite(captions(run.recipe.templates[int(t)], subject.token,
+                                subject.adjectives), [subject.token]) for t in which]
+    supers = [captions(run.recipe.templates[int(t)], subject.supercategories[0],
+                       subject.adjectives) for t in which]
     masks = run.masks[pick] if run.masks is not None else None
-    return run.latents[pick], masks, prompts
+    return run.latents[pick], masks, prompts, supers
 
 
 def _update_i_star(run: _Run, hidden: Tensor, ids: Tensor) -> Tensor:
@@ -382,7 +423,7 @@ def denoising_target(scheduler: Any, latents: Tensor, noise: Tensor, t: Tensor) 
 
 def _micro_step(run: _Run, state: ConceptState, size: int) -> Tensor:
     pipe = run.pipe
-    latents, masks, prompts = _batch(run, size)
+    latents, masks, prompts, supers = _batch(run, size)
     noise = torch.randn(latents.shape, generator=run.generator)
     steps = pipe.scheduler.config.num_train_timesteps
     t = torch.randint(0, steps, (size,), generator=run.generator)
@@ -391,7 +432,12 @@ def _micro_step(run: _Run, state: ConceptState, size: int) -> Tensor:
     i_star = _update_i_star(run, hidden, ids)
     run.method.edit(state, run, i_star)
     device = pipe.unet.device
-    pred = pipe.unet(noisy.to(device), t.to(device), encoder_hidden_states=hidden).sample
+    # SDXL's pooled text comes from the supercategory captions, in training as in rendering:
+    # the concept reaches the UNet only through the gated cross-attention (docs/runtime.md)
+    with torch.no_grad():
+        added = text.added_conditions(pipe, supers, int(latents.shape[-1]) * _vae_scale(pipe))
+    pred = pipe.unet(noisy.to(device), t.to(device), encoder_hidden_states=hidden,
+                     added_cond_kwargs=added).sample
     target = denoising_target(pipe.scheduler, latents, noise, t)
     return masked_mse(pred, target.to(device), None if masks is None else masks.to(device))
 
@@ -399,8 +445,9 @@ def _micro_step(run: _Run, state: ConceptState, size: int) -> Tensor:
 def _optimiser(run: _Run) -> torch.optim.Optimizer:
     """AdamW: the embedding at `embedding_lr`, the layer targets (o*_V; o*_K too when keys are
     trained) at `lr`."""
-    targets = [p for name, p in run.method.trainable(run).items() if name != "embedding"]
-    groups: list[dict[str, Any]] = [{"params": [run.embedding], "lr": run.recipe.embedding_lr}]
+    targets = [p for name, p in run.method.trainable(run).items()
+               if not name.startswith("embedding")]
+    groups: list[dict[str, Any]] = [{"params": run.embeddings, "lr": run.recipe.embedding_lr}]
     if targets:
         groups.append({"params": targets, "lr": run.recipe.lr})
     return torch.optim.AdamW(groups, weight_decay=0.0)
@@ -459,7 +506,8 @@ def train(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor, *,
             run.precision = precision
             _loop(run, state, progress, keeper)
     finally:
-        remove_extension(pipe.text_encoder)
+        for _, encoder in text.pairs(pipe):
+            remove_extension(encoder)
     return _concept(run, cinv_fingerprint, base_fingerprint, options or {})
 
 
@@ -583,7 +631,8 @@ def _concept(run: _Run, cinv_fingerprint: str, base_fingerprint: str,
         adjectives=subject.adjectives, base_model=subject.base_model,
         base_fingerprint=base_fingerprint, cinv_fingerprint=cinv_fingerprint,
         options=dict(options), key=subject.key,
-        embedding=run.embedding.detach().float().cpu().clone(),
+        # SDXL: both encoders' rows side by side, split again by their widths when loaded
+        embedding=torch.cat([e.detach().float().cpu() for e in run.embeddings]),
         i_star=run.i_star.detach().float().cpu().clone(),
         o_k={n: t.detach().float().cpu().clone() for n, t in run.o_k.items()},
         o_v={n: t.detach().float().cpu().clone() for n, t in run.o_v.items()},

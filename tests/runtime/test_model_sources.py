@@ -204,14 +204,16 @@ def same_weights(a: Any, b: Any) -> None:
             assert torch.equal(ours[key], theirs[key]), (component, key)
 
 
-@pytest.mark.parametrize("sd2", [False, True], ids=["sd1", "sd2"])
-def test_single_file_checkpoint_loads_with_its_config_offline(tmp_path: Path, sd2: bool) -> None:
-    original = tiny_pipeline(0, sd2=sd2)
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_single_file_checkpoint_loads_with_its_config_offline(tmp_path: Path,
+                                                               family: str) -> None:
+    original = tiny_pipeline(0, family=family)
     file, config = checkpoint(tmp_path, original)
     pipe = load_pipeline(str(file), choose("cpu"), str(config))
     same_weights(pipe, original)
     assert base_fingerprint(pipe) == base_fingerprint(original)
-    assert pipe.scheduler.config.prediction_type == ("v_prediction" if sd2 else "epsilon")
+    assert pipe.scheduler.config.prediction_type == ("v_prediction" if family == "sd2"
+                                                     else "epsilon")
     assert describe(str(file)) == "single checkpoint file"
 
 
@@ -289,7 +291,7 @@ def test_e2e_single_file_with_its_config_from_perfusion_toml(
     root = tmp_path / "project"
     (root / "images").mkdir(parents=True)
     Image.new("RGB", (32, 32), (200, 120, 40)).save(root / "images" / "1.png")
-    file, config = checkpoint(root, tiny_pipeline(0, sd2=True), "tiny-v")
+    file, config = checkpoint(root, tiny_pipeline(0, family="sd2"), "tiny-v")
     name = str(file)
     (root / "perfusion.toml").write_text(
         f'[checkpoints]\n"{name}" = {{ config = "{config.name}" }}\n', encoding="utf-8")

@@ -44,22 +44,23 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("render")
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["sd1", "sd2"])
-def sd2(request: pytest.FixtureRequest) -> bool:
-    """Every test here runs on the SD 1.x tiny pipeline and on the SD 2.x one (GELU text
-    encoder, per-block heads, linear projections, upcast attention, v-prediction)."""
-    return bool(request.param)
+@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
+def family(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on the SD 1.x tiny pipeline, the SD 2.x one (GELU text encoder,
+    per-block heads, linear projections, upcast attention, v-prediction) and the SDXL one
+    (two text encoders side by side, pooled text and size numbers in the time embedding)."""
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
-def pipe(sd2: bool) -> Any:
-    return tiny_pipeline(0, sd2=sd2)
+def pipe(family: str) -> Any:
+    return tiny_pipeline(0, family=family)
 
 
 @pytest.fixture(scope="module")
-def base(sd2: bool) -> Any:
+def base(family: str) -> Any:
     """The plain pipeline, never touched by a concept."""
-    return tiny_pipeline(0, sd2=sd2)
+    return tiny_pipeline(0, family=family)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def plain_render(pipe: Any, prompt: str, seed: int) -> np.ndarray:
 
 
 def test_invariant_7_prompt_without_concept_renders_like_base(
-        pipe: Any, base: Any, teddy: Concept, cinv: Tensor) -> None:
+        pipe: Any, base: Any, teddy: Concept, cinv: Tensor, family: str) -> None:
     expected = plain_render(base, PLAIN, seed=3)
     with apply_concepts(pipe, [teddy], cinv=cinv) as applied:
         alone = applied(PLAIN, seed=3, **RENDER)[0]
@@ -106,9 +107,11 @@ def test_invariant_7_prompt_without_concept_renders_like_base(
     assert np.array_equal(alone, expected)
     assert np.array_equal(beside, expected)
     assert np.isfinite(concept).all()
-    # while the concept itself does change its own image
-    assert float(np.abs(concept - plain_render(base, "a photo of teddy bear on a beach", 3))
-                 .mean()) > LEAK_LIMIT
+    # while the concept itself does change its own image (less in the tiny SDXL, whose
+    # pooled text, a part of the time embedding, carries the supercategory by design)
+    changed = float(np.abs(concept - plain_render(base, "a photo of teddy bear on a beach",
+                                                  3)).mean())
+    assert changed > (LEAK_LIMIT / 2 if family == "sdxl" else LEAK_LIMIT)
 
 
 def _gap(a: np.ndarray, b: np.ndarray) -> str:
@@ -151,13 +154,13 @@ def test_no_concept_is_active_after_a_call(pipe: Any, base: Any, teddy: Concept,
 
 
 def test_invariant_8_reload_reproduces_outputs_exactly(
-        pipe: Any, teddy: Concept, cinv: Tensor, tmp_path: Path, sd2: bool) -> None:
+        pipe: Any, teddy: Concept, cinv: Tensor, tmp_path: Path, family: str) -> None:
     prompts = ["a photo of teddy*", "teddy* in the snow", PLAIN]
     with apply_concepts(pipe, [teddy], cinv=cinv) as applied:
         in_memory = applied(prompts, seed=[0, 1, 2], **RENDER)
     path = tmp_path / "teddy.safetensors"
     artifact.save(teddy, path)
-    fresh = tiny_pipeline(0, sd2=sd2)
+    fresh = tiny_pipeline(0, family=family)
     with apply_concepts(fresh, [path], cinv=cinv) as applied:
         loaded = applied.concepts["teddy*"]
         reloaded = applied(prompts, seed=[0, 1, 2], **RENDER)
@@ -199,8 +202,9 @@ def test_global_locking_renders_through_the_supercategory_prompt(
         for processor in applied.installed.processors.values():
             spy_key_value(processor, seen, monkeypatch)
         glob = applied(prompts, seed=[0, 1], **RENDER)
-        supers = [applied.pipe.encode_prompt([applied.supercategory_prompt(p)], "cpu", 1,
-                                             False)[0] for p in prompts]
+        supers = [applied.pipe.encode_prompt(  # by keyword: SDXL's takes a second prompt
+            prompt=[applied.supercategory_prompt(p)], device="cpu", num_images_per_prompt=1,
+            do_classifier_free_guidance=False)[0] for p in prompts]
     assert applied.supercategory_prompt(prompts[1]) == "teddy bear on a beach"
     assert len(built) == len(prompts)  # one pipeline call per image on the CPU (M4)
     for kwargs, expected in zip(built, supers, strict=True):

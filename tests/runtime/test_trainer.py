@@ -56,8 +56,12 @@ def write_masks(folder: Path, count: int, value: int) -> tuple[Path, ...]:
 
 
 def state_dicts(pipe: Any) -> dict[str, dict[str, Tensor]]:
+    """Every base weight, SDXL's second text encoder included."""
+    names = ["unet", "vae", "text_encoder"]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        names.append("text_encoder_2")
     return {name: {k: v.detach().clone() for k, v in getattr(pipe, name).state_dict().items()}
-            for name in ("unet", "vae", "text_encoder")}
+            for name in names}
 
 
 def assert_bit_identical(before: dict[str, dict[str, Tensor]], pipe: Any) -> None:
@@ -96,15 +100,15 @@ class Trained:
     optimisers: list[torch.optim.Optimizer]
     runs: list[Any]  # trainer._Run of the training
     cinv: tuple[Tensor, str]  # of this pipeline's text encoder
-    sd2: bool  # tiny_pipeline(0, sd2=…) made it
+    family: str  # tiny_pipeline(0, family=…) made it
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["sd1", "sd2"])
+@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
 def trained(request: pytest.FixtureRequest, subject: Subject,
             tmp_path_factory: pytest.TempPathFactory) -> Trained:
     """One training on a fresh tiny pipeline, with a spy on the optimiser it builds; on the
-    SD 1.x tiny pipeline and on the SD 2.x one (`tiny_pipeline(sd2=True)`)."""
-    pipe = tiny_pipeline(0, sd2=request.param)
+    SD 1.x tiny pipeline, the SD 2.x one and the SDXL one (`tiny_pipeline(family=…)`)."""
+    pipe = tiny_pipeline(0, family=request.param)
     cinv = cinv_for(pipe, tmp_path_factory.getbasetemp() / "cinv-cache")
     before = state_dicts(pipe)
     embedding = pipe.text_encoder.get_input_embeddings()
@@ -140,8 +144,11 @@ def test_invariant_4_key_targets_locked(trained: Trained, subject: Subject) -> N
 
     (optimiser,), (run,) = trained.optimisers, trained.runs
     optimised = [p for group in optimiser.param_groups for p in group["params"]]
-    assert {id(p) for p in optimised} == {id(p) for p in run.o_v.values()} | {id(run.embedding)}
-    assert len(optimised) == len(layers) + 1
+    # the token's row in each text encoder (SDXL: two), and o*_V
+    rows = {id(e) for e in run.embeddings}
+    assert len(rows) == (2 if trained.family == "sdxl" else 1)
+    assert {id(p) for p in optimised} == {id(p) for p in run.o_v.values()} | rows
+    assert len(optimised) == len(layers) + len(rows)
     for name, o_k in run.o_k.items():
         assert not o_k.requires_grad and o_k.grad is None, name
         assert all(o_k is not p for p in optimised), name
@@ -165,6 +172,8 @@ def test_invariant_5_base_weights_bit_identical(trained: Trained) -> None:
     assert pipe.text_encoder.get_input_embeddings() is trained.embedding
     assert dict(pipe.unet.attn_processors) == trained.processors
     assert pipe.tokenizer("a photo of a brown teddy bear").input_ids == ids_before
+    second = getattr(pipe, "text_encoder_2", None)  # SDXL: its own table back too
+    assert second is None or type(second.get_input_embeddings()) is torch.nn.Embedding
 
 
 def test_M2_nonfinite_loss_stops_within_a_step_and_publishes_nothing(
@@ -215,7 +224,7 @@ def test_M3_basis_seeded_training_is_bit_deterministic(
     cinv = trained.cinv
 
     def bytes_for(recipe: Recipe) -> bytes:
-        pipe = tiny_pipeline(0, sd2=trained.sd2)
+        pipe = tiny_pipeline(0, family=trained.family)
         concept = train(pipe, subject, recipe, cinv[0], cinv_fingerprint=cinv[1],
                         base_fingerprint=base_fingerprint(pipe), options={"steps": 6})
         return artifact.encode(concept)
@@ -294,7 +303,7 @@ def test_benchmark_ablations_train_what_they_name(variant: str, subject: Subject
     """bench/ablations.py, subclasses of the trainer's Method: "trained_keys" optimises o*_K
     too (it moves off W_K i_super), "embedding_only" (textual inversion) only the embedding
     (o*_K and o*_V stay at their starts). Neither touches the base weights."""
-    pipe, cinv = tiny_pipeline(0, sd2=trained.sd2), trained.cinv
+    pipe, cinv = tiny_pipeline(0, family=trained.family), trained.cinv
     before = state_dicts(pipe)
     concept = train(pipe, subject, RECIPE, cinv[0], cinv_fingerprint=cinv[1],
                     base_fingerprint=base_fingerprint(pipe), method=ABLATIONS[variant])
@@ -404,9 +413,10 @@ def test_attention_mask_marks_only_the_substituted_word(monkeypatch: pytest.Monk
     seen: list[Tensor] = []
     real = trainer.attention_masks
 
-    def spy(pipe: Any, latents: Tensor, hidden: Tensor, hit: Tensor, generator: Any) -> Tensor:
+    def spy(pipe: Any, latents: Tensor, hidden: Tensor, hit: Tensor, generator: Any,
+            added: Any = None) -> Tensor:
         seen.append(hit)
-        result: Tensor = real(pipe, latents, hidden, hit, generator)
+        result: Tensor = real(pipe, latents, hidden, hit, generator, added)
         return result
 
     monkeypatch.setattr(trainer, "attention_masks", spy)
