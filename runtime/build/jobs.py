@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -92,13 +93,32 @@ def load_pipeline(source: str, precision: Precision, config: str | None = None) 
     return _from_folder(model.path, precision)
 
 
-def _from_folder(folder: Path, precision: Precision) -> Any:
-    from diffusers import StableDiffusionPipeline
+# The pipelines perfusion trains and renders with, by model_index.json's `_class_name`
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
+
+def _pipeline_class(folder: Path) -> str:
+    """The diffusers pipeline class a folder declares; ModelUnavailable for another kind."""
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder, local_files_only=True, use_safetensors=True, safety_checker=None,
-            requires_safety_checker=False, dtype=precision.dtype)
+        name = json.loads((folder / "model_index.json").read_text("utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelUnavailable(f"cannot read {folder / 'model_index.json'}: {exc}") from exc
+    if name not in PIPELINES:
+        raise ModelUnavailable(f"the model in {str(folder)!r} is a {name}; perfusion trains "
+                               "and renders Stable Diffusion 1.x, 2.x and SDXL pipelines "
+                               f"({', '.join(PIPELINES)})")
+    return str(name)
+
+
+def _from_folder(folder: Path, precision: Precision) -> Any:
+    import diffusers
+
+    kind = getattr(diffusers, _pipeline_class(folder))
+    extra = {} if kind is diffusers.StableDiffusionXLPipeline else {
+        "safety_checker": None, "requires_safety_checker": False}
+    try:
+        pipe = kind.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                    dtype=precision.dtype, **extra)
     except (OSError, ValueError) as exc:  # missing or unusable files; nothing is downloaded
         raise ModelUnavailable(f"cannot load the diffusers folder {str(folder)!r}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
@@ -116,9 +136,6 @@ def _from_single_file(source: str, path: Path, config: str | None, precision: Pr
     except ValueError as exc:
         raise ModelUnavailable(f"the checkpoint {source!r} is not a Stable Diffusion model: "
                                f"{exc}") from exc
-    if family == "sdxl":
-        raise ModelUnavailable(f"the checkpoint {source!r} is SDXL, which perfusion does not "
-                               "train or render yet (SD 1.x and SD 2.x only)")
     if config is None:
         raise ModelUnavailable(
             f"the checkpoint {source!r} ({_FAMILY_NAMES[family]}) needs its diffusers "
@@ -135,12 +152,17 @@ def _from_single_file(source: str, path: Path, config: str | None, precision: Pr
             raise ModelUnavailable(f"the configuration {config!r} of {source!r} is neither a "
                                    "folder nor a model id")
         folder = fetch(hub, CONFIG_FILES)
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
+    kind = getattr(diffusers, _pipeline_class(folder))
+    if (kind is diffusers.StableDiffusionXLPipeline) != (family == "sdxl"):
+        raise ModelUnavailable(f"the checkpoint {source!r} is {_FAMILY_NAMES[family]} but its "
+                               f"configuration {config!r} is a {kind.__name__}")
+    extra = {} if family == "sdxl" else {"safety_checker": None,
+                                         "requires_safety_checker": False}
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(folder), local_files_only=True, safety_checker=None,
-            requires_safety_checker=False, torch_dtype=precision.dtype)
+        pipe = kind.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                     torch_dtype=precision.dtype, **extra)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[:3]  # a shape mismatch lists every tensor
         raise ModelUnavailable(f"cannot read the checkpoint {source!r} with the configuration "

@@ -197,19 +197,23 @@ def checkpoint(tmp_path: Path, pipe: Any, name: str = "model") -> tuple[Path, Pa
 
 
 def same_weights(a: Any, b: Any) -> None:
-    for component in ("unet", "vae", "text_encoder"):
+    components = ["unet", "vae", "text_encoder"]
+    if getattr(a, "text_encoder_2", None) is not None:
+        components.append("text_encoder_2")
+    for component in components:
         ours, theirs = getattr(a, component).state_dict(), getattr(b, component).state_dict()
         assert ours.keys() == theirs.keys(), component
         for key in ours:
             assert torch.equal(ours[key], theirs[key]), (component, key)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_single_file_checkpoint_loads_with_its_config_offline(tmp_path: Path,
                                                                family: str) -> None:
     original = tiny_pipeline(0, family=family)
     file, config = checkpoint(tmp_path, original)
     pipe = load_pipeline(str(file), choose("cpu"), str(config))
+    assert type(pipe) is type(original)
     same_weights(pipe, original)
     assert base_fingerprint(pipe) == base_fingerprint(original)
     assert pipe.scheduler.config.prediction_type == ("v_prediction" if family == "sd2"
@@ -319,3 +323,56 @@ def test_e2e_single_file_with_its_config_from_perfusion_toml(
     summary = run(compilation.plan(), root, RunOptions(store=cache, device="cpu"),
                   Reporter(quiet=True))
     assert (summary.trained, summary.failures) == (["teddy*"], [])
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_diffusers_folder_loads_the_pipeline_class_it_declares(tmp_path: Path,
+                                                               family: str) -> None:
+    original = tiny_pipeline(0, family=family)
+    original.save_pretrained(tmp_path / "model", safe_serialization=True)
+    pipe = load_pipeline(str(tmp_path / "model"), choose("cpu"))
+    assert type(pipe) is type(original)
+    same_weights(pipe, original)
+    assert base_fingerprint(pipe) == base_fingerprint(original)
+
+
+def test_a_folder_of_another_kind_of_pipeline_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "flux").mkdir()
+    (tmp_path / "flux" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    with pytest.raises(ModelUnavailable, match="is a FluxPipeline; perfusion trains"):
+        load_pipeline(str(tmp_path / "flux"), choose("cpu"))
+
+
+def test_single_file_read_with_another_familys_config_is_refused(tmp_path: Path) -> None:
+    file, _ = checkpoint(tmp_path, tiny_pipeline(0, family="sdxl"), "xl")
+    _, sd1 = checkpoint(tmp_path, tiny_pipeline(0), "sd1")
+    with pytest.raises(ModelUnavailable, match="is SDXL but its configuration"):
+        load_pipeline(str(file), choose("cpu"), str(sd1))
+
+
+def test_e2e_sdxl_folder_train_render_and_noop(tmp_path: Path,
+                                               tmp_path_factory: pytest.TempPathFactory
+                                               ) -> None:
+    """`perfusion run` on an SDXL model: trained in both text encoders, rendered, and a
+    rerun does nothing."""
+    root = tmp_path / "project"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 120, 40)).save(root / "images" / "1.png")
+    tiny_pipeline(0, family="sdxl").save_pretrained(root / "xl", safe_serialization=True)
+    model = str(root / "xl")
+    (root / "a.concept").write_text(
+        f'model "{model}"\nlearn images/*.png as teddy* <teddy bear> {{ steps: 2, batch: 1 }}\n'
+        'generate "a photo of teddy* {on a beach|in the snow}" { steps: 2 }\n'
+        'generate "a plain red cube" { steps: 2 }\n', encoding="utf-8")
+    cache = tmp_path_factory.mktemp("xl-cache")
+    compilation = compile_paths([root], root)
+    assert compilation.ok, compilation.diagnostics
+    plan = compilation.plan()
+    first = run(plan, root, RunOptions(store=cache, device="cpu"), Reporter(quiet=True))
+    assert (first.trained, len(first.rendered), first.failures) == (["teddy*"], 3, [])
+    again = run(plan, root, RunOptions(store=cache, device="cpu"), Reporter(quiet=True))
+    assert (again.trained, again.rendered, again.failures) == ([], [], [])
+    with Image.open(next((root / "renders" / "a").glob("a-photo-of-teddy-on-a-beach_*.png"))
+                    ) as image:
+        assert image.size == (32, 32)
+
