@@ -138,8 +138,8 @@ def encode(pipe: Any, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
     return text.encode(pipe, prompts)
 
 
-def _word_ids(tokenizer: Any, text: str) -> list[int]:
-    return [int(i) for i in tokenizer(text, add_special_tokens=False).input_ids]
+def _word_ids(tokenizer: Any, words: str) -> list[int]:
+    return [int(i) for i in tokenizer(words, add_special_tokens=False).input_ids]
 
 
 def super_caption(tokenizer: Any, template: str, sup: str, adjectives: Sequence[str]
