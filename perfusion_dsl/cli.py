@@ -118,6 +118,10 @@ def _run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-size", type=_batch_size, default=None, metavar="N",
                      help="images per pipeline call (default: 1 on the CPU, which keeps every "
                           "image independent of the others; 8 on CUDA)")
+    run.add_argument("--gradient-checkpointing", action="store_true",
+                     help="train with the UNet's activations recomputed in the backward pass: "
+                          "less memory, more time, the same concepts (default: only after "
+                          "running out of memory)")
     run.add_argument("--executor", choices=("local", "ray"), default="local",
                      help="run jobs in this process (default) or as Ray tasks "
                           "(`pip install 'perfusion-concepts[ray]'`)")
@@ -192,7 +196,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     root = comp.context.root
     options = RunOptions(cache_root(args.cache, root), device=args.device,
                          batch_size=args.batch_size, keep_going=args.keep_going,
-                         wait=args.wait, executor=args.executor, ray_address=args.ray_address)
+                         wait=args.wait, executor=args.executor, ray_address=args.ray_address,
+                         gradient_checkpointing=args.gradient_checkpointing)
     return int(run_command(comp.plan(), root, options, quiet=args.quiet))
 
 

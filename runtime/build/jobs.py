@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -48,6 +49,9 @@ def default_captions(model: str) -> Path | None:
     if folder is None or not (folder / "captions.txt").is_file():
         return None
     return folder / "captions.txt"
+
+
+log = logging.getLogger(__name__)
 
 
 class OutOfMemory(RuntimeError):
@@ -215,6 +219,7 @@ class TrainJob:
     store: str
     captions: str | None = None
     model_config: str | None = None  # a checkpoint's configuration (`run.checkpoint_config`)
+    gradient_checkpointing: bool = False  # from the start (else only when memory runs out)
 
 
 @dataclass(frozen=True)
@@ -275,9 +280,10 @@ def train_job(job: TrainJob, pipes: Pipelines, *, progress: Callable[[Progress],
               = None, stop: Stop | None = None) -> Trained:
     """Train the job's concept and publish it in the store (unless a valid entry exists).
 
-    Resumes from the store's checkpoint of this key when there is one. On out of memory
-    it retries with half the micro-batch (the same batch, by gradient accumulation) down to
-    one image, then stops with advice; nothing is published by a failed attempt."""
+    Resumes from the store's checkpoint of this key when there is one. On out of memory it
+    retries with gradient checkpointing (the same concept, less memory, more time), then
+    with half the micro-batch (the same batch, by gradient accumulation) down to one image,
+    then stops with advice; nothing is published by a failed attempt."""
     store = Store(job.store)
     started = time.monotonic()
     if store.get(job.key) is not None:
@@ -288,6 +294,7 @@ def train_job(job: TrainJob, pipes: Pipelines, *, progress: Callable[[Progress],
     cinv, cinv_print = cinv_for(pipe, Path(job.store), Path(job.captions) if job.captions
                                 else default_captions(job.step.model))
     micro = Recipe.from_options(job.step.options).batch
+    checkpointing = job.gradient_checkpointing
     checkpoint = store.checkpoint(job.key)
     resumed = 0
 
@@ -304,11 +311,17 @@ def train_job(job: TrainJob, pipes: Pipelines, *, progress: Callable[[Progress],
                             cinv_fingerprint=cinv_print, base_fingerprint=base,
                             options=job.step.options.model_dump(mode="json"),
                             precision=pipes.precision,
-                            progress=report, checkpoint=checkpoint, stop=stop)
+                            progress=report, checkpoint=checkpoint, stop=stop,
+                            gradient_checkpointing=checkpointing)
             break
         except Exception as exc:
             if not is_oom(exc):
                 raise
+            if not checkpointing:
+                checkpointing = True
+                log.warning("%s: out of memory; training again with gradient checkpointing",
+                            job.step.token)
+                continue
             micro = _halve(micro, "micro-batches", "lower `resolution`, train on a "
                            "machine with more memory, or use a smaller base model")
     store.put(job.key, encode(concept), token=job.step.token, tool_version=tool_version(),

@@ -50,6 +50,7 @@ class RunOptions:
     wait: bool = False
     executor: str = "local"  # "local" or "ray"
     ray_address: str | None = None
+    gradient_checkpointing: bool = False  # from the start (else only when memory runs out)
 
 
 @dataclass
@@ -222,7 +223,8 @@ def _train_steps(build: _Build, steps: Sequence[ConceptStep]) -> None:
 
     captions = str(build.options.captions) if build.options.captions else None
     jobs = [TrainJob(c, build.status.concept_keys[c.token], str(build.root),
-                     str(build.store.root), captions, checkpoint_config(build, c.model))
+                     str(build.store.root), captions, checkpoint_config(build, c.model),
+                     build.options.gradient_checkpointing)
             for c in steps]
     build.get_executor().train_all(jobs, lambda job, result: _trained(build, job, result))
 

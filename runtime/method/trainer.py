@@ -344,6 +344,19 @@ def _frozen(pipe: Any) -> Iterator[None]:
             param.requires_grad_(wanted)
 
 
+@contextlib.contextmanager
+def _checkpointing(unet: Any, wanted: bool) -> Iterator[None]:
+    """diffusers' gradient checkpointing of the UNet on (when `wanted`), then as it was."""
+    was = bool(getattr(unet, "is_gradient_checkpointing", False))
+    if wanted and not was:
+        unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if wanted and not was:
+            unet.disable_gradient_checkpointing()
+
+
 def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor,
              method: Method = PERFUSION) -> _Run:
     resolution = recipe.resolution or native_resolution(pipe)
@@ -483,7 +496,7 @@ def train(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor, *,
           progress: Callable[[Progress], None] | None = None,
           precision: Precision | None = None, checkpoint: Path | None = None,
           checkpoint_every: int = 50, stop: Callable[[], bool] | None = None,
-          method: Method = PERFUSION) -> Concept:
+          method: Method = PERFUSION, gradient_checkpointing: bool = False) -> Concept:
     """Train `subject` on `pipe` (left as it was found, whatever happens) and return the concept.
 
     checkpoint: a file to resume from and save to (None: no checkpoints). A valid checkpoint of
@@ -494,6 +507,8 @@ def train(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor, *,
     left in place on success: the caller deletes it once the artifact is published.
     stop: polled after every completed step but the last; when it returns True the checkpoint
     is saved and TrainingInterrupted raised. method: the benchmarks' ablations only.
+    gradient_checkpointing: the UNet recomputes its activations in the backward pass instead
+    of keeping them (less memory, more time; the same concept), for the duration.
     """
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
@@ -501,7 +516,7 @@ def train(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor, *,
     keeper = _Checkpoints(checkpoint, checkpoint_every, identity, stop)
     state = ConceptState(caching=False)
     try:  # _prepare already adds the token: a failure there must take it out again
-        with _frozen(pipe):
+        with _frozen(pipe), _checkpointing(pipe.unet, gradient_checkpointing):
             run = _prepare(pipe, subject, recipe, cinv, method)
             run.precision = precision
             _loop(run, state, progress, keeper)

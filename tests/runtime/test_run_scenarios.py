@@ -358,22 +358,27 @@ def test_R1_a_checkpoint_left_beside_a_published_concept_is_removed(project: Pat
     assert published.read_bytes() == before  # not retrained
 
 
-def oom_above(limit: int) -> Any:
-    """A pre-hook raising a real torch OutOfMemoryError when the UNet batch exceeds `limit`."""
+def oom_above(limit: int, seen: list[tuple[int, bool]] | None = None) -> Any:
+    """A pre-hook raising a real torch OutOfMemoryError when the UNet batch exceeds `limit`;
+    each refused call's (batch, gradient checkpointing on) goes to `seen`."""
 
     def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if args[0].shape[0] > limit:
+            if seen is not None:
+                seen.append((int(args[0].shape[0]), bool(module.is_gradient_checkpointing)))
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     return hook
 
 
-def test_M6_out_of_memory_retries_with_a_smaller_batch_then_advises(project: Path) -> None:
+def test_M6_out_of_memory_retries_with_gradient_checkpointing_then_a_smaller_batch(
+        project: Path) -> None:
     spec = SPEC.replace("batch: 2", "batch: 4")
     (project / "project.concept").write_text(spec, encoding="utf-8")
     pipes = jobs.Pipelines("cpu")
     pipe, _ = pipes.get("tiny:random")
-    handle = pipe.unet.register_forward_pre_hook(oom_above(1), with_kwargs=True)
+    refused: list[tuple[int, bool]] = []
+    handle = pipe.unet.register_forward_pre_hook(oom_above(1, refused), with_kwargs=True)
     try:
         jobs_module_pipelines = pipes
         from perfusion_dsl.compiler import compile_paths
@@ -384,6 +389,9 @@ def test_M6_out_of_memory_retries_with_a_smaller_batch_then_advises(project: Pat
         job = jobs.TrainJob(step, store_key(step), str(project), str(project / ".perfusion"))
         trained = jobs.train_job(job, jobs_module_pipelines)  # micro-batch 4 → 2 → 1
         assert trained.token == "teddy*"
+        # first the same batch with gradient checkpointing, then smaller batches with it
+        assert refused == [(4, False), (4, True), (2, True)]
+        assert not pipe.unet.is_gradient_checkpointing  # put back as it was
         assert Store(project / ".perfusion").get(step.key) is not None
         handle.remove()
         handle = pipe.unet.register_forward_pre_hook(oom_above(0), with_kwargs=True)

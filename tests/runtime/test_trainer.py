@@ -234,6 +234,19 @@ def test_M3_basis_seeded_training_is_bit_deterministic(
     assert bytes_for(dataclasses.replace(RECIPE, seed=1)) != first
 
 
+def test_gradient_checkpointing_trains_the_same_concept(trained: Trained,
+                                                        subject: Subject) -> None:
+    """Recomputing the UNet's activations in the backward pass saves memory and changes
+    nothing: the same artifact bytes; the UNet's setting is put back."""
+    pipe = tiny_pipeline(0, family=trained.family)
+    cinv = trained.cinv
+    concept = train(pipe, subject, RECIPE, cinv[0], cinv_fingerprint=cinv[1],
+                    base_fingerprint=base_fingerprint(pipe), options={"steps": 6},
+                    gradient_checkpointing=True)
+    assert artifact.encode(concept) == artifact.encode(trained.concept)
+    assert not pipe.unet.is_gradient_checkpointing
+
+
 def test_masked_mse_normalises_per_image() -> None:
     """[B=3, C=1, 2, 2]. Image 0: squared errors [[1, 4], [9, 0]] under the mask
     [[1, 1], [0, .5]] -> (1 + 4) / 2.5 = 2. Image 1: an all-zero mask -> 0, not NaN.
