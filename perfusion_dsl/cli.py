@@ -118,6 +118,9 @@ def _run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-size", type=_batch_size, default=None, metavar="N",
                      help="images per pipeline call (default: 1 on the CPU, which keeps every "
                           "image independent of the others; 8 on CUDA)")
+    run.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                     help="weights and activations on CUDA (default auto: bf16, fp16 before "
+                          "Ampere); the CPU always computes in fp32")
     run.add_argument("--gradient-checkpointing", action="store_true",
                      help="train with the UNet's activations recomputed in the backward pass: "
                           "less memory, more time, the same concepts (default: only after "
@@ -197,7 +200,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = RunOptions(cache_root(args.cache, root), device=args.device,
                          batch_size=args.batch_size, keep_going=args.keep_going,
                          wait=args.wait, executor=args.executor, ray_address=args.ray_address,
-                         gradient_checkpointing=args.gradient_checkpointing)
+                         gradient_checkpointing=args.gradient_checkpointing,
+                         precision=args.precision)
     return int(run_command(comp.plan(), root, options, quiet=args.quiet))
 
 

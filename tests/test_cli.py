@@ -93,6 +93,7 @@ def test_bad_command_lines_exit_2(argv: list[str], capsys: pytest.CaptureFixture
     (["run", ".", "--batch-size", "99999999999999999999"],
      "argument --batch-size: must be a whole number between 1 and 4,096"),
     (["run", ".", "--batch-size", "0"], "argument --batch-size: must be a whole number"),
+    (["run", ".", "--precision", "int8"], "argument --precision: invalid choice: 'int8'"),
     (["check", ".", "--root", "a.concept"], "argument --root: 'a.concept' is not a folder"),
     (["plan", ".", "--root", "nowhere"], "argument --root: 'nowhere' does not exist"),
 ])

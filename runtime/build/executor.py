@@ -35,12 +35,16 @@ class Executor(Protocol):
 class LocalExecutor:
     """One job at a time in this process, base models loaded once, with progress bars."""
 
-    def __init__(self, device: str, reporter: Reporter, stop: Stop) -> None:
+    def __init__(self, device: str, reporter: Reporter, stop: Stop, *,
+                 precision: str = "auto") -> None:
         from .jobs import Pipelines
 
-        self.pipes: Pipelines = Pipelines(device)
+        self.pipes: Pipelines = Pipelines(device, precision)
         self.reporter = reporter
         self.stop = stop
+        if precision not in ("auto", "fp32") and self.pipes.precision.device.type == "cpu":
+            reporter.line(f"--precision {precision} applies on CUDA; on the CPU perfusion "
+                          "computes in fp32 (the same bits on every run)")
 
     def train_all(self, jobs: Sequence[TrainJob], done: TrainDone) -> None:
         from ..method.trainer import TrainingInterrupted

@@ -196,12 +196,14 @@ class Pipelines:
     """Loaded base models, kept for the jobs of one process (a worker keeps its own)."""
 
     device: str = "auto"
+    preferred: str = "auto"  # `perfusion run --precision`: "auto", "bf16", "fp16" or "fp32"
     # (model, checkpoint config) → (pipe, print)
     loaded: dict[tuple[str, str | None], tuple[Any, str]] = field(default_factory=dict)
 
     @property
     def precision(self) -> Precision:
-        return choose(self.device)
+        """On CUDA the preferred dtype ("auto": bf16, fp16 before Ampere); the CPU is fp32."""
+        return choose(self.device, "bf16" if self.preferred == "auto" else self.preferred)
 
     def get(self, model: str, config: str | None = None) -> tuple[Any, str]:
         """(pipeline, base fingerprint) for `model`, loading it on first use."""

@@ -24,20 +24,21 @@ NEEDS_RAY = "the ray executor needs Ray: pip install 'perfusion-concepts[ray]'"
 
 J = TypeVar("J")
 
-_PIPES: dict[str, Pipelines] = {}  # per worker process: loaded base models, by device
+# per worker process: loaded base models, by device and precision
+_PIPES: dict[tuple[str, str], Pipelines] = {}
 
 
 class RayUnavailable(RuntimeError):
     """Ray is not installed (it is the optional extra `ray`)."""
 
 
-def _pipelines(device: str) -> Pipelines:
+def _pipelines(device: str, precision: str = "auto") -> Pipelines:
     """This worker's cache of base models for `device`; on the CPU, one torch thread."""
     from .jobs import Pipelines
 
-    if device not in _PIPES:
-        _PIPES[device] = Pipelines(device)
-    pipes = _PIPES[device]
+    if (device, precision) not in _PIPES:
+        _PIPES[device, precision] = Pipelines(device, precision)
+    pipes = _PIPES[device, precision]
     if pipes.precision.device.type == "cpu":
         import torch
 
@@ -45,11 +46,12 @@ def _pipelines(device: str) -> Pipelines:
     return pipes
 
 
-def _work(job: TrainJob | RenderJob, device: str) -> Trained | list[Rendered]:
+def _work(job: TrainJob | RenderJob, device: str, precision: str = "auto"
+          ) -> Trained | list[Rendered]:
     """The body of every Ray task (one function: GPU workers and their models are shared)."""
     from .jobs import RenderJob, render_job, train_job
 
-    pipes = _pipelines(device)
+    pipes = _pipelines(device, precision)
     if not isinstance(job, RenderJob):
         return train_job(job, pipes)
     images: list[Rendered] = []
@@ -71,7 +73,7 @@ class RayExecutor:
     through the callbacks on this thread as the tasks finish."""
 
     def __init__(self, device: str, reporter: Reporter, stop: Stop, *,
-                 address: str | None = None) -> None:
+                 address: str | None = None, precision: str = "auto") -> None:
         try:
             import ray
         except ImportError as exc:
@@ -87,6 +89,7 @@ class RayExecutor:
         self.task = ray.remote(**({"num_gpus": 1, "max_calls": 0} if gpus
                                   else {"num_cpus": 1}))(_work)
         self.task_device = "cuda" if gpus else device
+        self.precision = precision
 
     def train_all(self, jobs: Sequence[TrainJob], done: TrainDone) -> None:
         bar = self.reporter.bar("training", len(jobs), "concept")
@@ -113,7 +116,8 @@ class RayExecutor:
         arrives; on stop, or when a callback raises, cancel what is still running."""
         import ray
 
-        pending: dict[Any, J] = {self.task.remote(job, self.task_device): job for job in jobs}
+        pending: dict[Any, J] = {self.task.remote(job, self.task_device, self.precision): job
+                                 for job in jobs}
         try:
             while pending:
                 if self.stop():

@@ -51,6 +51,7 @@ class RunOptions:
     executor: str = "local"  # "local" or "ray"
     ray_address: str | None = None
     gradient_checkpointing: bool = False  # from the start (else only when memory runs out)
+    precision: str = "auto"  # on CUDA: "auto" (bf16, fp16 before Ampere), "bf16", "fp16", "fp32"
 
 
 @dataclass
@@ -132,10 +133,11 @@ def make_executor(options: RunOptions, reporter: Reporter,
     if options.executor == "ray":
         from .ray_executor import RayExecutor
 
-        return RayExecutor(options.device, reporter, stop, address=options.ray_address)
+        return RayExecutor(options.device, reporter, stop, address=options.ray_address,
+                           precision=options.precision)
     from .executor import LocalExecutor
 
-    return LocalExecutor(options.device, reporter, stop)
+    return LocalExecutor(options.device, reporter, stop, precision=options.precision)
 
 
 def run(plan: Plan, root: Path, options: RunOptions, reporter: Reporter,

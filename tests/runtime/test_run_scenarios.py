@@ -403,6 +403,21 @@ def test_M6_out_of_memory_retries_with_gradient_checkpointing_then_a_smaller_bat
         handle.remove()
 
 
+def test_precision_and_gradient_checkpointing_flags_on_the_cpu(project: Path) -> None:
+    """--precision names CUDA's dtype; on the CPU the run says it computes in fp32 and
+    builds; --gradient-checkpointing trains the concept the plain run trains."""
+    code, out, err = cli(project, "run", ".", "--precision", "bf16",
+                         "--gradient-checkpointing")
+    assert code == 0, err
+    assert "--precision bf16 applies on CUDA; on the CPU perfusion computes in fp32" in out + err
+    store = Store(project / ".perfusion")
+    (key,) = [p.name for p in (store.root / "concepts").iterdir()]
+    with_flags = (store.root / "concepts" / key / "artifact.safetensors").read_bytes()
+    shutil.rmtree(store.root)
+    assert cli(project, "run", ".", "--quiet")[0] == 0
+    assert (store.root / "concepts" / key / "artifact.safetensors").read_bytes() == with_flags
+
+
 def test_S2_symlink_at_an_output_path_is_refused_and_the_rest_is_built(
         project: Path, tmp_path: Path) -> None:
     target = tmp_path / "precious.txt"
