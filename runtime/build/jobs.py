@@ -59,7 +59,8 @@ class OutOfMemory(RuntimeError):
 
 
 def load_pipeline(source: str, precision: Precision, config: str | None = None) -> Any:
-    """A StableDiffusionPipeline for a plan's model name (`models.source_of`): built in, a
+    """A Stable Diffusion 1.x/2.x or SDXL pipeline for a plan's model name
+    (`models.source_of`): built in, a
     local diffusers folder, a model id from the Hugging Face cache (downloaded on first use),
     or a single `.safetensors` checkpoint read with `config` (a diffusers folder or a model
     id: `[checkpoints]` in perfusion.toml). ModelUnavailable says what is missing and how to
@@ -132,8 +133,9 @@ def _from_folder(folder: Path, precision: Precision) -> Any:
 def _from_single_file(source: str, path: Path, config: str | None, precision: Precision) -> Any:
     """A checkpoint in the original layout (A1111, civitai), read through diffusers'
     `from_single_file` with a local configuration only, and checked whole: diffusers leaves
-    a weight the file lacks at its random start without a word, so the UNet's and the VAE's
-    tensor counts must match the configuration's."""
+    a weight the file lacks at its random start without a word, so the file must hold at
+    least as many UNet and VAE tensors as the configuration's modules have (more is
+    allowed: some files carry extra copies under those prefixes)."""
     tensors = checkpoint_tensors(path)
     try:
         family = checkpoint_family(tensors)
@@ -176,11 +178,12 @@ def _from_single_file(source: str, path: Path, config: str | None, precision: Pr
                                  ("VAE", VAE_PREFIX, pipe.vae)):
         have = sum(k.startswith(prefix) for k in tensors)
         want = len(module.state_dict())
-        if have != want:
+        if have < want:
             raise ModelUnavailable(
                 f"the checkpoint {source!r} does not match its configuration {config!r}: its "
-                f"{name} has {have} tensors where the configuration's has {want} (another "
-                "model family or size?)")
+                f"{name} has {have} tensors where the configuration's has {want}, so "
+                f"{want - have} would stay random (a damaged file, or another model family "
+                "or size?)")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(precision.device)
 
