@@ -3,7 +3,8 @@ Perfusion with trained keys, textual inversion and a full UNet fine-tune, on hel
 concepts, beside the base model prompted with words, measured with the world's analyzer.
 
     .venv/bin/python bench/personalize.py [--model toy:shapes] [--prompts 8] [--leak 8]
-        [--steps 400] [--batch 8] [--finetune-lr 1e-4] [--strengths 0 0.25 0.5 0.75 1]
+        [--steps 400] [--batch 8] [--lr 0.03] [--embedding-lr 0.006] [--finetune-lr 1e-4]
+        [--strengths 0 0.25 0.5 0.75 1]
         [--out docs/benchmarks] [--concepts moon* septa* ...] [--threads 1]
 
 Concepts (SPECS): each is ONE object of the world (an outline at a fixed depth, the middle
