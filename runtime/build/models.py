@@ -106,20 +106,72 @@ def hub_cache() -> Path:
     return Path(base).expanduser() / "huggingface" / "hub"
 
 
+# A model id's revision resolved to its commit by this process (`resolve`), by cache folder
+# and name: what a run's keys and its downloads use, so that both name the same weights
+_RESOLVED: dict[tuple[str, str], str] = {}
+
+
+def _resolved(source: ModelSource) -> str | None:
+    return _RESOLVED.get((str(hub_cache()), source.name))
+
+
+def _repo_folder(source: ModelSource) -> Path:
+    assert source.kind == "hub" and source.repo is not None
+    return hub_cache() / ("models--" + source.repo.replace("/", "--"))
+
+
+def _cached_commit(source: ModelSource) -> str | None:
+    """The commit the local cache has for the id's revision (`refs/`), without network."""
+    revision = source.revision or "main"
+    if COMMIT.fullmatch(revision):
+        return revision
+    try:
+        return (_repo_folder(source) / "refs" / revision).read_text("utf-8").strip() or None
+    except OSError:
+        return None
+
+
 def cached_snapshot(source: ModelSource) -> Path | None:
     """The snapshot folder of a model id in the local cache, or None: the revision read from
     the cache's `refs/` (or a commit's own snapshot), with no network and no download."""
-    assert source.kind == "hub" and source.repo is not None
-    repo = hub_cache() / ("models--" + source.repo.replace("/", "--"))
-    revision = source.revision or "main"
-    commit = revision if COMMIT.fullmatch(revision) else None
+    commit = _resolved(source) or _cached_commit(source)
     if commit is None:
-        try:
-            commit = (repo / "refs" / revision).read_text("utf-8").strip()
-        except OSError:
-            return None
-    folder = repo / "snapshots" / commit
+        return None
+    folder = _repo_folder(source) / "snapshots" / commit
     return folder if (folder / "model_index.json").is_file() else None
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The connection and timeout errors of huggingface_hub's HTTP client: httpx2's in hub
+    2.x; older hubs use requests, whose errors are OSErrors."""
+    try:
+        from httpx2 import HTTPError
+    except ImportError:
+        return ()
+    return (HTTPError,)
+
+
+def resolve(source: ModelSource) -> str | None:
+    """The commit a model id's revision names now, without downloading weights: a commit
+    as given; the hub's answer when it can be reached (one small request); else the local
+    cache's `refs/`. Remembered for this process (the run's keys and its download then
+    agree); None when neither knows it (the steps that need the model will say why)."""
+    revision = source.revision or "main"
+    commit: str | None = revision if COMMIT.fullmatch(revision) else None
+    if commit is None and not offline():
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+        failures: tuple[type[Exception], ...] = (
+            HfHubHTTPError, OfflineModeIsEnabled, OSError, ValueError, *_transport_errors())
+        try:
+            commit = HfApi().repo_info(source.repo or "", revision=revision).sha
+        except failures:
+            commit = None  # unreachable, private, unknown: the cache may still know it
+    commit = commit or _cached_commit(source)
+    if commit is not None:
+        _RESOLVED[str(hub_cache()), source.name] = commit
+    return commit
 
 
 def fetch(source: ModelSource, files: tuple[str, ...] = HUB_FILES) -> Path:
@@ -137,7 +189,7 @@ def fetch(source: ModelSource, files: tuple[str, ...] = HUB_FILES) -> Path:
         RevisionNotFoundError,
     )
 
-    revision = source.revision or "main"
+    revision = _resolved(source) or source.revision or "main"
     try:
         folder = Path(snapshot_download(source.repo, revision=revision, cache_dir=hub_cache(),
                                         allow_patterns=list(files),
@@ -267,9 +319,11 @@ def stamp(name: str) -> str | None:
             return "missing"
         corpus = file_sha256(source.path / "captions.txt")  # it ships with the model
         return record if corpus is None else digest({"record": record, "captions": corpus})
-    if source.kind == "hub":
-        snapshot = cached_snapshot(source)
-        return f"hub:{snapshot.name}" if snapshot is not None else "missing"
+    if source.kind == "hub":  # the commit in use: resolved by this run, else the cache's
+        commit = _resolved(source)
+        if commit is None and (snapshot := cached_snapshot(source)) is not None:
+            commit = snapshot.name
+        return f"hub:{commit}" if commit is not None else "missing"
     assert source.path is not None
     return _files_stamp(source.path)
 

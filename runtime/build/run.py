@@ -17,7 +17,7 @@ from ..files.atomic import file_sha256
 from ..files.lock import build_lock
 from ..files.store import Store
 from .executor import Executor
-from .models import ModelUnavailable, cached_snapshot, fetch, hub_cache, offline, source_of
+from .models import ModelUnavailable, resolve, source_of
 from .progress import Reporter, duration
 from .status import (
     Manifests,
@@ -151,7 +151,7 @@ def run(plan: Plan, root: Path, options: RunOptions, reporter: Reporter,
         captions = file_sha256(options.captions) if options.captions else None
         if options.captions and captions is None:
             raise FileNotFoundError(f"cannot read the caption file {options.captions}")
-        _resolve_models(plan, reporter)
+        _resolve_models(plan)
         build = _Build(plan, root, options, reporter, stop, store,
                        plan_status(plan, root, store, captions))
         try:
@@ -178,26 +178,19 @@ def checkpoint_config(build: _Build, model: str) -> str | None:
     return str(folder) if folder.exists() else config
 
 
-def _resolve_models(plan: Plan, reporter: Reporter) -> None:
-    """Model ids are resolved (and downloaded on first use) before any key is made, so that
-    keys carry the revision really used: a new revision rebuilds, the same one never does.
-    One that cannot be had is left to fail in the steps that use it, each naming its spec
-    line."""
+def _resolve_models(plan: Plan) -> None:
+    """Model ids' revisions are resolved to commits before any key is made (one small
+    request each; nothing is downloaded until a step needs the weights), so that keys carry
+    the revision really used: a new revision rebuilds, the same one never does, and a run
+    with nothing to do downloads nothing. One that cannot be resolved is left to fail in
+    the steps that use it, each naming its spec line."""
     for name in sorted({c.model for c in plan.concepts} | {r.model for r in plan.renders}):
         try:
             source = source_of(name)
         except ModelUnavailable:
             continue
-        if source.kind != "hub":
-            continue
-        if cached_snapshot(source) is None and not offline():
-            reporter.line(f"downloading model {name} into the Hugging Face cache "
-                          f"({hub_cache()})")
-        try:
-            fetch(source)
-        except ModelUnavailable:
-            continue
-        finally:
+        if source.kind == "hub":
+            resolve(source)
             forget_stamp(name)
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 from test_e2e import fresh_cache
 
 from perfusion_dsl.compiler import compile_paths
+from perfusion_runtime.build import models as models_module
 from perfusion_runtime.build import status as status_module
 from perfusion_runtime.build.jobs import ModelUnavailable, load_pipeline
 from perfusion_runtime.build.models import describe, source_of, stamp
@@ -62,6 +63,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(status_module, "_STAMPS", {})
+    monkeypatch.setattr(models_module, "_RESOLVED", {})
     return tmp_path / "hf" / "hub"
 
 
@@ -158,6 +160,10 @@ def test_e2e_model_id_train_render_noop_and_a_new_revision(
     again = build()
     assert (again.trained, again.rendered, again.reused, again.failures) == ([], [], ["teddy*"],
                                                                              [])
+    # the weights gone from the cache, its ref kept: a run with nothing to do needs none
+    shutil.rmtree(hub / ("models--" + REPO.replace("/", "--")) / "snapshots" / FIRST)
+    quiet = build()
+    assert (quiet.trained, quiet.rendered, quiet.failures) == ([], [], [])
     hub_snapshot(hub, REPO, SECOND, tiny_pipeline(0))  # main moves to a new commit
     newer = build()
     assert (newer.trained, len(newer.rendered), newer.failures) == (["teddy*"], 1, [])
