@@ -189,11 +189,21 @@ def fetch(source: ModelSource, files: tuple[str, ...] = HUB_FILES) -> Path:
         RevisionNotFoundError,
     )
 
-    revision = _resolved(source) or source.revision or "main"
+    # Online, by the branch or tag itself, so that the hub writes `refs/` and a later
+    # offline run finds the same commit; then by the resolved commit if the branch moved
+    # meanwhile (the run's keys name that one). Offline, by the resolved commit.
+    resolved, revision = _resolved(source), source.revision or "main"
+    if offline() and resolved is not None:
+        revision = resolved
     try:
         folder = Path(snapshot_download(source.repo, revision=revision, cache_dir=hub_cache(),
                                         allow_patterns=list(files),
                                         local_files_only=offline()))
+        if resolved is not None and folder.name != resolved:
+            revision = resolved
+            folder = Path(snapshot_download(source.repo, revision=resolved,
+                                            cache_dir=hub_cache(), allow_patterns=list(files),
+                                            local_files_only=offline()))
     except GatedRepoError as exc:
         raise ModelUnavailable(
             f"model {source.repo!r} is gated: accept its licence on huggingface.co, then log in "
