@@ -4,6 +4,7 @@ published configs, without weights."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -73,16 +74,32 @@ ARCHITECTURES: dict[str, tuple[dict[str, Any], tuple[dict[str, Any], ...]]] = {
 }
 
 
-def unet_and_text_encoders(name: str, device: str | torch.device = "meta", seed: int = 0
+# The VAEs (vae/config.json as published): SDXL's has SD's shapes, another latent scale,
+# and decodes in fp32
+SD15_VAE: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (128, 256, 512, 512), "norm_num_groups": 32, "sample_size": 512,
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "scaling_factor": 0.18215,
+}
+VAES: dict[str, dict[str, Any]] = {
+    "sd15": SD15_VAE, "sd21": {**SD15_VAE, "sample_size": 768},
+    "sdxl": {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+}
+
+
+def unet_and_text_encoders(name: str, device: str | torch.device = "meta", seed: int = 0,
+                           text: Mapping[str, Any] | None = None
                            ) -> tuple[Any, tuple[Any, ...]]:
     """The UNet and the text encoder(s) of ARCHITECTURES[name] with random weights (shapes
-    only on "meta"); SDXL's second encoder carries its projection."""
+    only on "meta"); SDXL's second encoder carries its projection. `text` overrides keys
+    of every text encoder's config (a tokenizer's vocabulary size and special ids)."""
     unet_config, text_configs = ARCHITECTURES[name]
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)  # module initialisers draw from the global generator
         unet = UNet2DConditionModel(**unet_config)
         encoders = tuple((CLIPTextModelWithProjection if k == 1 else CLIPTextModel)(
-            CLIPTextConfig(**config)) for k, config in enumerate(text_configs))
+            CLIPTextConfig(**{**config, **(text or {})})) for k, config in enumerate(text_configs))
     for model in (unet, *encoders):
         model.eval().requires_grad_(False)
     return unet, encoders

@@ -48,15 +48,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 from _images import make_images
-from architectures import ARCHITECTURES
+from architectures import VAES, unet_and_text_encoders
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from perfusion_runtime.method.covariance import CAPTIONS_PATH, cinv_for
 from perfusion_runtime.method.device import choose
@@ -65,16 +63,6 @@ from perfusion_runtime.method.render import apply_concepts
 from perfusion_runtime.method.tiny import SD_SCHEDULER, tiny_tokenizer
 from perfusion_runtime.method.trainer import Recipe, Subject, train
 
-# SD 1.5's VAE (vae/config.json as published)
-SD15_VAE: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
-    "block_out_channels": (128, 256, 512, 512), "norm_num_groups": 32, "sample_size": 512,
-    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "scaling_factor": 0.18215,
-}
-# SDXL's VAE: SD's shapes, another latent scale, decoded in fp32 (vae/config.json)
-SDXL_VAE: dict[str, Any] = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025,
-                            "force_upcast": True}
 FULL = {"sd15": {"resolution": 512, "steps": 400, "batch": 16, "renders": 8,
                  "render_steps": 25, "captions": None},
         "sdxl": {"resolution": 1024, "steps": 400, "batch": 4, "renders": 8,
@@ -108,27 +96,21 @@ def time_limit(seconds: int) -> Any:
 
 def pipeline(name: str, seed: int = 0) -> Any:
     """The UNet, VAE and text encoder(s) of ARCHITECTURES[name] ("sd15" or "sdxl") with
-    random weights, the tiny tokenizer (both of SDXL's)."""
+    random weights (`architectures.py`), the tiny tokenizer (both of SDXL's)."""
     tokenizer = tiny_tokenizer()
-    unet_config, text_configs = ARCHITECTURES[name]
-    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoders = [(CLIPTextModelWithProjection if k else CLIPTextModel)(
-            CLIPTextConfig(**{**config, **ids})) for k, config in enumerate(text_configs)]
-        unet = UNet2DConditionModel(**unet_config)
-        scheduler = DDIMScheduler(**SD_SCHEDULER)
-        if name == "sdxl":
-            pipe = StableDiffusionXLPipeline(
-                vae=AutoencoderKL(**SDXL_VAE), text_encoder=encoders[0],
-                text_encoder_2=encoders[1], tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(),
-                unet=unet, scheduler=scheduler)
-        else:
-            pipe = StableDiffusionPipeline(
-                vae=AutoencoderKL(**SD15_VAE), text_encoder=encoders[0], tokenizer=tokenizer,
-                unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                image_encoder=None, requires_safety_checker=False)
+    unet, encoders = unet_and_text_encoders(name, "cpu", seed, text={
+        "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
+    vae, scheduler = AutoencoderKL(**VAES[name]), DDIMScheduler(**SD_SCHEDULER)
+    if name == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizer,
+            tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            image_encoder=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -115,12 +115,18 @@ def _pipeline_class(folder: Path) -> str:
     return str(name)
 
 
-def _from_folder(folder: Path, precision: Precision) -> Any:
+def _pipeline_kind(folder: Path) -> tuple[Any, dict[str, Any]]:
+    """The diffusers class a folder declares, and the keywords loading it takes (SD's
+    pipeline also has a safety checker, which perfusion does not load)."""
     import diffusers
 
     kind = getattr(diffusers, _pipeline_class(folder))
-    extra = {} if kind is diffusers.StableDiffusionXLPipeline else {
+    return kind, {} if kind is diffusers.StableDiffusionXLPipeline else {
         "safety_checker": None, "requires_safety_checker": False}
+
+
+def _from_folder(folder: Path, precision: Precision) -> Any:
+    kind, extra = _pipeline_kind(folder)
     try:
         pipe = kind.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                     dtype=precision.dtype, **extra)
@@ -158,14 +164,10 @@ def _from_single_file(source: str, path: Path, config: str | None, precision: Pr
             raise ModelUnavailable(f"the configuration {config!r} of {source!r} is neither a "
                                    "folder nor a model id")
         folder = fetch(hub, CONFIG_FILES)
-    import diffusers
-
-    kind = getattr(diffusers, _pipeline_class(folder))
-    if (kind is diffusers.StableDiffusionXLPipeline) != (family == "sdxl"):
+    kind, extra = _pipeline_kind(folder)
+    if (kind.__name__ == "StableDiffusionXLPipeline") != (family == "sdxl"):
         raise ModelUnavailable(f"the checkpoint {source!r} is {_FAMILY_NAMES[family]} but its "
                                f"configuration {config!r} is a {kind.__name__}")
-    extra = {} if family == "sdxl" else {"safety_checker": None,
-                                         "requires_safety_checker": False}
     try:
         pipe = kind.from_single_file(str(path), config=str(folder), local_files_only=True,
                                      torch_dtype=precision.dtype, **extra)

@@ -57,10 +57,6 @@ class ModelSource:
     repo: str | None = None  # hub
     revision: str | None = None  # hub: None means the default branch
 
-    @property
-    def shown(self) -> str:
-        return self.name
-
 
 def source_of(name: str) -> ModelSource:
     """What `name` names. An existing path wins over a model id (write `./org/name` for a

@@ -229,7 +229,10 @@ def estimate_cinv(tokenizer: Any, text_encoder: nn.Module, captions: Sequence[st
 
     `device` is where the token ids go; by default the text encoder's own device (the
     encoder is never moved)."""
-    moment = caption_moment(tokenizer, text_encoder, captions, batch_size, device)
+    return _inverse(caption_moment(tokenizer, text_encoder, captions, batch_size, device))
+
+
+def _inverse(moment: Tensor) -> Tensor:
     return inverse_covariance(moment, ridge=RIDGE).contiguous()  # LAPACK's is column-major
 
 
@@ -263,6 +266,18 @@ class _TextSide:
         if self.pipe is None:
             return text_encoder_fingerprint(self.tokenizer, self.text_encoder)
         return joint_fingerprint(self.pipe)
+
+    def encoders(self) -> list[nn.Module]:
+        return [self.text_encoder] if self.pipe is None else [e for _, e in
+                                                              text.pairs(self.pipe)]
+
+    def encode(self, batch: Sequence[str]) -> Tensor:
+        """The UNet's text input of a batch, flat [B·T, D]: one encoder's last hidden state,
+        or SDXL's two side by side (`text.encode`)."""
+        if self.pipe is None:
+            return _encode(self.tokenizer, self.text_encoder, batch,
+                           _encoder_device(self.text_encoder))
+        return text.encode(self.pipe, batch)[0].reshape(-1, self.width)
 
 
 def joint_fingerprint(pipe: Any) -> str:
@@ -366,14 +381,8 @@ def _estimate(side: _TextSide, source: Path, caption_bytes: bytes) -> tuple[Tens
     """(C⁻¹, number of captions) from a caption file's bytes, checked."""
     captions = _caption_lines(source, caption_bytes)
     logger.info("estimating C⁻¹ on %d captions from %s", len(captions), source)
-    if side.pipe is None:
-        cinv = estimate_cinv(side.tokenizer, side.text_encoder, captions)
-    else:  # SDXL: the UNet's input, both encoders side by side (text.encode)
-        pipe = side.pipe
-        moment = _moment(lambda batch: text.encode(pipe, batch)[0].reshape(-1, side.width),
-                         [e for _, e in text.pairs(pipe)], captions, 64,
-                         _encoder_device(side.text_encoder))
-        cinv = inverse_covariance(moment, ridge=RIDGE).contiguous()
+    cinv = _inverse(_moment(side.encode, side.encoders(), captions, 64,
+                            _encoder_device(side.text_encoder)))
     problem = _cinv_problem(cinv, side.width)
     if problem is not None:  # not a cache problem: the estimate itself is wrong
         raise ValueError(f"the C⁻¹ estimated from {source} is unusable: {problem}")

@@ -180,17 +180,19 @@ class Applied:
                                      guided, negatives)
             cond, uncond = encoded[0], encoded[1]
             out.update(prompt_embeds=cond, negative_prompt_embeds=uncond)
-            supers = [self.supercategory_prompt(p) for p in prompts]
-            if text.is_xl(self.pipe):
+            xl = text.is_xl(self.pipe)
+            if not (xl or self.state.needs_super):
+                return out
+            # the prompts with each concept's supercategory in place of its token, once
+            sup = _encode_prompt(self.pipe, [self.supercategory_prompt(p) for p in prompts],
+                                 False, None)
+            if xl:
                 # SDXL's pooled text from the supercategory prompt, as in training: the
                 # concept reaches the UNet only through the gated cross-attention, and a
                 # prompt without a concept gets the base model's pooled text
-                plain = _encode_prompt(self.pipe, supers, guided, negatives)
-                out.update(pooled_prompt_embeds=plain[2],
-                           negative_pooled_prompt_embeds=plain[3])
+                out.update(pooled_prompt_embeds=sup[2], negative_pooled_prompt_embeds=encoded[3])
             if self.state.needs_super:
-                sup = _encode_prompt(self.pipe, supers, False, None)[0]
-                both = torch.cat([uncond, sup]) if guided else sup
+                both = torch.cat([uncond, sup[0]]) if guided else sup[0]
                 out["cross_attention_kwargs"] = {**(pipe_kwargs.get("cross_attention_kwargs")
                                                     or {}), SUPER_KWARG: both}
         return out

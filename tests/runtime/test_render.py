@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from test_trainer import shared_cinv_cache
 from torch import Tensor
 
 from perfusion_runtime.method import artifact
@@ -64,10 +65,10 @@ def base(family: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def cinv(tmp_path_factory: pytest.TempPathFactory, base: Any) -> Tensor:
+def cinv(tmp_path_factory: pytest.TempPathFactory, base: Any, family: str) -> Tensor:
     """C⁻¹ of the tiny text encoder on the shipped caption corpus, estimated once per session
     (a cache folder shared by the runtime test files); the leak of invariant 7 depends on it."""
-    return cinv_for(base, tmp_path_factory.getbasetemp() / "cinv-cache")[0]
+    return cinv_for(base, shared_cinv_cache(tmp_path_factory, family))[0]
 
 
 def _train(pipe: Any, cinv: Tensor, folder: Path, token: str, supers: tuple[str, ...],

@@ -403,11 +403,22 @@ def test_M6_out_of_memory_retries_with_gradient_checkpointing_then_a_smaller_bat
         handle.remove()
 
 
-def test_precision_and_gradient_checkpointing_flags_on_the_cpu(project: Path) -> None:
+def test_precision_and_gradient_checkpointing_flags_on_the_cpu(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--precision names CUDA's dtype; on the CPU the run says it computes in fp32 and
-    builds; --gradient-checkpointing trains the concept the plain run trains."""
+    builds; --gradient-checkpointing reaches the trainer and trains the concept the plain
+    run trains."""
+    asked: list[bool] = []
+    real = jobs.train
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("gradient_checkpointing", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "train", spy)
     code, out, err = cli(project, "run", ".", "--precision", "bf16",
                          "--gradient-checkpointing")
+    assert asked == [True]
     assert code == 0, err
     assert "--precision bf16 applies on CUDA; on the CPU perfusion computes in fp32" in out + err
     store = Store(project / ".perfusion")
@@ -415,6 +426,7 @@ def test_precision_and_gradient_checkpointing_flags_on_the_cpu(project: Path) ->
     with_flags = (store.root / "concepts" / key / "artifact.safetensors").read_bytes()
     shutil.rmtree(store.root)
     assert cli(project, "run", ".", "--quiet")[0] == 0
+    assert asked == [True, False]
     assert (store.root / "concepts" / key / "artifact.safetensors").read_bytes() == with_flags
 
 

@@ -55,6 +55,14 @@ def write_masks(folder: Path, count: int, value: int) -> tuple[Path, ...]:
     return paths
 
 
+def shared_cinv_cache(factory: pytest.TempPathFactory, family: str) -> Path:
+    """The session's C⁻¹ cache of the tiny pipeline of `family`. SD 1.x's is the folder the
+    runtime test files share and copy whole (`test_e2e.fresh_cache`): it must hold the
+    tiny SD 1.x entry alone, whatever order the files run in."""
+    name = "cinv-cache" if family == "sd1" else f"cinv-cache-{family}"
+    return factory.getbasetemp() / name
+
+
 def state_dicts(pipe: Any) -> dict[str, dict[str, Tensor]]:
     """Every base weight, SDXL's second text encoder included."""
     names = ["unet", "vae", "text_encoder"]
@@ -109,7 +117,7 @@ def trained(request: pytest.FixtureRequest, subject: Subject,
     """One training on a fresh tiny pipeline, with a spy on the optimiser it builds; on the
     SD 1.x tiny pipeline, the SD 2.x one and the SDXL one (`tiny_pipeline(family=…)`)."""
     pipe = tiny_pipeline(0, family=request.param)
-    cinv = cinv_for(pipe, tmp_path_factory.getbasetemp() / "cinv-cache")
+    cinv = cinv_for(pipe, shared_cinv_cache(tmp_path_factory, request.param))
     before = state_dicts(pipe)
     embedding = pipe.text_encoder.get_input_embeddings()
     processors = dict(pipe.unet.attn_processors)
@@ -240,9 +248,14 @@ def test_gradient_checkpointing_trains_the_same_concept(trained: Trained,
     nothing: the same artifact bytes; the UNet's setting is put back."""
     pipe = tiny_pipeline(0, family=trained.family)
     cinv = trained.cinv
+    seen: list[bool] = []  # the UNet's setting at each of its calls during training
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda module, args: seen.append(bool(module.is_gradient_checkpointing)))
     concept = train(pipe, subject, RECIPE, cinv[0], cinv_fingerprint=cinv[1],
                     base_fingerprint=base_fingerprint(pipe), options={"steps": 6},
                     gradient_checkpointing=True)
+    hook.remove()
+    assert seen and all(seen)
     assert artifact.encode(concept) == artifact.encode(trained.concept)
     assert not pipe.unet.is_gradient_checkpointing
 
