@@ -5,8 +5,11 @@
   the artifact stores o*_K in full.
 - `EmbeddingOnly`: textual inversion: only the token embedding is trained and the UNet runs
   as it is, with no edit (`_finetune.py` also uses it, and trains the UNet's own weights).
+- `PromptPositions`: Perfusion with the edit at the prompt's own text positions only (its
+  start token, words and end-of-text token), not the padding (`edit_positions.py`,
+  `leakage.py --method prompt_positions`).
 
-`METHODS` maps the names `personalize.py` records to them.
+`METHODS` maps the names the benchmarks record to them.
 """
 
 from __future__ import annotations
@@ -41,4 +44,10 @@ class EmbeddingOnly(Method):
         pass  # the UNet as it is
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (PERFUSION, TrainedKeys(), EmbeddingOnly())}
+class PromptPositions(Method):
+    name = "prompt_positions"
+    positions = "prompt"
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (PERFUSION, TrainedKeys(), EmbeddingOnly(),
+                                                  PromptPositions())}

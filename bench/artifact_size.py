@@ -38,8 +38,10 @@ from perfusion_runtime.method.layers import cross_attention_layers
 BUDGET_KIB, HALF_BUDGET_KIB = 104, 52
 EXPECTED_PER_PROJECTION = 12_480  # docs/runtime.md, "The concept file"
 EXPECTED_TOTAL = 26_496
-# What a plan's ConceptStep carries with default learn options (the built-in 10 templates).
+# What a plan's ConceptStep carries with default learn options (the built-in 10 templates),
+# and what the trainer adds: where the edit applies.
 OPTIONS = {
+    "positions": "all",
     "steps": 400, "seed": 0, "batch": 16, "lr": 0.03, "embedding_lr": 0.006, "lock": "local",
     "mask": "none", "resolution": None, "flip": True, "beta": 0.75, "tau": 0.1,
     "templates": ["a photo of a {}", "a rendering of a {}", "a cropped photo of the {}",

@@ -3,6 +3,7 @@ moves when a concept's edit is forced on, and where along the text the gate open
 
     .venv/bin/python bench/leakage.py [--model toy:shapes] [--concepts 8] [--seeds 4]
         [--prompts 8] [--steps 100] [--batch 4] [--render-steps 25] [--threads 1]
+        [--method perfusion|prompt_positions]
 
 Concepts: `--concepts` objects of the toy world (`world.held_out_scene`: outline, colour,
 pattern), each learned from 5 renders (`world.render`) at other sizes, positions,
@@ -33,6 +34,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np
 import torch
+from ablations import METHODS
 
 from perfusion_runtime.build.jobs import default_captions, load_pipeline
 from perfusion_runtime.method.artifact import Concept
@@ -101,6 +103,9 @@ def main() -> None:
     parser.add_argument("--render-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--method", default="perfusion", choices=sorted(METHODS),
+                        help="the training (ablations.py): prompt_positions edits only the "
+                             "prompt's own text positions, not the padding")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,7 +126,8 @@ def main() -> None:
                             templates=("a {}",))
             concept = train(pipe, Subject(f"c{i}*", (word,), (), pictures, base_model=args.model),
                             recipe, cinv, cinv_fingerprint=cinv_print,
-                            base_fingerprint=base_fingerprint(pipe))
+                            base_fingerprint=base_fingerprint(pipe),
+                            method=METHODS[args.method])
             forced = render(pipe, [concept], cinv, prompts, args)
             for k, (a, b) in enumerate(zip(forced, base, strict=True)):
                 leaks.append({"concept": i, "seed": seed, "prompt": k,

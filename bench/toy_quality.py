@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/toy_quality.py [--n 256] [--steps 25] [--guidance 5] [--model DIR]
                                           [--rescale 0] [--save sheet.png]
+                                          [--scheduler model|dpm] [--channels-last]
 
 Scenes come from `world.held_out_scene(i)` (seeds never used for training); each is
 captioned in full (outline, colours, size, position, background; pattern when it has one),
@@ -48,9 +49,20 @@ def main() -> None:
     parser.add_argument("--rescale", type=float, default=0.0,
                         help="guidance_rescale (Lin et al. 2024), for zero-terminal-SNR models")
     parser.add_argument("--save", type=Path, default=None, help="write a sheet of the first 32")
+    parser.add_argument("--scheduler", choices=("model", "dpm"), default="model",
+                        help="the model's own sampler, or DPM-Solver++ (2M) from its config")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="UNet and VAE in channels_last memory format")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, choose("cpu"))
+    if args.scheduler == "dpm":
+        from diffusers import DPMSolverMultistepScheduler
+
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    if args.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
     model_hits = dict.fromkeys(ATTRIBUTES, 0)
     truth_hits = dict.fromkeys(ATTRIBUTES, 0)
     misses: dict[str, collections.Counter[str]] = {a: collections.Counter() for a in ATTRIBUTES}
@@ -72,8 +84,9 @@ def main() -> None:
         for name, ok in analyze.agreement(truth, scene, ATTRIBUTES).items():
             truth_hits[name] += ok
     seconds = (time.perf_counter() - started) / args.n
-    print(f"{args.model}: {args.n} held-out captions, {args.steps} steps, guidance "
-          f"{args.guidance}; {seconds:.3f} s per image\n")
+    print(f"{args.model}: {args.n} held-out captions, {args.steps} steps of "
+          f"{type(pipe.scheduler).__name__}, guidance {args.guidance}"
+          f"{', channels_last' if args.channels_last else ''}; {seconds:.3f} s per image\n")
     print(f"{'attribute':<12}{'model':>8}{'analyzer on truth':>20}{'target':>9}")
     for name in ATTRIBUTES:
         target = TARGETS.get(name)

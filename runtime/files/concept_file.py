@@ -16,8 +16,11 @@ from typing import Any, NamedTuple
 from .safetensors_file import FormatProblem, names_of, no_duplicates, parse_header
 
 FORMAT = "perfusion-concept"
-FORMAT_VERSION = "2"
-SUPPORTED_VERSIONS: tuple[str, ...] = ("1", "2")
+FORMAT_VERSION = "3"
+SUPPORTED_VERSIONS: tuple[str, ...] = ("1", "2", "3")
+# where the edit applies: "all", every text position, padding included (the trainer's, and
+# formats 1 and 2); "prompt", the prompt's own positions only (docs/runtime.md)
+POSITIONS = ("prompt", "all")
 # Bounds that keep a hostile file from costing memory. An SD 1.5 concept is ~59 KiB with a
 # ~2 KB header; SDXL-sized ones stay well under a megabyte.
 MAX_FILE_BYTES = 64 * 1024 * 1024
@@ -27,6 +30,8 @@ _METADATA_KEYS = {
           "base_fingerprint", "cinv_fingerprint", "options", "key", "layers"),
     "2": ("format", "format_version", "token", "supercategory", "lock", "base_model",
           "base_fingerprint", "cinv_fingerprint", "layers"),
+    "3": ("format", "format_version", "token", "supercategory", "lock", "positions",
+          "base_model", "base_fingerprint", "cinv_fingerprint", "layers"),
 }
 # the tensor sets a file may hold: v1 has only the first; v2 either (i_super: keys locked)
 _TENSOR_SETS = (("embedding", "i_star", "o_k", "o_v"), ("embedding", "i_star", "i_super", "o_v"))
@@ -177,10 +182,14 @@ def _check_metadata(metadata: Mapping[str, str]) -> tuple[ConceptInfo, str, dict
     else:
         if metadata["lock"] not in ("local", "global"):
             raise FormatProblem(f"metadata lock is {metadata['lock'][:20]!r}, not local or global")
+        positions = metadata.get("positions", "all")
+        if positions not in POSITIONS:
+            raise FormatProblem(f"metadata positions is {positions[:20]!r}, not prompt or all")
         sup = metadata["supercategory"]
         info = ConceptInfo(metadata["token"], (sup,) if sup else (), (),
                            metadata["base_model"], metadata["base_fingerprint"],
-                           metadata["cinv_fingerprint"], {"lock": metadata["lock"]}, "")
+                           metadata["cinv_fingerprint"],
+                           {"lock": metadata["lock"], "positions": positions}, "")
     return info, version, _json_layers(metadata)
 
 

@@ -1,6 +1,6 @@
 """The concept artifact: one safetensors file per concept, saved atomically, read strictly.
 
-File layout (format_version "2"), every tensor float32 (or every one float16, `half=True`),
+File layout (format_version "3"), every tensor float32 (or every one float16, `half=True`),
 every metadata value a string; only what loading needs (docs/runtime.md, "The concept file"):
 
     embedding [D_tok]   the token's input embedding
@@ -9,14 +9,17 @@ every metadata value a string; only what loading needs (docs/runtime.md, "The co
                         pipeline's W_K when loading (12,480 floats fewer for SD 1.5)
       or o_k  [ΣO]      keys trained (the benchmarks' ablation): every layer's o*_K
     o_v       [ΣO]      every layer's o*_V, concatenated in the order of `layers`
-    metadata  format="perfusion-concept", format_version="2", token, supercategory (the
-              first: global locking renders through it), lock, base_model, base_fingerprint,
+    metadata  format="perfusion-concept", format_version="3", token, supercategory (the
+              first: global locking renders through it), lock, positions ("all": edited at
+              every text position; "prompt": up to its end-of-text token), base_model,
+              base_fingerprint,
               cinv_fingerprint, layers (JSON object {attn2 module path: O}, in order)
 
 What explains or rebuilds a concept (all supercategories, adjectives, options, the plan's
 key) is in the store's manifest and the build history, not here: the file's size does not
-grow with templates or adjectives. Format "1" (four float32 tensors, o_k in full, every
-option in the metadata) is still read.
+grow with templates or adjectives. Formats "1" (four float32 tensors, o_k in full, every
+option in the metadata) and "2" (format 3 without `positions`) are still read, as concepts
+edited at every position, as they were trained.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from ..files.concept_file import (  # the format's constants and description: on
     FORMAT,
     FORMAT_VERSION,
     MAX_FILE_BYTES,
+    POSITIONS,
     SUPPORTED_VERSIONS,
     ConceptInfo,
 )
@@ -102,6 +106,12 @@ class Concept(ConceptInfo):
         return str(self.options.get("lock", "local"))
 
     @property
+    def positions(self) -> str:
+        """Where its edit applies: "all" (every text position, padding included: how the
+        trainer trains) or "prompt" (the prompt's start, words and end-of-text token only)."""
+        return str(self.options.get("positions", "all"))
+
+    @property
     def layers(self) -> dict[str, int]:
         """Layer path -> output width O of its to_k/to_v, in the order of `o_k`."""
         return {name: int(t.numel()) for name, t in self.o_k.items()}
@@ -144,6 +154,8 @@ def _concept_problem(c: Concept) -> str | None:
         return "the token is empty"
     if not isinstance(c.key, str) or not _HEX.fullmatch(c.key):
         return f"key must be lowercase hex, got {c.key!r}"
+    if c.positions not in POSITIONS:
+        return f"options positions must be one of {', '.join(POSITIONS)}, got {c.positions!r}"
     if not c.o_k:
         return "no layers"
     if "" in c.o_k:
@@ -232,8 +244,9 @@ def _metadata(c: Concept) -> dict[str, str]:
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "token": c.token,
         "supercategory": c.supercategories[0] if c.supercategories else "",
-        "lock": c.lock, "base_model": c.base_model, "base_fingerprint": c.base_fingerprint,
-        "cinv_fingerprint": c.cinv_fingerprint, "layers": _compact(c.layers),
+        "lock": c.lock, "positions": c.positions, "base_model": c.base_model,
+        "base_fingerprint": c.base_fingerprint, "cinv_fingerprint": c.cinv_fingerprint,
+        "layers": _compact(c.layers),
     }
 
 

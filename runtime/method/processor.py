@@ -81,6 +81,10 @@ class ConceptState:
     # per encoder row (unconditional rows first under guidance, as the pipeline stacks
     # them): the set applied to it, None for a row left as the base model has it
     rows: tuple[ConceptSet | None, ...] | None = None
+    # per encoder row, how many leading positions the edit applies to (the prompt's start
+    # token, words and end-of-text token: `text.prompt_lengths`); past them K and V are the
+    # base model's. None: every position (how the trainer trains).
+    lengths: Tensor | None = None
     version: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -108,22 +112,26 @@ class ConceptState:
         self.version += 1
 
     def activate(self, basis: Basis, o_k: Mapping[str, Tensor], o_v: Mapping[str, Tensor],
-                 beta: Tensor | float, lock: str = "local", tau: float = INFERENCE_TAU) -> None:
-        """Apply the K concepts of `basis` to every row, with their targets and gate biases."""
+                 beta: Tensor | float, lock: str = "local", tau: float = INFERENCE_TAU,
+                 lengths: Tensor | None = None) -> None:
+        """Apply the K concepts of `basis` to every row, with their targets and gate biases,
+        at the first `lengths[b]` positions of row b (None: at all)."""
         chosen = ConceptSet.make(basis, o_k, o_v, beta, lock)
-        self.rows = None
+        self.rows, self.lengths = None, lengths
         self.basis, self.o_k, self.o_v = chosen.basis, chosen.o_k, chosen.o_v
         self.beta, self.lock, self.tau = chosen.beta, chosen.lock, tau
 
-    def activate_rows(self, rows: Sequence[ConceptSet | None], tau: float = INFERENCE_TAU
-                      ) -> None:
-        """Apply `rows[b]` to row b of the encoder batch only (None: that row unedited)."""
+    def activate_rows(self, rows: Sequence[ConceptSet | None], tau: float = INFERENCE_TAU,
+                      lengths: Tensor | None = None) -> None:
+        """Apply `rows[b]` to row b of the encoder batch only (None: that row unedited), at
+        its first `lengths[b]` positions (None: at all)."""
         self.deactivate()
-        self.rows, self.tau = tuple(rows), tau
+        self.rows, self.tau, self.lengths = tuple(rows), tau, lengths
 
     def deactivate(self) -> None:
         """No concept: every processor behaves as diffusers' default one."""
         self.basis, self.o_k, self.o_v, self.beta, self.rows = None, {}, {}, None, None
+        self.lengths = None
 
     def whole(self) -> ConceptSet | None:
         """The set `activate` applies to every row, or None."""
@@ -224,9 +232,33 @@ class PerfusionAttnProcessor:
 
     def _project(self, attn: Any, context: Tensor, super_context: Tensor | None
                  ) -> tuple[Tensor, Tensor]:
-        state = self.state
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
+        key, value = self._project_rows(attn, context, super_context)
+        state = self.state
+        lengths = state.lengths
+        if lengths is None:
+            return key, value
+        if tuple(lengths.shape) != (context.shape[0],):
+            raise ValueError(f"the concept state has lengths of shape {tuple(lengths.shape)}, "
+                             f"the encoder batch {context.shape[0]} rows (layer {self.layer})")
+        # past the prompt's end-of-text token, the edit is off: the padding carries no text
+        # of its own, and editing it leaked the concept into every image (docs/runtime.md,
+        # "Which positions the edit touches"). There V is to_v of the prompt, and K to_k of
+        # the prompt, or of the supercategory prompt in rows that lock keys globally (those
+        # keys are not edited: they are the supercategory's, at every position).
+        where = torch.arange(context.shape[1], device=context.device)
+        inside = (where[None] < lengths.to(context.device)[:, None])[..., None]  # [B, T, 1]
+        sets = state.rows if state.rows is not None else (state.whole(),) * context.shape[0]
+        global_rows = torch.tensor([s is not None and s.lock == "global" for s in sets],
+                                   device=context.device)[:, None, None]  # [B, 1, 1]
+        return (torch.where(inside | global_rows, key, attn.to_k(context)),
+                torch.where(inside, value, attn.to_v(context)))
+
+    def _project_rows(self, attn: Any, context: Tensor, super_context: Tensor | None
+                      ) -> tuple[Tensor, Tensor]:
+        """K and V of every row with its own set applied (at every position)."""
+        state = self.state
         if state.rows is None:
             return self._project_set(attn, context, super_context, state.whole())
         rows = state.rows

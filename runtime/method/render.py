@@ -137,29 +137,47 @@ class Applied:
             if names not in sets:
                 sets[names] = self.concept_set(names, strength)
         chosen = [sets[tuple(self.tokens_in([p]))] for p in prompts]
+        # a row is edited where its concepts were trained to be: at every position, or, when
+        # all of them were trained up to it, up to its prompt's end-of-text token
+        whole = [any(self.concepts[t].positions == "all" for t in self.tokens_in([p]))
+                 for p in prompts]
         images: list[Any] = []
         try:
             for start in range(0, len(prompts), self.batch_size):
-                images += self._chunk(prompts[start:start + self.batch_size],
-                                      seeds[start:start + self.batch_size],
-                                      chosen[start:start + self.batch_size],
+                part = slice(start, start + self.batch_size)
+                images += self._chunk(prompts[part], seeds[part], chosen[part], whole[part],
                                       negative_prompt, pipe_kwargs)
         finally:
             self.state.deactivate()  # outside a call the pipeline is the base model
         return images
 
     def _chunk(self, prompts: list[str], seeds: list[int], chosen: list[ConceptSet | None],
-               negative: str, pipe_kwargs: dict[str, Any]) -> list[Any]:
+               whole: list[bool], negative: str, pipe_kwargs: dict[str, Any]) -> list[Any]:
         """One pipeline call of exactly `batch_size` images; the images of `prompts`."""
         pad = self.batch_size - len(prompts)
         guided = float(pipe_kwargs.get("guidance_scale", 7.5)) > 1.0
         rows = chosen + chosen[-1:] * pad
-        self.state.activate_rows(rows + rows if guided else rows)  # [uncond; cond] rows
         chunk, chunk_seeds = _padded(prompts, seeds, self.batch_size)
+        lengths = self._lengths(chunk, whole + whole[-1:] * pad, negative, guided)
+        self.state.activate_rows(rows + rows if guided else rows,  # [uncond; cond] rows
+                                 lengths=lengths)
         kwargs = self._embeddings(chunk, negative, guided, pipe_kwargs)
         generators = [torch.Generator("cpu").manual_seed(s) for s in chunk_seeds]
         done = list(self.pipe(generator=generators, **kwargs).images)
         return done[:len(prompts)]
+
+    def _lengths(self, prompts: list[str], whole: list[bool], negative: str, guided: bool
+                 ) -> Tensor:
+        """Per encoder row ([uncond; cond] under guidance), how many positions the edit
+        touches: the prompt's own (`text.prompt_lengths`), or all where `whole`."""
+        tokenizer = self.pipe.tokenizer
+        texts = [rewrite(p, self.concepts) for p in prompts]
+        found = text.prompt_lengths(tokenizer, text.tokenize(tokenizer, texts))
+        if guided:
+            negatives = text.tokenize(tokenizer, [negative] * len(prompts))
+            found = torch.cat([text.prompt_lengths(tokenizer, negatives), found])
+        everything = torch.tensor(whole * (2 if guided else 1))
+        return torch.where(everything, int(tokenizer.model_max_length), found)
 
     def _warn_unknown(self, prompts: Sequence[str]) -> None:
         unknown = sorted({t for p in prompts for t in TOKEN.findall(p)} - set(self.concepts))

@@ -48,6 +48,16 @@ def tokenize(tokenizer: Any, prompts: Sequence[str]) -> Tensor:
     return ids
 
 
+def prompt_lengths(tokenizer: Any, ids: Tensor) -> Tensor:
+    """How many leading positions [B] of each row of `ids` ([B, 77], from `tokenize`) the
+    prompt itself fills: its start token, its words and its end-of-text token, not the padding
+    after it (which SD 1.x fills with more end-of-text tokens). A concept trained with
+    `positions` "prompt" is edited at these positions only (docs/runtime.md, "Which
+    positions the edit touches")."""
+    end = (ids == int(tokenizer.eos_token_id)).int()  # [B, T]; tokenize always ends with one
+    return end.argmax(dim=1) + 1  # the first end-of-text token, counted
+
+
 def hidden_of(pipe: Any, encoder: Any, ids: Tensor) -> Tensor:
     """What the UNet reads of one encoder: the last hidden state, or SDXL's penultimate."""
     if is_xl(pipe):

@@ -236,6 +236,12 @@ class Method:
     subclass it for their ablations (`bench/ablations.py`); the trainer has this one path."""
 
     name = "perfusion"  # recorded in a checkpoint's identity
+    # where the edit applies: "all", every text position, padding included; "prompt", each
+    # caption's start token, words and end-of-text token only (the benchmarks' ablation
+    # `PromptPositions`: it leaks less but lost a patterned concept's pattern, see
+    # docs/runtime.md, "Which positions the edit touches"). The artifact records it, and
+    # rendering follows it.
+    positions = "all"
 
     def key_target(self, locked: Tensor) -> Tensor:
         """o*_K of one layer, from its locked value W_K i_super: that value, a constant."""
@@ -444,6 +450,10 @@ def _micro_step(run: _Run, state: ConceptState, size: int) -> Tensor:
     hidden, ids = encode(pipe, prompts)
     i_star = _update_i_star(run, hidden, ids)
     run.method.edit(state, run, i_star)
+    # the edit stops at each caption's end-of-text token, as in rendering (docs/runtime.md,
+    # "Which positions the edit touches")
+    state.lengths = (text.prompt_lengths(pipe.tokenizer, ids)
+                     if run.method.positions == "prompt" else None)
     device = pipe.unet.device
     # SDXL's pooled text comes from the supercategory captions, in training as in rendering:
     # the concept reaches the UNet only through the gated cross-attention (docs/runtime.md)
@@ -645,7 +655,8 @@ def _concept(run: _Run, cinv_fingerprint: str, base_fingerprint: str,
         token=subject.token, supercategories=subject.supercategories,
         adjectives=subject.adjectives, base_model=subject.base_model,
         base_fingerprint=base_fingerprint, cinv_fingerprint=cinv_fingerprint,
-        options=dict(options), key=subject.key,
+        # where the edit applied in training (_micro_step): so it renders
+        options={**options, "positions": run.method.positions}, key=subject.key,
         # SDXL: both encoders' rows side by side, split again by their widths when loaded
         embedding=torch.cat([e.detach().float().cpu() for e in run.embeddings]),
         i_star=run.i_star.detach().float().cpu().clone(),

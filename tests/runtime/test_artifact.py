@@ -142,7 +142,8 @@ def test_roundtrip_bit_exact(tmp_path: Path) -> None:
         assert getattr(again, field) == getattr(concept, field), field
     # only what loading needs: the rest is in the store's manifest and the build history
     assert again.supercategories == concept.supercategories[:1]
-    assert (again.adjectives, again.options, again.key) == ((), {"lock": "local"}, "")
+    assert (again.adjectives, again.options, again.key) == (
+        (), {"lock": "local", "positions": concept.positions}, "")
     assert again.num_floats == concept.num_floats == size_for(LAYERS, D_TOKEN, D_TEXT)
     assert encode(again) == path.read_bytes()
     umask = os.umask(0o022)
@@ -161,11 +162,12 @@ def test_file_holds_four_float32_tensors_and_string_metadata(saved: Path) -> Non
     assert sorted(tensors) == ["embedding", "i_star", "o_k", "o_v"]
     assert all(t.dtype == torch.float32 and t.dim() == 1 for t in tensors.values())
     assert metadata["format"] == "perfusion-concept"
-    assert metadata["format_version"] == "2"
+    assert metadata["format_version"] == "3"
     assert json.loads(metadata["layers"]) == LAYERS
     assert metadata["supercategory"] == "teddy bear"
     assert metadata["lock"] == "local"
-    assert sorted(metadata) == sorted(concept_file._METADATA_KEYS["2"])  # no options, no adjectives
+    assert metadata["positions"] == "all"  # make_concept's: no "positions" option
+    assert sorted(metadata) == sorted(concept_file._METADATA_KEYS["3"])  # no options, no adjectives
     assert tensors["o_k"].numel() == sum(LAYERS.values())
 
 
@@ -204,9 +206,11 @@ def test_half_precision_file_is_half_the_size_and_reads_as_float32(tmp_path: Pat
     again = load(path, expect_layers=LAYERS)
     assert again.embedding.dtype == torch.float32
     torch.testing.assert_close(again.embedding, concept.embedding.half().float(), rtol=0, atol=0)
-    full = len(encode(concept))
-    floats = concept.num_floats
-    assert len(path.read_bytes()) == full - 2 * floats  # two bytes a float instead of four
+    def data_bytes(data: bytes) -> int:  # the tensors, past the 8-byte length and header
+        return len(data) - 8 - int.from_bytes(data[:8], "little")
+
+    # two bytes a float instead of four (the headers differ in their offsets' digits)
+    assert data_bytes(path.read_bytes()) == data_bytes(encode(concept)) - 2 * concept.num_floats
     mixed = {**tensors, "o_v": tensors["o_v"].float()}
     assert_rejected(rewrite(path, mixed), "o_v", "dtype F32", "F16")
 
@@ -333,12 +337,27 @@ def test_M1_rejects_wrong_dtype(saved: Path) -> None:
 
 
 def test_M1_rejects_unknown_format_version(saved: Path) -> None:
-    for version in ("3", "0", "1.0", ""):
+    for version in ("4", "0", "1.0", ""):
         error = assert_rejected(rewrite(saved, format_version=version),
                                 f"format version {version!r} is not supported", "reads format "
-                                "version 1, 2")
+                                "version 1, 2, 3")
         assert "1" in error.problem
     assert_rejected(rewrite(saved, format_version=None), "format version None")
+
+
+def test_positions_round_trip_and_older_formats_edit_every_position(saved: Path,
+                                                                     tmp_path: Path) -> None:
+    """A trained concept says its edit stops at the prompt's end ("prompt"); a file of format
+    2, which has no such field, was trained with the edit everywhere and loads as "all"."""
+    trained = make_concept(options={"lock": "local", "positions": "prompt"})
+    path = tmp_path / "trained.safetensors"
+    save(trained, path)
+    assert read_parts(path)[1]["positions"] == "prompt"
+    assert load(path).positions == "prompt"
+    older = rewrite(path, format_version="2", positions=None)
+    assert load(older).positions == "all"
+    with pytest.raises(InvalidConcept, match="positions must be one of prompt, all"):
+        make_concept(options={"positions": "words"})
 
 
 def test_M1_rejects_other_safetensors_files(saved: Path, tmp_path: Path) -> None:
@@ -354,8 +373,11 @@ def test_M1_rejects_bad_metadata(saved: Path) -> None:
     assert_rejected(rewrite(saved, trained_by="me"), "unexpected trained_by")
     assert_rejected(rewrite(saved, options="{}"), "unexpected options")
     assert_rejected(rewrite(saved, lock="sideways"), "lock is 'sideways'")
+    assert_rejected(rewrite(saved, positions="padding"), "positions is 'padding'")
+    assert_rejected(rewrite(saved, positions=None), "lacks positions")
     assert_rejected(rewrite(saved, token=""), "the token is empty")
-    old = rewrite(saved, format_version="1", supercategory=None, lock=None, key="XYZ",
+    old = rewrite(saved, format_version="1", supercategory=None, lock=None, positions=None,
+                  key="XYZ",
                   supercategories="toy", adjectives="[1]", options="[]")
     assert_rejected(old, "supercategories is not a JSON list")
 

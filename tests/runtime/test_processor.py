@@ -282,3 +282,44 @@ def test_local_lock_edits_k_and_v_together_as_two_separate_edits_would(
         key, value = proc._edited_pair(attn, encodings)
         torch.testing.assert_close(key, proc._edited(attn.to_k, encodings, state.o_k, "o_k"))
         torch.testing.assert_close(value, proc._edited(attn.to_v, encodings, state.o_v, "o_v"))
+
+
+@pytest.mark.parametrize("lock", ["local", "global"])
+def test_the_edit_stops_at_each_rows_length(pipe: Any, encode: Encode, concept_state: MakeState,
+                                             lock: str) -> None:
+    """Past `lengths[b]` (the prompt's end-of-text token) V is the base model's, from the
+    prompt itself, and so is K under local locking (under global locking K is the
+    supercategory prompt's at every position); before it, exactly what the edit gives
+    without lengths."""
+    encodings = encode([PROMPT, SUPER])
+    supers = encode([SUPER, SUPER])
+    state = concept_state(encodings[0, 6:7], encodings, beta=0.5, lock=lock)
+    for name, attn in cross_attention_layers(pipe.unet).items():
+        with torch.no_grad():
+            state.lengths = None
+            everywhere = PerfusionAttnProcessor(state, name).key_value(attn, encodings, supers)
+            state.lengths = torch.tensor([9, 4])
+            cut = PerfusionAttnProcessor(state, name).key_value(attn, encodings, supers)
+            plain = (attn.to_k(supers if lock == "global" else encodings),
+                     attn.to_v(encodings))
+        for edited, stopped, base in zip(everywhere, cut, plain, strict=True):
+            assert torch.equal(stopped[0, :9], edited[0, :9])
+            assert torch.equal(stopped[1, :4], edited[1, :4])
+            assert torch.equal(stopped[0, 9:], base[0, 9:])
+            assert torch.equal(stopped[1, 4:], base[1, 4:])
+        assert not torch.equal(everywhere[1][0, 9:], plain[1][0, 9:])  # V's edit reaches there
+        # K: the edit reaches there (local); global locking's keys are not edited
+        assert torch.equal(everywhere[0][0, 9:], plain[0][0, 9:]) == (lock == "global")
+    state.lengths = torch.tensor([9])
+    with pytest.raises(ValueError, match="lengths of shape"):
+        PerfusionAttnProcessor(state, name).key_value(attn, encodings, supers)
+
+
+def test_deactivate_forgets_the_lengths(pipe: Any, encode: Encode,
+                                        concept_state: MakeState) -> None:
+    encodings = encode([PROMPT])
+    state = concept_state(encodings[0, 6:7], encodings, beta=0.7)
+    state.lengths = torch.tensor([3])
+    version = state.version
+    state.deactivate()
+    assert state.lengths is None and state.version > version

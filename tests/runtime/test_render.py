@@ -290,6 +290,37 @@ def test_strength_mapping_may_leave_tokens_at_the_default(
     assert np.array_equal(partial, full)
 
 
+def test_the_edit_stops_at_each_prompts_end_of_text(
+        pipe: Any, teddy: Concept, cinv: Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A concept trained with the edit at the prompt's positions (`positions` "prompt") is
+    edited at each row's start token, words and end-of-text token (the negative prompt's
+    under guidance too); one trained with the edit everywhere, as the trainer trains, is
+    edited everywhere."""
+    assert teddy.positions == "all"
+    older = teddy
+    teddy = dataclasses.replace(teddy, options={**teddy.options, "positions": "prompt"})
+    prompt, negative = "teddy* on a beach", "blurry"
+    # the token is one added token in the prompt the encoder reads
+    words = 1 + len(pipe.tokenizer(" on a beach", add_special_tokens=False).input_ids)
+    seen: list[Tensor | None] = []
+    for concept in (teddy, older):
+        with apply_concepts(pipe, [concept], cinv=cinv) as applied:
+            state = applied.state
+            real = type(state).activate_rows
+
+            def spy(rows: Any, tau: Any = None, lengths: Tensor | None = None,
+                    state: Any = state, real: Any = real) -> None:
+                seen.append(lengths)
+                real(state, rows, lengths=lengths)
+
+            monkeypatch.setattr(state, "activate_rows", spy)
+            applied(prompt, negative_prompt=negative, guidance_scale=3.0, **RENDER)
+            applied(prompt, guidance_scale=1.0, **RENDER)
+    negative_length = len(pipe.tokenizer(negative).input_ids)
+    assert [None if t is None else t.tolist() for t in seen] == [
+        [negative_length, words + 2], [words + 2], [77, 77], [77]]
+
+
 def test_numpy_integer_seeds_are_accepted(pipe: Any, teddy: Concept, cinv: Tensor) -> None:
     with apply_concepts(pipe, [teddy], cinv=cinv) as applied:
         one = applied("teddy* on a beach", seed=np.int64(3), **RENDER)[0]

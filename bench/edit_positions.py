@@ -1,0 +1,195 @@
+"""Which text positions the Perfusion edit should touch: every one of the 77, padding
+included (the trainer's, and every concept file's so far), or only the prompt's own (its
+start token, words and end-of-text token: the ablation `ablations.PromptPositions`).
+
+    .venv/bin/python bench/edit_positions.py [--model toy:shapes] [--concepts 8]
+        [--prompts 8] [--fidelity-prompts 4] [--steps 400] [--batch 4] [--render-steps 20]
+        [--threads 1] [--json PATH]
+
+Each of `--concepts` objects of the toy world (the concepts of `leakage.py`: 5 renders each,
+its outline word as supercategory) is trained twice, with the edit at the prompt's positions
+(`ablations.PromptPositions`) and at every position (the trainer's `Method`), and each of the
+two concepts is rendered both ways (`Concept.positions` decides where `Applied` edits). Per
+combination: the leak (`leakage.py`'s measure: `--prompts` held-out captions that name no
+concept, the edit forced on, against the base model; mean absolute difference of 255, its
+mean, 95th percentile and max over images), the fidelity of `--fidelity-prompts` prompts
+naming the concept (`analyze.fidelity` against its pictures), their alignment (position,
+size and background read back right) and looks (colour, pattern and second colour read
+back right: the fidelity measure barely sees patterns). Then, for the concepts trained at
+every position, where along the text eq. 2 changes the values: the mean norm of W_V e, of
+the projection term s(e)·W_V i* and of the gate term σ((s − β)/τ)·o*_V, per kind of
+position, over the layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np
+import torch
+from ablations import METHODS
+from leakage import STRENGTH, concept_pictures, render
+from PIL import Image
+
+from perfusion_runtime.build.jobs import default_captions, load_pipeline
+from perfusion_runtime.method.artifact import Concept
+from perfusion_runtime.method.covariance import cinv_for
+from perfusion_runtime.method.device import choose
+from perfusion_runtime.method.fingerprint import base_fingerprint
+from perfusion_runtime.method.key_locking import coefficients, gate, make_basis, strength_to_beta
+from perfusion_runtime.method.layers import cross_attention_layers
+from perfusion_runtime.method.processor import INFERENCE_TAU
+from perfusion_runtime.method.render import apply_concepts
+from perfusion_runtime.method.trainer import PERFUSION, Recipe, Subject, encode, train
+from perfusion_runtime.toy import analyze, world
+
+TRAININGS = {"prompt": METHODS["prompt_positions"], "all": PERFUSION}
+ALIGNMENT = ("position", "size", "background")
+LOOKS = ("colour", "pattern", "second")  # the concept's own looks, read back
+
+
+def fidelity_scenes(i: int, count: int) -> list[world.Scene]:
+    """The concept's object at `count` other sizes, positions and backgrounds."""
+    thing = world.held_out_scene(100 + i)
+    return [world.with_changes(thing, **{k: getattr(world.held_out_scene(5000 + 10 * i + n), k)
+                                         for k in ALIGNMENT}) for n in range(count)]
+
+
+def score(pipe: Any, concept: Concept, cinv: torch.Tensor, scenes: list[world.Scene],
+          refs: list[Image.Image], args: argparse.Namespace
+          ) -> tuple[list[float], list[float], list[float]]:
+    """Fidelity, alignment and looks (colour, pattern, second colour read right: the
+    fidelity measure barely sees patterns) of each prompt naming the concept."""
+    rng = random.Random(f"fidelity {concept.token}")
+    prompts = [world.caption(s, rng, subject=concept.token) for s in scenes]
+    with apply_concepts(pipe, [concept], cinv=cinv) as applied:
+        images = applied(prompts, seed=list(range(2000, 2000 + len(prompts))),
+                         strength=STRENGTH, num_inference_steps=args.render_steps,
+                         guidance_scale=args.guidance)
+    fid = [analyze.fidelity(im, refs) for im in images]
+    readings = [analyze.read(im, world.FORMS) for im in images]
+    ali = [sum(analyze.agreement(r, s, ALIGNMENT).values()) / len(ALIGNMENT)
+           for r, s in zip(readings, scenes, strict=True)]
+    looks = [sum(analyze.agreement(r, s, LOOKS).values()) / len(LOOKS)
+             for r, s in zip(readings, scenes, strict=True)]
+    return fid, ali, looks
+
+
+def value_terms(pipe: Any, concept: Concept, cinv: torch.Tensor, prompts: list[str]
+                ) -> dict[str, dict[str, float]]:
+    """Mean norms of W_V e, s(e)·W_V i* and σ((s − β)/τ)·o*_V per kind of position."""
+    hidden, ids = encode(pipe, [*prompts, ""])  # the unconditional row too
+    hidden = hidden.float()
+    basis = make_basis(concept.i_star[None], cinv)
+    s = coefficients(hidden, basis)[..., 0]  # [B, T]
+    g = gate(s, strength_to_beta(STRENGTH, "local"), INFERENCE_TAU)
+    first = (ids == int(pipe.tokenizer.eos_token_id)).int().argmax(1)[:, None]
+    where = torch.arange(ids.shape[1])[None]
+    kinds = {"start": (where == 0).expand_as(s), "words": (where > 0) & (where < first),
+             "end of text": where == first, "padding": where > first}
+    sums: dict[str, dict[str, list[float]]] = {k: {"W e": [], "s·W i*": [], "gate·o*": []}
+                                               for k in kinds}
+    with torch.no_grad():
+        for name, attn in cross_attention_layers(pipe.unet).items():
+            w = attn.to_v.weight.float()
+            plain = hidden @ w.T  # [B, T, O]
+            projection = s[..., None] * (w @ concept.i_star)  # [B, T, O]
+            gated = g[..., None] * concept.o_v[name]
+            for kind, mask in kinds.items():
+                for term, t in (("W e", plain), ("s·W i*", projection), ("gate·o*", gated)):
+                    sums[kind][term].append(float(t[mask].norm(dim=-1).mean()))
+    return {k: {t: float(np.mean(v)) for t, v in terms.items()} for k, terms in sums.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="toy:shapes")
+    parser.add_argument("--concepts", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--fidelity-prompts", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--render-steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    pipe = load_pipeline(args.model, choose("cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    work = Path(tempfile.mkdtemp(prefix="edit-positions-"))
+    cinv, cinv_print = cinv_for(pipe, work / "cache", default_captions(args.model))
+    prompts = [world.caption(world.held_out_scene(i), random.Random(i))
+               for i in range(args.prompts)]
+    base = render(pipe, [], cinv, prompts, args)
+    rows: dict[str, dict[str, list[float]]] = {}
+    terms: list[dict[str, dict[str, float]]] = []
+    for i in range(args.concepts):
+        pictures, word = concept_pictures(i, work / f"concept{i}")
+        refs = [Image.open(p).convert("RGB") for p in pictures]
+        scenes = fidelity_scenes(i, args.fidelity_prompts)
+        for trained, method in TRAININGS.items():
+            recipe = Recipe(steps=args.steps, batch=args.batch, seed=0, flip=False,
+                            templates=("a {}",))
+            concept = train(pipe, Subject(f"c{i}*", (word,), (), pictures, base_model=args.model),
+                            recipe, cinv, cinv_fingerprint=cinv_print,
+                            base_fingerprint=base_fingerprint(pipe), method=method)
+            if trained == "all":
+                terms.append(value_terms(pipe, concept, cinv, prompts))
+            for rendered in TRAININGS:
+                shown = dataclasses.replace(concept,
+                                            options={**concept.options, "positions": rendered})
+                forced = render(pipe, [shown], cinv, prompts, args)
+                fid, ali, looks = score(pipe, shown, cinv, scenes, refs, args)
+                row = rows.setdefault(f"trained: {trained}, rendered: {rendered}",
+                                      {"leak": [], "fidelity": [], "alignment": [], "looks": []})
+                row["leak"] += [float(np.abs(a - b).mean()) for a, b in zip(forced, base,
+                                                                            strict=True)]
+                row["fidelity"] += fid
+                row["alignment"] += ali
+                row["looks"] += looks
+        print(f"concept {i} ({word}) done, {time.perf_counter() - started:.0f} s", flush=True)
+    report(rows, terms, args, time.perf_counter() - started)
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
+                                         "rows": rows, "terms": terms}, indent=1))
+
+
+def report(rows: dict[str, dict[str, list[float]]], terms: list[dict[str, dict[str, float]]],
+           args: argparse.Namespace, seconds: float) -> None:
+    print(f"\n{args.model}: {args.concepts} concepts, {args.prompts} leak prompts and "
+          f"{args.fidelity_prompts} concept prompts each; {args.steps} steps of {args.batch}; "
+          f"{args.render_steps} render steps, guidance {args.guidance}; {seconds:.0f} s\n")
+    print("| edit positions | leak mean | leak p95 | leak max | fidelity | alignment | looks |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
+    for name, row in rows.items():
+        leak = np.array(row["leak"])
+        print(f"| {name} | {leak.mean():.3f} | {np.percentile(leak, 95):.3f} | {leak.max():.3f} "
+              f"| {np.mean(row['fidelity']):.3f} | {np.mean(row['alignment']):.3f} "
+              f"| {np.mean(row['looks']):.3f} |")
+    print("\nFidelity / looks per concept:\n")
+    for name, row in rows.items():
+        n = len(row["fidelity"]) // args.concepts
+        cells = [f"{np.mean(row['fidelity'][k * n:(k + 1) * n]):.2f}/"
+                 f"{np.mean(row['looks'][k * n:(k + 1) * n]):.2f}" for k in range(args.concepts)]
+        print(f"{name:<36} " + " ".join(cells))
+    print("\nValues under eq. 2, concepts trained at every position (mean norm over layers):\n\n"
+          "| positions | W_V e | s(e)·W_V i* | gate·o*_V |\n|---|---:|---:|---:|")
+    for kind in terms[0]:
+        cells = [np.mean([t[kind][term] for t in terms]) for term in ("W e", "s·W i*", "gate·o*")]
+        print(f"| {kind} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
