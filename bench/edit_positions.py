@@ -28,9 +28,7 @@ import dataclasses
 import json
 import os
 import random
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -38,13 +36,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np
 import torch
 from ablations import METHODS
-from leakage import STRENGTH, concept_pictures, render
+from leakage import STRENGTH, arguments, concept_pictures, prepare, render
 from PIL import Image
 
-from perfusion_runtime.build.jobs import default_captions, load_pipeline
 from perfusion_runtime.method.artifact import Concept
-from perfusion_runtime.method.covariance import cinv_for
-from perfusion_runtime.method.device import choose
 from perfusion_runtime.method.fingerprint import base_fingerprint
 from perfusion_runtime.method.key_locking import coefficients, gate, make_basis, strength_to_beta
 from perfusion_runtime.method.layers import cross_attention_layers
@@ -112,27 +107,12 @@ def value_terms(pipe: Any, concept: Concept, cinv: torch.Tensor, prompts: list[s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="toy:shapes")
-    parser.add_argument("--concepts", type=int, default=8)
-    parser.add_argument("--prompts", type=int, default=8)
+    parser = arguments(steps=400, render_steps=20)
+    parser.description = __doc__.split("\n")[0]
     parser.add_argument("--fidelity-prompts", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--render-steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    pipe = load_pipeline(args.model, choose("cpu"))
-    pipe.set_progress_bar_config(disable=True)
-    work = Path(tempfile.mkdtemp(prefix="edit-positions-"))
-    cinv, cinv_print = cinv_for(pipe, work / "cache", default_captions(args.model))
-    prompts = [world.caption(world.held_out_scene(i), random.Random(i))
-               for i in range(args.prompts)]
-    base = render(pipe, [], cinv, prompts, args)
+    pipe, work, cinv, cinv_print, prompts, base = prepare(args, "edit-positions")
     rows: dict[str, dict[str, list[float]]] = {}
     terms: list[dict[str, dict[str, float]]] = []
     for i in range(args.concepts):

@@ -92,31 +92,45 @@ def gate_by_position(pipe: Any, concept: Concept, cinv: torch.Tensor, prompts: l
     return {k: (float(s[m].mean()), float(g[m].mean())) for k, m in kinds.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(steps: int, render_steps: int) -> argparse.ArgumentParser:
+    """The options this bench shares with `edit_positions.py`."""
+    parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="toy:shapes")
     parser.add_argument("--concepts", type=int, default=8)
-    parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--render-steps", type=int, default=25)
+    parser.add_argument("--render-steps", type=int, default=render_steps)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--method", default="perfusion", choices=sorted(METHODS),
-                        help="the training (ablations.py): prompt_positions edits only the "
-                             "prompt's own text positions, not the padding")
     parser.add_argument("--json", type=Path, help="write every figure here")
-    args = parser.parse_args()
+    return parser
+
+
+def prepare(args: argparse.Namespace, name: str
+            ) -> tuple[Any, Path, torch.Tensor, str, list[str], list[np.ndarray]]:
+    """The pipeline, a work folder, C⁻¹ and its fingerprint, the prompts that name no
+    concept and their base-model renders."""
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
     pipe = load_pipeline(args.model, choose("cpu"))
     pipe.set_progress_bar_config(disable=True)
-    work = Path(tempfile.mkdtemp(prefix="leakage-"))
+    work = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     cinv, cinv_print = cinv_for(pipe, work / "cache", default_captions(args.model))
     prompts = [world.caption(world.held_out_scene(i), random.Random(i))
                for i in range(args.prompts)]
-    base = render(pipe, [], cinv, prompts, args)
+    return pipe, work, cinv, cinv_print, prompts, render(pipe, [], cinv, prompts, args)
+
+
+def main() -> None:
+    parser = arguments(steps=100, render_steps=25)
+    parser.description = __doc__.split("\n")[0]
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--method", default="perfusion", choices=sorted(METHODS),
+                        help="the training (ablations.py): prompt_positions edits only the "
+                             "prompt's own text positions, not the padding")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    pipe, work, cinv, cinv_print, prompts, base = prepare(args, "leakage")
     leaks: list[dict[str, Any]] = []
     positions: list[dict[str, tuple[float, float]]] = []
     for i in range(args.concepts):
