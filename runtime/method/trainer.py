@@ -450,8 +450,8 @@ def _micro_step(run: _Run, state: ConceptState, size: int) -> Tensor:
     hidden, ids = encode(pipe, prompts)
     i_star = _update_i_star(run, hidden, ids)
     run.method.edit(state, run, i_star)
-    # the edit stops at each caption's end-of-text token, as in rendering (docs/runtime.md,
-    # "Which positions the edit touches")
+    # a method with positions "prompt" stops the edit at each caption's end-of-text token,
+    # as rendering then does (docs/runtime.md, "Which positions the edit touches")
     state.lengths = (text.prompt_lengths(pipe.tokenizer, ids)
                      if run.method.positions == "prompt" else None)
     device = pipe.unet.device

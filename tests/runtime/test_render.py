@@ -297,13 +297,12 @@ def test_the_edit_stops_at_each_prompts_end_of_text(
     under guidance too); one trained with the edit everywhere, as the trainer trains, is
     edited everywhere."""
     assert teddy.positions == "all"
-    older = teddy
-    teddy = dataclasses.replace(teddy, options={**teddy.options, "positions": "prompt"})
+    stopping = dataclasses.replace(teddy, options={**teddy.options, "positions": "prompt"})
     prompt, negative = "teddy* on a beach", "blurry"
     # the token is one added token in the prompt the encoder reads
     words = 1 + len(pipe.tokenizer(" on a beach", add_special_tokens=False).input_ids)
     seen: list[Tensor | None] = []
-    for concept in (teddy, older):
+    for concept in (stopping, teddy):
         with apply_concepts(pipe, [concept], cinv=cinv) as applied:
             state = applied.state
             real = type(state).activate_rows
