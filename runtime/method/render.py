@@ -131,16 +131,15 @@ class Applied:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         seeds = _seeds(seed, len(prompts))
         self._warn_unknown(prompts)
+        named = [tuple(self.tokens_in([p])) for p in prompts]
         sets: dict[tuple[str, ...], ConceptSet | None] = {}
-        for p in prompts:
-            names = tuple(self.tokens_in([p]))
+        for names in named:
             if names not in sets:
                 sets[names] = self.concept_set(names, strength)
-        chosen = [sets[tuple(self.tokens_in([p]))] for p in prompts]
+        chosen = [sets[names] for names in named]
         # a row is edited where its concepts were trained to be: at every position, or, when
         # all of them were trained up to it, up to its prompt's end-of-text token
-        whole = [any(self.concepts[t].positions == "all" for t in self.tokens_in([p]))
-                 for p in prompts]
+        whole = [any(self.concepts[t].positions == "all" for t in names) for names in named]
         images: list[Any] = []
         try:
             for start in range(0, len(prompts), self.batch_size):
@@ -167,9 +166,12 @@ class Applied:
         return done[:len(prompts)]
 
     def _lengths(self, prompts: list[str], whole: list[bool], negative: str, guided: bool
-                 ) -> Tensor:
+                 ) -> Tensor | None:
         """Per encoder row ([uncond; cond] under guidance), how many positions the edit
-        touches: the prompt's own (`text.prompt_lengths`), or all where `whole`."""
+        touches: the prompt's own (`text.prompt_lengths`), or all where `whole`; None when
+        every row is edited at every position (the processors then skip the cut)."""
+        if all(whole):
+            return None
         tokenizer = self.pipe.tokenizer
         texts = [rewrite(p, self.concepts) for p in prompts]
         found = text.prompt_lengths(tokenizer, text.tokenize(tokenizer, texts))
