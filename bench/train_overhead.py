@@ -171,9 +171,9 @@ def trainer_text_bare_unet(run: Any, optimiser: torch.optim.Optimizer) -> float:
     optimiser.zero_grad(set_to_none=True)
     latents, _, prompts = trainer._batch(run, size)
     noise = torch.randn(latents.shape, generator=run.generator)
-    t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (size,),
+    t = torch.randint(0, run.noise.config.num_train_timesteps, (size,),
                       generator=run.generator)
-    noisy = pipe.scheduler.add_noise(latents, noise, t)
+    noisy = run.noise.add_noise(latents, noise, t)
     hidden, _ = trainer.encode(pipe, prompts)
     pred = pipe.unet(noisy, t, encoder_hidden_states=hidden).sample
     loss = trainer.masked_mse(pred, noise, None)
@@ -205,11 +205,11 @@ def tiny_case(label: str, width: int, resolution: int, size: int, folder: Path) 
     default, ours = processors(pipe.unet, state)
     latents, _, prompts = trainer._batch(run, size)
     noise = torch.randn(latents.shape, generator=run.generator)
-    t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (size,),
+    t = torch.randint(0, run.noise.config.num_train_timesteps, (size,),
                       generator=run.generator)
     with torch.no_grad():
         hidden, ids = trainer.encode(pipe, prompts)
-    batch = Batch(pipe.scheduler.add_noise(latents, noise, t), t, noise, hidden, ids)
+    batch = Batch(run.noise.add_noise(latents, noise, t), t, noise, hidden, ids)
     concept = Concept(run.token_id, run.o_k, run.o_v, run.cinv, recipe.beta, recipe.tau)
     optimiser = trainer._optimiser(run)
     embedding_only = torch.optim.AdamW([run.embedding], lr=recipe.embedding_lr,

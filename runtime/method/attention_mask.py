@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .layers import cross_attention_layers
+from .noise import schedule
 
 NOISE_LEVEL = 0.5  # the timestep, as a fraction of the schedule, at which attention is read
 THRESHOLD = 0.3  # a latent pixel is in the mask where attention ≥ 30 % of the image's peak
@@ -67,10 +68,11 @@ def attention_masks(pipe: Any, latents: Tensor, hidden: Tensor, hit: Tensor,
     caption with the supercategory in place of the token; `hit` [1, T] marks its positions.
     `added`: SDXL's added conditions for that caption ([1, …] each), None for SD 1.x/2.x."""
     unet = pipe.unet
-    steps = pipe.scheduler.config.num_train_timesteps
+    forward = schedule(pipe.scheduler)  # the training noise, whatever the sampler
+    steps = forward.config.num_train_timesteps
     t = torch.full((latents.shape[0],), int(steps * NOISE_LEVEL), dtype=torch.long)
     noise = torch.randn(latents.shape, generator=generator)
-    noisy = pipe.scheduler.add_noise(latents, noise, t)
+    noisy = forward.add_noise(latents, noise, t)
     capture = _Capture(hit.expand(latents.shape[0], -1).to(unet.device))
     layers = cross_attention_layers(unet)
     originals = {name: attn.processor for name, attn in layers.items()}

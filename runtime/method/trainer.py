@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from perfusion_dsl.plan import LearnOptions
 
 from . import checkpoint as checkpoints
+from . import noise as noise_schedule
 from . import text
 from .artifact import Concept, locked_key_targets
 from .attention_mask import attention_masks
@@ -292,6 +293,11 @@ class _Run:
     losses: list[float] = field(default_factory=list)
     method: Method = PERFUSION
     embedding_2: nn.Parameter | None = None  # SDXL: the token's row in the second encoder
+    noise: Any = None  # noise_schedule.schedule of the pipeline's scheduler
+
+    def __post_init__(self) -> None:
+        if self.noise is None:
+            self.noise = noise_schedule.schedule(self.pipe.scheduler)
 
     @property
     def embeddings(self) -> list[nn.Parameter]:
@@ -425,28 +431,13 @@ def masked_mse(pred: Tensor, target: Tensor, masks: Tensor | None) -> Tensor:
     return per_image.mean()
 
 
-def denoising_target(scheduler: Any, latents: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """What the UNet predicts, by the scheduler's `prediction_type`: the noise (ε: SD 1.x and
-    toy:shapes), the velocity √ᾱ·ε − √(1−ᾱ)·x₀ (v: SD 2.x, and toy:shapes' v recipe in
-    tools/train_toy_model.py), or the clean latents."""
-    kind = scheduler.config.get("prediction_type", "epsilon")
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        velocity: Tensor = scheduler.get_velocity(latents, noise, t)
-        return velocity
-    if kind == "sample":
-        return latents
-    raise ValueError(f"the scheduler's prediction_type {kind!r} is not one the trainer knows")
-
-
 def _micro_step(run: _Run, state: ConceptState, size: int) -> Tensor:
     pipe = run.pipe
     latents, masks, prompts, supers = _batch(run, size)
     noise = torch.randn(latents.shape, generator=run.generator)
-    steps = pipe.scheduler.config.num_train_timesteps
+    steps = run.noise.config.num_train_timesteps
     t = torch.randint(0, steps, (size,), generator=run.generator)
-    noisy = pipe.scheduler.add_noise(latents, noise, t)
+    noisy = run.noise.add_noise(latents, noise, t)
     hidden, ids = encode(pipe, prompts)
     i_star = _update_i_star(run, hidden, ids)
     run.method.edit(state, run, i_star)
@@ -461,7 +452,7 @@ def _micro_step(run: _Run, state: ConceptState, size: int) -> Tensor:
         added = text.added_conditions(pipe, supers, int(latents.shape[-1]) * _vae_scale(pipe))
     pred = pipe.unet(noisy.to(device), t.to(device), encoder_hidden_states=hidden,
                      added_cond_kwargs=added).sample
-    target = denoising_target(pipe.scheduler, latents, noise, t)
+    target = noise_schedule.denoising_target(run.noise, latents, noise, t)
     return masked_mse(pred, target.to(device), None if masks is None else masks.to(device))
 
 

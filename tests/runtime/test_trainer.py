@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from perfusion_runtime.method import artifact, trainer
+from perfusion_runtime.method import noise as forward
 from perfusion_runtime.method.artifact import Concept
 from perfusion_runtime.method.covariance import cinv_for
 from perfusion_runtime.method.fingerprint import base_fingerprint
@@ -260,6 +261,24 @@ def test_gradient_checkpointing_trains_the_same_concept(trained: Trained,
     assert not pipe.unet.is_gradient_checkpointing
 
 
+@pytest.mark.parametrize("sampler", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler"])
+def test_the_pipelines_sampler_does_not_change_training(trained: Trained, subject: Subject,
+                                                       sampler: str) -> None:
+    """Training noises as the model was trained (DDPM on the scheduler's betas), whatever
+    sampler the pipeline renders with: the same artifact bytes with DPM-Solver++ after a
+    15-step render (whose own add_noise only knows those 15 timesteps) or with Euler (whose
+    add_noise returns x₀ + σ·ε)."""
+    import diffusers
+
+    pipe = tiny_pipeline(0, family=trained.family)
+    pipe.scheduler = getattr(diffusers, sampler).from_config(pipe.scheduler.config)
+    pipe.scheduler.set_timesteps(15)
+    cinv = trained.cinv
+    concept = train(pipe, subject, RECIPE, cinv[0], cinv_fingerprint=cinv[1],
+                    base_fingerprint=base_fingerprint(pipe), options={"steps": 6})
+    assert artifact.encode(concept) == artifact.encode(trained.concept)
+
+
 def test_masked_mse_normalises_per_image() -> None:
     """[B=3, C=1, 2, 2]. Image 0: squared errors [[1, 4], [9, 0]] under the mask
     [[1, 1], [0, .5]] -> (1 + 4) / 2.5 = 2. Image 1: an all-zero mask -> 0, not NaN.
@@ -384,14 +403,14 @@ def test_denoising_target_follows_the_schedulers_prediction_type(kind: str) -> N
     gen = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
     t = torch.tensor([10, 500, 998])
-    target = trainer.denoising_target(scheduler, latents, noise, t)
+    target = forward.denoising_target(scheduler, latents, noise, t)
     noisy = scheduler.add_noise(latents, noise, t)
     scheduler.set_timesteps(1000)
     for i in range(3):
         out = scheduler.step(target[i:i + 1], int(t[i]), noisy[i:i + 1])
         assert torch.allclose(out.pred_original_sample, latents[i:i + 1], atol=1e-3)
     with pytest.raises(ValueError, match="prediction_type"):
-        trainer.denoising_target(DDIMScheduler(prediction_type="flow"), latents, noise, t)
+        forward.denoising_target(DDIMScheduler(prediction_type="flow"), latents, noise, t)
 
 
 # ------------------------------------------------ i_super and the mask at the substitution
