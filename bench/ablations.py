@@ -5,9 +5,10 @@
   the artifact stores o*_K in full.
 - `EmbeddingOnly`: textual inversion: only the token embedding is trained and the UNet runs
   as it is, with no edit (`_finetune.py` also uses it, and trains the UNet's own weights).
-- `PromptPositions`: Perfusion with the edit at the prompt's own text positions only (its
-  start token, words and end-of-text token), not the padding (`edit_positions.py`,
-  `leakage.py --method prompt_positions`).
+- `AllPositions`: Perfusion with the edit at every text position, the padding after the
+  prompt's end-of-text token included, as concept files before format 3 were trained (the
+  trainer edits only the prompt's own positions: `edit_positions.py`,
+  `leakage.py --method all_positions`).
 
 `METHODS` maps the names the benchmarks record to them.
 """
@@ -44,10 +45,10 @@ class EmbeddingOnly(Method):
         pass  # the UNet as it is
 
 
-class PromptPositions(Method):
-    name = "prompt_positions"
-    positions = "prompt"
+class AllPositions(Method):
+    name = "all_positions"
+    positions = "all"
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (PERFUSION, TrainedKeys(), EmbeddingOnly(),
-                                                  PromptPositions())}
+                                                  AllPositions())}

@@ -41,7 +41,7 @@ EXPECTED_TOTAL = 26_496
 # What a plan's ConceptStep carries with default learn options (the built-in 10 templates),
 # and what the trainer adds: where the edit applies.
 OPTIONS = {
-    "positions": "all",
+    "positions": "prompt",
     "steps": 400, "seed": 0, "batch": 16, "lr": 0.03, "embedding_lr": 0.006, "lock": "local",
     "mask": "none", "resolution": None, "flip": True, "beta": 0.75, "tau": 0.1,
     "templates": ["a photo of a {}", "a rendering of a {}", "a cropped photo of the {}",

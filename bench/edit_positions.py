@@ -1,39 +1,45 @@
-"""Which text positions the Perfusion edit should touch: every one of the 77, padding
-included (the trainer's, and every concept file's so far), or only the prompt's own (its
-start token, words and end-of-text token: the ablation `ablations.PromptPositions`).
+"""Which text positions the Perfusion edit should touch: only the prompt's own (its start
+token, words and end-of-text token: the trainer's), or every one of the 77, padding
+included (the ablation `ablations.AllPositions`, as concept files before format 3).
 
-    .venv/bin/python bench/edit_positions.py [--model toy:shapes] [--concepts 8]
-        [--prompts 8] [--fidelity-prompts 4] [--steps 400] [--batch 4] [--render-steps 20]
-        [--threads 1] [--json PATH]
+    .venv/bin/python bench/edit_positions.py [--model toy:shapes] [--set world|personalize]
+        [--concepts 8] [--seeds 1] [--prompts 8] [--fidelity-prompts 4] [--steps 400]
+        [--batch 4] [--render-steps 20] [--threads 1] [--json PATH]
 
-Each of `--concepts` objects of the toy world (the concepts of `leakage.py`: 5 renders each,
-its outline word as supercategory) is trained twice, with the edit at the prompt's positions
-(`ablations.PromptPositions`) and at every position (the trainer's `Method`), and each of the
-two concepts is rendered both ways (`Concept.positions` decides where `Applied` edits). Per
-combination: the leak (`leakage.py`'s measure: `--prompts` held-out captions that name no
-concept, the edit forced on, against the base model; mean absolute difference of 255, its
-mean, 95th percentile and max over images), the fidelity of `--fidelity-prompts` prompts
-naming the concept (`analyze.fidelity` against its pictures), their alignment (position,
-size and background read back right) and looks (colour, pattern and second colour read
-back right: the fidelity measure barely sees patterns). Then, for the concepts trained at
-every position, where along the text eq. 2 changes the values: the mean norm of W_V e, of
-the projection term s(e)·W_V i* and of the gate term σ((s − β)/τ)·o*_V, per kind of
-position, over the layers.
+The concepts: with `--set world`, `--concepts` objects of the toy world (the concepts of
+`leakage.py`: 5 renders each, its outline word as supercategory); with `--set personalize`,
+the held-out concepts of `personalize.py` (among them those of `specs/`: the crescent, the
+striped badge, the dotted tile), learned from its pictures, prompted in its phrasings. Each
+concept is trained with `--seeds` training seeds, twice per seed, with the edit at the
+prompt's positions (the trainer's `Method`) and at every position
+(`ablations.AllPositions`), and each of the two concepts is rendered both ways
+(`Concept.positions` decides where `Applied` edits). Per combination: the leak
+(`leakage.py`'s measure: `--prompts` held-out captions that name no concept, the edit forced
+on, against the base model; mean absolute difference of 255, its mean, 95th percentile and
+max over images), the fidelity of `--fidelity-prompts` prompts naming the concept
+(`analyze.fidelity` against its pictures), their alignment (position, size and background
+read back right) and looks (colour, pattern and second colour read back right: the fidelity
+measure barely sees patterns). Then, for the concepts trained at every position, where along
+the text eq. 2 changes the values: the mean norm of W_V e, of the projection term s(e)·W_V
+i* and of the gate term σ((s − β)/τ)·o*_V, per kind of position, over the layers.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np
+import personalize
 import torch
 from ablations import METHODS
 from leakage import STRENGTH, arguments, concept_pictures, prepare, render
@@ -48,7 +54,7 @@ from perfusion_runtime.method.render import apply_concepts
 from perfusion_runtime.method.trainer import PERFUSION, Recipe, Subject, encode, train
 from perfusion_runtime.toy import analyze, world
 
-TRAININGS = {"prompt": METHODS["prompt_positions"], "all": PERFUSION}
+TRAININGS = {"prompt": PERFUSION, "all": METHODS["all_positions"]}
 ALIGNMENT = ("position", "size", "background")
 LOOKS = ("colour", "pattern", "second")  # the concept's own looks, read back
 
@@ -58,6 +64,22 @@ def fidelity_scenes(i: int, count: int) -> list[world.Scene]:
     thing = world.held_out_scene(100 + i)
     return [world.with_changes(thing, **{k: getattr(world.held_out_scene(5000 + 10 * i + n), k)
                                          for k in ALIGNMENT}) for n in range(count)]
+
+
+def concepts(args: argparse.Namespace, work: Path
+             ) -> list[tuple[str, str, tuple[Path, ...], list[world.Scene]]]:
+    """Per concept of the chosen set: its token, supercategory word, pictures and the
+    scenes its fidelity prompts ask for."""
+    if args.set == "world":
+        found = []
+        for i in range(args.concepts):
+            pictures, word = concept_pictures(i, work / f"concept{i}")
+            found.append((f"c{i}*", word, pictures, fidelity_scenes(i, args.fidelity_prompts)))
+        return found
+    return [(spec.token, spec.supercategory,
+             personalize.training_images(spec, work / spec.token.rstrip("*")),
+             [scene for scene, _ in personalize.prompts_for(spec, args.fidelity_prompts)])
+            for spec in personalize.SPECS[:args.concepts]]
 
 
 def score(pipe: Any, concept: Concept, cinv: torch.Tensor, scenes: list[world.Scene],
@@ -110,19 +132,22 @@ def main() -> None:
     parser = arguments(steps=400, render_steps=20)
     parser.description = __doc__.split("\n")[0]
     parser.add_argument("--fidelity-prompts", type=int, default=4)
+    parser.add_argument("--set", choices=("world", "personalize"), default="world",
+                        help="the concepts: the toy world's held-out objects (leakage.py's) "
+                             "or personalize.py's, those of specs/ among them")
+    parser.add_argument("--seeds", type=int, default=1, help="training seeds per concept")
     args = parser.parse_args()
     started = time.perf_counter()
     pipe, work, cinv, cinv_print, prompts, base = prepare(args, "edit-positions")
     rows: dict[str, dict[str, list[float]]] = {}
     terms: list[dict[str, dict[str, float]]] = []
-    for i in range(args.concepts):
-        pictures, word = concept_pictures(i, work / f"concept{i}")
+    chosen = concepts(args, work)
+    for token, word, pictures, scenes in chosen:
         refs = [Image.open(p).convert("RGB") for p in pictures]
-        scenes = fidelity_scenes(i, args.fidelity_prompts)
-        for trained, method in TRAININGS.items():
-            recipe = Recipe(steps=args.steps, batch=args.batch, seed=0, flip=False,
+        for seed, (trained, method) in itertools.product(range(args.seeds), TRAININGS.items()):
+            recipe = Recipe(steps=args.steps, batch=args.batch, seed=seed, flip=False,
                             templates=("a {}",))
-            concept = train(pipe, Subject(f"c{i}*", (word,), (), pictures, base_model=args.model),
+            concept = train(pipe, Subject(token, (word,), (), pictures, base_model=args.model),
                             recipe, cinv, cinv_fingerprint=cinv_print,
                             base_fingerprint=base_fingerprint(pipe), method=method)
             if trained == "all":
@@ -139,17 +164,21 @@ def main() -> None:
                 row["fidelity"] += fid
                 row["alignment"] += ali
                 row["looks"] += looks
-        print(f"concept {i} ({word}) done, {time.perf_counter() - started:.0f} s", flush=True)
-    report(rows, terms, args, time.perf_counter() - started)
+        n = args.seeds * len(scenes)  # this concept's last images per row
+        print(f"{token} ({word}) done, {time.perf_counter() - started:.0f} s: " + "; ".join(
+            f"{name}: fidelity {np.mean(row['fidelity'][-n:]):.2f} looks "
+            f"{np.mean(row['looks'][-n:]):.2f}" for name, row in rows.items()), flush=True)
+    report(rows, terms, args, [token for token, *_ in chosen], time.perf_counter() - started)
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
                                          "rows": rows, "terms": terms}, indent=1))
 
 
 def report(rows: dict[str, dict[str, list[float]]], terms: list[dict[str, dict[str, float]]],
-           args: argparse.Namespace, seconds: float) -> None:
-    print(f"\n{args.model}: {args.concepts} concepts, {args.prompts} leak prompts and "
-          f"{args.fidelity_prompts} concept prompts each; {args.steps} steps of {args.batch}; "
+           args: argparse.Namespace, tokens: list[str], seconds: float) -> None:
+    print(f"\n{args.model}: {len(tokens)} concepts ({args.set}) x {args.seeds} training seeds, "
+          f"{args.prompts} leak prompts and {args.fidelity_prompts} concept prompts each; "
+          f"{args.steps} steps of {args.batch}; "
           f"{args.render_steps} render steps, guidance {args.guidance}; {seconds:.0f} s\n")
     print("| edit positions | leak mean | leak p95 | leak max | fidelity | alignment | looks |\n"
           "|---|---:|---:|---:|---:|---:|---:|")
@@ -158,11 +187,11 @@ def report(rows: dict[str, dict[str, list[float]]], terms: list[dict[str, dict[s
         print(f"| {name} | {leak.mean():.3f} | {np.percentile(leak, 95):.3f} | {leak.max():.3f} "
               f"| {np.mean(row['fidelity']):.3f} | {np.mean(row['alignment']):.3f} "
               f"| {np.mean(row['looks']):.3f} |")
-    print("\nFidelity / looks per concept:\n")
+    print("\nFidelity / looks per concept (" + " ".join(tokens) + "):\n")
     for name, row in rows.items():
-        n = len(row["fidelity"]) // args.concepts
+        n = len(row["fidelity"]) // len(tokens)
         cells = [f"{np.mean(row['fidelity'][k * n:(k + 1) * n]):.2f}/"
-                 f"{np.mean(row['looks'][k * n:(k + 1) * n]):.2f}" for k in range(args.concepts)]
+                 f"{np.mean(row['looks'][k * n:(k + 1) * n]):.2f}" for k in range(len(tokens))]
         print(f"{name:<36} " + " ".join(cells))
     print("\nValues under eq. 2, concepts trained at every position (mean norm over layers):\n\n"
           "| positions | W_V e | s(e)·W_V i* | gate·o*_V |\n|---|---:|---:|---:|")

@@ -3,7 +3,7 @@ moves when a concept's edit is forced on, and where along the text the gate open
 
     .venv/bin/python bench/leakage.py [--model toy:shapes] [--concepts 8] [--seeds 4]
         [--prompts 8] [--steps 100] [--batch 4] [--render-steps 25] [--threads 1]
-        [--method perfusion|prompt_positions]
+        [--method perfusion|all_positions]
 
 Concepts: `--concepts` objects of the toy world (`world.held_out_scene`: outline, colour,
 pattern), each learned from 5 renders (`world.render`) at other sizes, positions,
@@ -126,8 +126,8 @@ def main() -> None:
     parser.description = __doc__.split("\n")[0]
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--method", default="perfusion", choices=sorted(METHODS),
-                        help="the training (ablations.py): prompt_positions edits only the "
-                             "prompt's own text positions, not the padding")
+                        help="the training (ablations.py): all_positions edits the padding "
+                             "after the prompt's end too, as files before format 3 did")
     args = parser.parse_args()
     started = time.perf_counter()
     pipe, work, cinv, cinv_print, prompts, base = prepare(args, "leakage")

@@ -1,8 +1,8 @@
 """Base-model quality of `toy:shapes`: renders held-out captions and reads them back.
 
-    .venv/bin/python bench/toy_quality.py [--n 256] [--steps 25] [--guidance 5] [--model DIR]
+    .venv/bin/python bench/toy_quality.py [--n 256] [--steps 15] [--guidance 5] [--model DIR]
                                           [--rescale 0] [--save sheet.png]
-                                          [--scheduler model|dpm] [--channels-last]
+                                          [--scheduler model|ddim|dpm] [--channels-last]
 
 Scenes come from `world.held_out_scene(i)` (seeds never used for training); each is
 captioned in full (outline, colours, size, position, background; pattern when it has one),
@@ -42,21 +42,27 @@ TARGETS = {"background": 0.95, "colour": 0.95, "position": 0.95, "size": 0.95,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--model", default="toy:shapes", help="toy:shapes or a diffusers folder")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rescale", type=float, default=0.0,
                         help="guidance_rescale (Lin et al. 2024), for zero-terminal-SNR models")
     parser.add_argument("--save", type=Path, default=None, help="write a sheet of the first 32")
-    parser.add_argument("--scheduler", choices=("model", "dpm"), default="model",
-                        help="the model's own sampler, or DPM-Solver++ (2M) from its config")
+    parser.add_argument("--scheduler", choices=("model", "ddim", "dpm"), default="model",
+                        help="the model folder's sampler, or DDIM or DPM-Solver++ (2M) on "
+                             "its schedule")
     parser.add_argument("--channels-last", action="store_true",
                         help="UNet and VAE in channels_last memory format")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, choose("cpu"))
-    if args.scheduler == "dpm":
+    if args.scheduler == "ddim":  # as the model shipped before DPM-Solver++ (docs/toy.md)
+        from diffusers import DDIMScheduler
+
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False,
+                                                   set_alpha_to_one=False)
+    elif args.scheduler == "dpm":
         from diffusers import DPMSolverMultistepScheduler
 
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)

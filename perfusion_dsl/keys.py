@@ -7,7 +7,9 @@ import json
 from typing import Any
 
 # Bump when the meaning of a key's inputs changes, so old artifacts are rebuilt.
-KEY_FORMAT = 1
+# 2: the trainer edits only each caption's own text positions (docs/runtime.md, "Which
+# positions the edit touches"), so every concept trained before is stale.
+KEY_FORMAT = 2
 
 
 def canonical_json(value: Any) -> str:

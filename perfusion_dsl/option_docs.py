@@ -21,7 +21,7 @@ TOY = "`toy:shapes`"
 OPTION_DOCS: tuple[OptionDoc, ...] = (
     OptionDoc("steps", "learn", "integer 1 … 1,000,000", "`400`", "optimisation steps"),
     OptionDoc("steps", "generate", "integer 1 … 1,000,000",
-              f"model's default (`null`; `25` for {TOY})", "sampling steps"),
+              f"model's default (`null`; `15` for {TOY})", "sampling steps"),
     OptionDoc("seed", "both", "integer 0 … 2⁶³−1", "`0`",
               "learn: training seed. generate: image k of each prompt uses `seed + k`"),
     OptionDoc("batch", "learn", "integer 1 … 4,096", f"`16`; `8` for {TOY}",

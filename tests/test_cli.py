@@ -237,7 +237,7 @@ def test_module_entry_point_runs(project: Project) -> None:
 
 def test_toy_shapes_has_its_own_defaults_and_other_models_the_general_ones(
         project: Project, run_cli: Run) -> None:
-    """The compiler fills in toy:shapes' defaults (world-word templates, batches of 8, 25
+    """The compiler fills in toy:shapes' defaults (world-word templates, batches of 8, 15
     steps at guidance 5), so the plan shows them; a model given by path keeps the general
     ones; the spec's own values win over both."""
     import json
@@ -257,7 +257,7 @@ def test_toy_shapes_has_its_own_defaults_and_other_models_the_general_ones(
     render = {r["concepts"][0]: r["options"] for r in plan["renders"]}
     assert tuple(learn["teddy*"]["templates"]) == TOY_TEMPLATES
     assert (learn["teddy*"]["batch"], learn["b*"]["batch"]) == (8, 16)
-    assert (render["teddy*"]["steps"], render["teddy*"]["guidance"]) == (25, 5.0)
+    assert (render["teddy*"]["steps"], render["teddy*"]["guidance"]) == (15, 5.0)
     assert learn["own*"]["templates"] == ["a big {}"] and render["own*"]["steps"] == 9
     assert tuple(learn["b*"]["templates"]) == DEFAULT_TEMPLATES
     assert (render["b*"]["steps"], render["b*"]["guidance"]) == (None, None)

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
     DDPMScheduler,
+    DPMSolverMultistepScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -77,6 +77,14 @@ SCHEDULERS: dict[str, dict[str, Any]] = {
     "v_prediction": {**_SD, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
                      "timestep_spacing": "trailing"},
 }
+
+
+def sampler(prediction: str) -> DPMSolverMultistepScheduler:
+    """What the saved pipeline samples with: DPM-Solver++ (2M) on the training schedule,
+    which draws at 15 steps what DDIM draws at 25 (docs/toy.md#speed)."""
+    return DPMSolverMultistepScheduler.from_config(
+        {k: v for k, v in SCHEDULERS[prediction].items()
+         if k not in ("clip_sample", "set_alpha_to_one")})
 
 
 def train_scheduler(prediction: str) -> DDPMScheduler:
@@ -655,7 +663,7 @@ def save(args: argparse.Namespace, tokenizer: Any, text: CLIPTextModel, vae: Aut
 
     pipe = StableDiffusionPipeline(
         vae=stored(vae), text_encoder=stored(text), tokenizer=tokenizer, unet=stored(unet),
-        scheduler=DDIMScheduler(**SCHEDULERS[args.prediction]), safety_checker=None,
+        scheduler=sampler(args.prediction), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     temp = args.out.with_name(args.out.name + ".saving")
     shutil.rmtree(temp, ignore_errors=True)

@@ -308,7 +308,9 @@ def local_folder(name: str) -> Path | None:
 
 def stamp(name: str) -> str | None:
     """What identifies a model's weights beyond its name, without loading it: a built-in
-    model's training record; a folder's or a file's names, sizes and times; a model id's
+    model's training record, caption corpus and sampler (its folder's scheduler class in
+    model_index.json and scheduler config, which the record does not cover: the renders
+    change with them); a folder's or a file's names, sizes and times; a model id's
     cached snapshot (its commit). None for the code-defined `tiny:random`; "missing" when
     there is nothing to read (so no key made with it matches one made with the weights)."""
     try:
@@ -324,7 +326,9 @@ def stamp(name: str) -> str | None:
         if record is None:
             return "missing"
         corpus = file_sha256(source.path / "captions.txt")  # it ships with the model
-        return record if corpus is None else digest({"record": record, "captions": corpus})
+        sampler = [file_sha256(source.path / part)
+                   for part in ("model_index.json", "scheduler/scheduler_config.json")]
+        return digest({"record": record, "captions": corpus, "sampler": sampler})
     if source.kind == "hub":  # the commit in use: resolved by this run, else the cache's
         commit = _resolved(source)
         if commit is None and (snapshot := cached_snapshot(source)) is not None:

@@ -237,12 +237,12 @@ class Method:
     subclass it for their ablations (`bench/ablations.py`); the trainer has this one path."""
 
     name = "perfusion"  # recorded in a checkpoint's identity
-    # where the edit applies: "all", every text position, padding included; "prompt", each
-    # caption's start token, words and end-of-text token only (the benchmarks' ablation
-    # `PromptPositions`: it leaks less but lost a patterned concept's pattern, see
-    # docs/runtime.md, "Which positions the edit touches"). The artifact records it, and
-    # rendering follows it.
-    positions = "all"
+    # where the edit applies: "prompt", each caption's start token, words and end-of-text
+    # token only; "all", every text position, padding included (the benchmarks' ablation
+    # `AllPositions`, and every concept file before format 3): it leaks twice as much into
+    # the rest of the image for the same fidelity (docs/runtime.md, "Which positions the
+    # edit touches"). The artifact records it, and rendering follows it.
+    positions = "prompt"
 
     def key_target(self, locked: Tensor) -> Tensor:
         """o*_K of one layer, from its locked value W_K i_super: that value, a constant."""

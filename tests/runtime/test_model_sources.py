@@ -127,6 +127,29 @@ def test_M7_incomplete_snapshot_is_unavailable_not_a_crash(hub: Path) -> None:
         load_pipeline(REPO, choose("cpu"))
 
 
+def test_a_builtin_models_stamp_follows_its_record_corpus_and_sampler(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A built-in model retrained (training.json), given another caption corpus, or another
+    sampler (its class in model_index.json, its scheduler config: renders change with them)
+    gets another stamp, so every key made with it changes; its weights are not read."""
+    shipped = models_module.BUILTIN_MODELS["toy:shapes"]
+    folder = tmp_path / "shapes"
+    parts = ("training.json", "captions.txt", "model_index.json",
+             "scheduler/scheduler_config.json")
+    for part in parts:
+        (folder / part).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shipped / part, folder / part)
+    monkeypatch.setitem(models_module.BUILTIN_MODELS, "toy:shapes", folder)
+    seen = {stamp("toy:shapes")}
+    for part in parts:
+        with (folder / part).open("a") as f:
+            f.write("\n")
+        seen.add(stamp("toy:shapes"))
+    assert len(seen) == 1 + len(parts) and "missing" not in seen
+    (folder / "training.json").unlink()
+    assert stamp("toy:shapes") == "missing"
+
+
 def test_stamp_is_the_resolved_snapshot_so_a_new_revision_rebuilds(hub: Path) -> None:
     assert stamp(REPO) == "missing"
     assert status_module.model_stamp(REPO) == "missing"  # not remembered: a run may fetch it

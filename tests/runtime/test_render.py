@@ -292,17 +292,18 @@ def test_strength_mapping_may_leave_tokens_at_the_default(
 
 def test_the_edit_stops_at_each_prompts_end_of_text(
         pipe: Any, teddy: Concept, cinv: Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A concept trained with the edit at the prompt's positions (`positions` "prompt") is
-    edited at each row's start token, words and end-of-text token (the negative prompt's
-    under guidance too); one trained with the edit everywhere, as the trainer trains, is
-    edited everywhere."""
-    assert teddy.positions == "all"
-    stopping = dataclasses.replace(teddy, options={**teddy.options, "positions": "prompt"})
+    """A concept trained with the edit at the prompt's positions (`positions` "prompt", as
+    the trainer trains) is edited at each row's start token, words and end-of-text token
+    (the negative prompt's under guidance too); one trained with the edit everywhere (files
+    before format 3, the benchmarks' `AllPositions`) is edited everywhere."""
+    assert teddy.positions == "prompt"
+    stopping = teddy
+    everywhere = dataclasses.replace(teddy, options={**teddy.options, "positions": "all"})
     prompt, negative = "teddy* on a beach", "blurry"
     # the token is one added token in the prompt the encoder reads
     words = 1 + len(pipe.tokenizer(" on a beach", add_special_tokens=False).input_ids)
     seen: list[Tensor | None] = []
-    for concept in (stopping, teddy):
+    for concept in (stopping, everywhere):
         with apply_concepts(pipe, [concept], cinv=cinv) as applied:
             state = applied.state
             real = type(state).activate_rows

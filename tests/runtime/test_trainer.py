@@ -369,16 +369,17 @@ def test_benchmark_ablations_train_what_they_name(variant: str, subject: Subject
 
 
 def test_training_records_where_the_edit_applied(subject: Subject, trained: Trained) -> None:
-    """The trainer edits every text position and the concept says so; the benchmarks'
-    `PromptPositions` stops the edit at each caption's end-of-text token, which gives a
-    different concept from the same start and seed, and says so too."""
+    """The trainer stops the edit at each caption's end-of-text token and the concept says
+    so; the benchmarks' `AllPositions` edits the padding too, which gives a different
+    concept from the same start and seed, and says so too."""
     pipe, cinv = tiny_pipeline(0, family=trained.family), trained.cinv
-    prompt = train(pipe, subject, RECIPE, cinv[0], cinv_fingerprint=cinv[1],
-                   base_fingerprint=base_fingerprint(pipe), options={"steps": 6},
-                   method=ABLATIONS["prompt_positions"])
-    assert (trained.concept.positions, prompt.positions) == ("all", "prompt")
-    assert not torch.equal(prompt.embedding, trained.concept.embedding)
-    assert any(not torch.equal(prompt.o_v[n], trained.concept.o_v[n]) for n in prompt.o_v)
+    everywhere = train(pipe, subject, RECIPE, cinv[0], cinv_fingerprint=cinv[1],
+                       base_fingerprint=base_fingerprint(pipe), options={"steps": 6},
+                       method=ABLATIONS["all_positions"])
+    assert (trained.concept.positions, everywhere.positions) == ("prompt", "all")
+    assert not torch.equal(everywhere.embedding, trained.concept.embedding)
+    assert any(not torch.equal(everywhere.o_v[n], trained.concept.o_v[n])
+               for n in everywhere.o_v)
 
 
 def test_checkpoint_identity_names_the_method(subject: Subject) -> None:
