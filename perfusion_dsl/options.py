@@ -265,8 +265,8 @@ GENERATE_DEFAULTS: dict[str, Any] = {"seed": 0, "strength": (0.5,), "out": None}
 
 # The built-in toy:shapes model (docs/toy.md) speaks only its world's words, so it gets
 # captions in them; five 64 px pictures fill a batch of 8 well, at half the time of 16; and
-# its sampler, DPM-Solver++, draws at
-# 15 steps (guidance 5) what DDIM drew at 25 (docs/toy.md, Speed).
+# its sampler, DPM-Solver++, draws at 15 steps (guidance 5) what DDIM drew at 25
+# (docs/toy.md, Speed).
 TOY_TEMPLATES = ("a {}",)
 MODEL_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "toy:shapes": {LEARN: {"templates": TOY_TEMPLATES, "batch": 8},
