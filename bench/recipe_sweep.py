@@ -1,0 +1,89 @@
+"""Training recipes side by side on `toy:shapes`: how many steps and images a concept needs.
+
+    .venv/bin/python bench/recipe_sweep.py [--recipes 400x8 400x4 200x8] [--seeds 1]
+        [--prompts 6] [--render-steps 15] [--threads 2] [--json PATH]
+
+Each held-out concept of `personalize.py` (those of `specs/` among them) is trained with each
+recipe (STEPS x BATCH, the rest the compiler's defaults for toy:shapes, no mirrored copies)
+and each training seed, then rendered at strength 0.5 for `--prompts` prompts naming it
+(`personalize.prompts_for`). Per recipe: the training seconds, fidelity, alignment and looks
+(colour, pattern and second colour read back right), as `edit_positions.py` scores them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np
+import personalize
+import torch
+from edit_positions import score
+from PIL import Image
+
+from perfusion_runtime.build.jobs import default_captions, load_pipeline
+from perfusion_runtime.method.covariance import cinv_for
+from perfusion_runtime.method.device import choose
+from perfusion_runtime.method.fingerprint import base_fingerprint
+from perfusion_runtime.method.trainer import Recipe, Subject, train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipes", nargs="+", default=["400x8", "400x4", "200x8"],
+                        help="STEPSxBATCH")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--render-steps", type=int, default=15)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/perfusion-recipe-sweep"))
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline("toy:shapes", choose("cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    cinv, cinv_print = cinv_for(pipe, args.work / "cache", default_captions("toy:shapes"))
+    recipes = {name: tuple(int(x) for x in name.split("x")) for name in args.recipes}
+    rows: dict[str, dict[str, list[float]]] = {
+        name: {"seconds": [], "fidelity": [], "alignment": [], "looks": []} for name in recipes}
+    for spec in personalize.SPECS:
+        pictures = personalize.training_images(spec, args.work / spec.token.rstrip("*"))
+        refs = [Image.open(p).convert("RGB") for p in pictures]
+        scenes = [scene for scene, _ in personalize.prompts_for(spec, args.prompts)]
+        subject = Subject(spec.token, (spec.supercategory,), (), pictures,
+                          base_model="toy:shapes")
+        for seed in range(args.seeds):
+            for name, (steps, batch) in recipes.items():
+                recipe = Recipe(steps=steps, batch=batch, seed=seed, flip=False,
+                                templates=("a {}",))
+                started = time.perf_counter()
+                concept = train(pipe, subject, recipe, cinv, cinv_fingerprint=cinv_print,
+                                base_fingerprint=base_fingerprint(pipe))
+                row = rows[name]
+                row["seconds"].append(time.perf_counter() - started)
+                fid, ali, looks = score(pipe, concept, cinv, scenes, refs, args)
+                row["fidelity"] += fid
+                row["alignment"] += ali
+                row["looks"] += looks
+                print(f"{spec.token} seed {seed} {name}: {row['seconds'][-1]:.0f} s, fidelity "
+                      f"{np.mean(fid):.2f}, alignment {np.mean(ali):.2f}, looks "
+                      f"{np.mean(looks):.2f}", flush=True)
+    print("\n| recipe (steps x batch) | training s | fidelity | alignment | looks |\n"
+          "|---|---:|---:|---:|---:|")
+    for name, row in rows.items():
+        print(f"| {name} | {np.mean(row['seconds']):.0f} | {np.mean(row['fidelity']):.3f} "
+              f"| {np.mean(row['alignment']):.3f} | {np.mean(row['looks']):.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json),
+                                                                "work": str(args.work)},
+                                         "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
