@@ -18,8 +18,8 @@ from .safetensors_file import FormatProblem, names_of, no_duplicates, parse_head
 FORMAT = "perfusion-concept"
 FORMAT_VERSION = "3"
 SUPPORTED_VERSIONS: tuple[str, ...] = ("1", "2", "3")
-# where the edit applies: "all", every text position, padding included (the trainer's, and
-# formats 1 and 2); "prompt", the prompt's own positions only (docs/runtime.md)
+# where the edit applies: "prompt", the prompt's own positions only (the trainer's);
+# "all", every text position, padding included (formats 1 and 2) (docs/runtime.md)
 POSITIONS = ("prompt", "all")
 # Bounds that keep a hostile file from costing memory. An SD 1.5 concept is ~59 KiB with a
 # ~2 KB header; SDXL-sized ones stay well under a megabyte.

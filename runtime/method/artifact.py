@@ -107,8 +107,9 @@ class Concept(ConceptInfo):
 
     @property
     def positions(self) -> str:
-        """Where its edit applies: "all" (every text position, padding included: how the
-        trainer trains) or "prompt" (the prompt's start, words and end-of-text token only)."""
+        """Where its edit applies: "prompt" (the prompt's start, words and end-of-text token
+        only: how the trainer trains) or "all" (every text position, padding included: files
+        of formats 1 and 2, which load without `positions`)."""
         return str(self.options.get("positions", "all"))
 
     @property

@@ -83,7 +83,7 @@ class ConceptState:
     rows: tuple[ConceptSet | None, ...] | None = None
     # per encoder row, how many leading positions the edit applies to (the prompt's start
     # token, words and end-of-text token: `text.prompt_lengths`); past them K and V are the
-    # base model's. None: every position (how the trainer trains).
+    # base model's. None: every position (concepts trained with `positions` "all").
     lengths: Tensor | None = None
     version: int = field(default=0, init=False)
 
