@@ -27,7 +27,6 @@ i* and of the gate term σ((s − β)/τ)·o*_V, per kind of position, over the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import os
@@ -55,8 +54,7 @@ from perfusion_runtime.method.trainer import PERFUSION, Recipe, Subject, encode,
 from perfusion_runtime.toy import analyze, world
 
 TRAININGS = {"prompt": PERFUSION, "all": METHODS["all_positions"]}
-ALIGNMENT = ("position", "size", "background")
-LOOKS = ("colour", "pattern", "second")  # the concept's own looks, read back
+ALIGNMENT = personalize.ALIGNMENT
 
 
 def fidelity_scenes(i: int, count: int) -> list[world.Scene]:
@@ -94,11 +92,7 @@ def score(pipe: Any, concept: Concept, cinv: torch.Tensor, scenes: list[world.Sc
                          strength=STRENGTH, num_inference_steps=args.render_steps,
                          guidance_scale=args.guidance)
     fid = [analyze.fidelity(im, refs) for im in images]
-    readings = [analyze.read(im, world.FORMS) for im in images]
-    ali = [sum(analyze.agreement(r, s, ALIGNMENT).values()) / len(ALIGNMENT)
-           for r, s in zip(readings, scenes, strict=True)]
-    looks = [sum(analyze.agreement(r, s, LOOKS).values()) / len(LOOKS)
-             for r, s in zip(readings, scenes, strict=True)]
+    ali, looks = personalize.read_back(images, scenes)
     return fid, ali, looks
 
 
@@ -153,8 +147,7 @@ def main() -> None:
             if trained == "all":
                 terms.append(value_terms(pipe, concept, cinv, prompts))
             for rendered in TRAININGS:
-                shown = dataclasses.replace(concept,
-                                            options={**concept.options, "positions": rendered})
+                shown = concept.with_options(positions=rendered)
                 forced = render(pipe, [shown], cinv, prompts, args)
                 fid, ali, looks = score(pipe, shown, cinv, scenes, refs, args)
                 row = rows.setdefault(f"trained: {trained}, rendered: {rendered}",

@@ -34,6 +34,8 @@ sizes and backgrounds, in the world's own caption forms. The analyzer scores
 - fidelity: `analyze.fidelity(image, training pictures)`;
 - alignment: the share of position, size and background that `analyze.read` (over every
   outline of `world.FORMS`) reads as the prompt asked;
+- looks: the share of colour, pattern and second colour read as the concept's (fidelity
+  compares colour mixes, so a plain square scores nearly as well as the dotted one);
 - leakage: prompts without any concept token, rendered with the concept's edit forced on
   (as if a token were present), against the base model at the same seeds: mean absolute
   pixel difference, of 255. (`perfusion run` turns the edit off for prompts that name no
@@ -90,6 +92,7 @@ from perfusion_runtime.toy import analyze, world
 
 REPO = Path(__file__).resolve().parent.parent
 ALIGNMENT = ("position", "size", "background")
+LOOKS = ("colour", "pattern", "second")  # the concept's own looks, read back
 
 
 @dataclass(frozen=True)
@@ -167,8 +170,8 @@ SHEET_COLUMNS = ("picture", "VAE", "words", "super", "local", "global", "keys", 
                  "fine-tune")
 # the issue's targets for Perfusion (local lock, headline strength) and the VAE
 TARGETS = {"fidelity": 0.75, "alignment": 0.95, "leakage_of_255": 1.0, "vae_round_trip": 0.85}
-# the compiler's defaults for toy:shapes: training (400 steps of 8, templates ["a {}"]) and
-# sampling (25 steps, guidance 5)
+# the compiler's defaults for toy:shapes: training (300 steps of 8, templates ["a {}"]) and
+# sampling (15 steps of the model's DPM-Solver++, guidance 5)
 _LEARN = defaults_for(LEARN, "toy:shapes")
 _GENERATE = defaults_for(GENERATE, "toy:shapes")
 RENDER = {"num_inference_steps": _GENERATE["steps"], "guidance_scale": _GENERATE["guidance"]}
@@ -200,9 +203,15 @@ def leak_prompts(n: int) -> list[str]:
     return [world.caption(world.held_out_scene(50_000 + i), random.Random(i)) for i in range(n)]
 
 
-def alignment(image: Image.Image, scene: world.Scene) -> float:
-    got = analyze.agreement(analyze.read(image, world.FORMS), scene, ALIGNMENT)
-    return float(sum(got.values())) / len(ALIGNMENT)
+def read_back(images: Sequence[Image.Image], scenes: Sequence[world.Scene]
+              ) -> tuple[list[float], list[float]]:
+    """Per image, alignment (the share of ALIGNMENT read as the scene asked) and looks (the
+    share of LOOKS: the fidelity measure barely sees a pattern, this reads it), both from
+    one `analyze.read` over every outline of `world.FORMS`."""
+    readings = [analyze.read(im, world.FORMS) for im in images]
+    pairs = list(zip(readings, scenes, strict=True))
+    return ([sum(analyze.agreement(r, s, ALIGNMENT).values()) / len(ALIGNMENT) for r, s in pairs],
+            [sum(analyze.agreement(r, s, LOOKS).values()) / len(LOOKS) for r, s in pairs])
 
 
 @torch.no_grad()
@@ -354,7 +363,7 @@ def _concept(pipe: Any, spec: Spec, args: argparse.Namespace, recipe: Recipe, ci
 
     for method, (variant, mode) in METHODS.items():
         lock = "global" if mode == "global" else "local"
-        concept = dataclasses.replace(concepts[variant], options={"lock": lock})
+        concept = concepts[variant].with_options(lock=lock)
         sweep: dict[str, Any] = {}
         strengths = args.strengths if method in SWEPT else [headline]
         for strength in strengths:
@@ -410,8 +419,9 @@ def _headline(strengths: Sequence[float]) -> float:
 def _score(images: Sequence[Image.Image], scenes: Sequence[tuple[world.Scene, str]],
            refs: Sequence[Image.Image]) -> dict[str, float]:
     fid = [analyze.fidelity(im, refs) for im in images]
-    ali = [alignment(im, scene) for im, (scene, _) in zip(images, scenes, strict=True)]
-    return {"fidelity": float(np.mean(fid)), "alignment": float(np.mean(ali))}
+    ali, looks = read_back(images, [scene for scene, _ in scenes])
+    return {"fidelity": float(np.mean(fid)), "alignment": float(np.mean(ali)),
+            "looks": float(np.mean(looks))}
 
 
 def _leakage(images: Sequence[Image.Image], base: Sequence[Image.Image]) -> float:
@@ -435,23 +445,27 @@ def tables(results: dict[str, Any]) -> str:
     """The Markdown tables of docs/benchmarks.md from results.json, and the targets."""
     headline = f"{results['settings']['headline_strength']:g}"
     concepts = results["concepts"]
-    lines = ["| method | fidelity | alignment | leakage (of 255) |", "|---|---|---|---|"]
+    lines = ["| method | fidelity | alignment | looks | leakage (of 255) |",
+             "|---|---|---|---|---|"]
     for method in ROWS:
         key = _key(method, headline)
         fid = _mean_over(results, method, key, lambda v: v["fidelity"])
         ali = _mean_over(results, method, key, lambda v: v["alignment"])
+        looks = _mean_over(results, method, key, lambda v: v.get("looks", np.nan))
         leak = ("—" if method in (NEAREST, BASELINE) else
                 f"{_mean_over(results, method, 'leakage_of_255', float):.3f}")
-        lines.append(f"| {method} | {fid:.3f} | {ali:.3f} | {leak} |")
+        lines.append(f"| {method} | {fid:.3f} | {ali:.3f} | {looks:.3f} | {leak} |")
 
-    lines += ["", "Per concept, fidelity / alignment (VAE round trip and pictures: fidelity):",
+    lines += ["", "Per concept, fidelity / alignment / looks (VAE round trip and pictures: "
+              "fidelity):",
               "", "| concept | held out | VAE round trip | pictures | " + " | ".join(ROWS)
               + " | Perfusion ≥ nearest words? |", "|---|" + "---|" * (len(ROWS) + 4)]
     for token, row in concepts.items():
         cells = [row["held_out"], f"{row['vae_round_trip']:.2f}", f"{row['pictures']:.2f}"]
         for method in ROWS:
             v = row["methods"][method][_key(method, headline)]
-            cells.append(f"{v['fidelity']:.2f} / {v['alignment']:.2f}")
+            cells.append(f"{v['fidelity']:.2f} / {v['alignment']:.2f} / "
+                         f"{v.get('looks', np.nan):.2f}")
         cells.append("yes" if _at_least_words(row, headline) else "no")
         lines.append(f"| `{token}` | " + " | ".join(cells) + " |")
 

@@ -37,7 +37,6 @@ runs this file or asserts a timing.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import tempfile
@@ -141,7 +140,7 @@ def render_rows(width: int, count: int, steps: int, folder: Path) -> list[Row]:
 
     bare, named = prompts("teddy bear", count), prompts("teddy*", count)
     local = apply_concepts(tiny_pipeline(SEED, width), [concept], cinv=cinv)
-    as_global = dataclasses.replace(concept, options={**concept.options, "lock": "global"})
+    as_global = concept.with_options(lock="global")
     global_ = apply_concepts(tiny_pipeline(SEED, width), [as_global], cinv=cinv)
     return [Row(PLAIN_BATCHED, batched(bare), plain),
             Row(PLAIN_EACH, each(bare), plain),

@@ -121,6 +121,11 @@ class Concept(ConceptInfo):
     def num_floats(self) -> int:
         return size_for(self.layers, int(self.embedding.numel()), int(self.i_star.numel()))
 
+    def with_options(self, **changes: Any) -> Concept:
+        """The same concept with some render options changed (say `lock="global"`) and the
+        rest, where its edit applies among them, kept; checked as any concept is."""
+        return dataclasses.replace(self, options={**self.options, **changes})
+
 
 def size_for(layers: Mapping[str, int], d_token: int, d_text: int) -> int:
     """Floats in a concept: embedding [d_token] + i* [d_text] + o*_K and o*_V [O] per layer."""

@@ -261,6 +261,19 @@ def test_concept_refuses_invalid_tensors() -> None:
             make_concept(**change)
 
 
+def test_with_options_changes_what_it_names_and_keeps_the_rest() -> None:
+    """Rendering a concept with the other lock must not drop where its edit applies (a
+    benchmark that replaced the options whole rendered prompt-trained concepts everywhere)."""
+    trained = make_concept(options={"steps": 300, "lock": "local", "positions": "prompt"})
+    as_global = trained.with_options(lock="global")
+    assert (as_global.lock, as_global.positions) == ("global", "prompt")
+    assert as_global.options["steps"] == 300
+    assert (trained.lock, trained.positions) == ("local", "prompt")  # the original is frozen
+    assert bits(as_global.o_v[next(iter(LAYERS))]).equal(bits(trained.o_v[next(iter(LAYERS))]))
+    with pytest.raises(InvalidConcept):
+        trained.with_options(positions="somewhere")
+
+
 # ---------------------------------------------------------------------------------------------
 # M1: the loader accepts only what `save` wrote
 

@@ -195,7 +195,7 @@ def test_global_locking_renders_through_the_supercategory_prompt(
     prompts = ["a photo of teddy*", "teddy* on a beach"]
     with apply_concepts(pipe, [teddy], cinv=cinv) as applied:
         local = applied(prompts, seed=[0, 1], **RENDER)
-    global_teddy = dataclasses.replace(teddy, options={**teddy.options, "lock": "global"})
+    global_teddy = teddy.with_options(lock="global")
     built: list[dict[str, Any]] = []
     seen: list[Tensor | None] = []
     with apply_concepts(pipe, [global_teddy], cinv=cinv) as applied:
@@ -298,7 +298,7 @@ def test_the_edit_stops_at_each_prompts_end_of_text(
     before format 3, the benchmarks' `AllPositions`) is edited everywhere."""
     assert teddy.positions == "prompt"
     stopping = teddy
-    everywhere = dataclasses.replace(teddy, options={**teddy.options, "positions": "all"})
+    everywhere = teddy.with_options(positions="all")
     prompt, negative = "teddy* on a beach", "blurry"
     # the token is one added token in the prompt the encoder reads
     words = 1 + len(pipe.tokenizer(" on a beach", add_special_tokens=False).input_ids)
@@ -336,7 +336,7 @@ def test_own_cross_attention_kwargs_are_merged(pipe: Any, teddy: Concept, cinv: 
                                                ) -> None:
     """Global locking passes its own cross_attention_kwargs; the caller's go along (here a
     key that diffusers' attention drops, with a logged notice, as no processor takes it)."""
-    global_teddy = dataclasses.replace(teddy, options={**teddy.options, "lock": "global"})
+    global_teddy = teddy.with_options(lock="global")
     with apply_concepts(pipe, [global_teddy], cinv=cinv) as applied:
         theirs = applied("teddy* on a beach", seed=0, cross_attention_kwargs={"unused": 1},
                          **RENDER)[0]
