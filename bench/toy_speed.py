@@ -4,11 +4,11 @@ images with the default sampling settings.
     .venv/bin/python bench/toy_speed.py [--threads N] [--renders 8]
 
 The recipe and the sampling settings are the compiler's defaults for `toy:shapes`
-(`perfusion_dsl.options.defaults_for`): 400 steps of 8 images, templates ["a {}"]; 25 DDIM
-steps at guidance 5, one image per pipeline call on the CPU (as `perfusion run`). The
-concept is `moon*` from specs/images/moon/. It prints the seconds of each phase: loading the
-pipeline, C⁻¹ on the model's caption corpus (once per model: cached afterwards), training,
-and rendering.
+(`perfusion_dsl.options.defaults_for`): 300 steps of 8 images, templates ["a {}"]; 15
+DPM-Solver++ steps (the model folder's sampler) at guidance 5, one image per pipeline call
+on the CPU (as `perfusion run`). The concept is `moon*` from specs/images/moon/. It prints
+the seconds of each phase: loading the pipeline, C⁻¹ on the model's caption corpus (once
+per model: cached afterwards), training, and rendering.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ class OptionDoc:
 
 TOY = "`toy:shapes`"
 OPTION_DOCS: tuple[OptionDoc, ...] = (
-    OptionDoc("steps", "learn", "integer 1 … 1,000,000", "`400`", "optimisation steps"),
+    OptionDoc("steps", "learn", "integer 1 … 1,000,000", f"`400`; `300` for {TOY}",
+              "optimisation steps"),
     OptionDoc("steps", "generate", "integer 1 … 1,000,000",
               f"model's default (`null`; `15` for {TOY})", "sampling steps"),
     OptionDoc("seed", "both", "integer 0 … 2⁶³−1", "`0`",
