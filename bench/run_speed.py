@@ -1,6 +1,6 @@
 """Times the README's main job, `perfusion run specs/`, from scratch and again (no-op, R4).
 
-    .venv/bin/python bench/run_speed.py [--noop-repeat 5] [--keep]
+    .venv/bin/python bench/run_speed.py [--noop-repeat 5] [--keep] [--run-args '--executor ray']
 
 The example project (specs/) is copied into a temporary folder, so its store and renders
 start empty and your own checkout is left alone. Each command runs as a subprocess, as a
@@ -50,12 +50,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--noop-repeat", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="keep the copy (path printed)")
+    parser.add_argument("--run-args", default="",
+                        help="more arguments for the first `perfusion run`, e.g. "
+                             "'--executor ray'")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="perfusion-run-speed-"))
     try:
         shutil.copytree(REPO / "specs", work / "specs",
                         ignore=shutil.ignore_patterns(".perfusion", "renders"))
-        first = timed([*PERFUSION, "run", "specs/"], work)
+        first = timed([*PERFUSION, "run", *args.run_args.split(), "specs/"], work)
         noops = [timed([*PERFUSION, "run", "specs/"], work) for _ in range(args.noop_repeat)]
         check = timed([*PERFUSION, "check", "specs/"], work)
         images = len(list((work / "specs" / "renders").rglob("*.png")))
