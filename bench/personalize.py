@@ -172,7 +172,7 @@ SHEET_COLUMNS = ("picture", "VAE", "words", "super", "local", "global", "keys", 
 TARGETS = {"fidelity": 0.75, "alignment": 0.95, "leakage_of_255": 1.0, "vae_round_trip": 0.85}
 # the compiler's defaults for toy:shapes: training (300 steps of 8, templates ["a {}"]) and
 # sampling (15 steps of the model's DPM-Solver++, guidance 5)
-_LEARN = defaults_for(LEARN, "toy:shapes")
+LEARN_DEFAULTS = defaults_for(LEARN, "toy:shapes")
 _GENERATE = defaults_for(GENERATE, "toy:shapes")
 RENDER = {"num_inference_steps": _GENERATE["steps"], "guidance_scale": _GENERATE["guidance"]}
 
@@ -261,12 +261,12 @@ def main() -> None:
     parser.add_argument("--model", default="toy:shapes")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per concept")
     parser.add_argument("--leak", type=int, default=8, help="prompts without a concept")
-    parser.add_argument("--steps", type=int, default=_LEARN["steps"],
+    parser.add_argument("--steps", type=int, default=LEARN_DEFAULTS["steps"],
                         help="training steps (all methods)")
-    parser.add_argument("--batch", type=int, default=_LEARN["batch"])
-    parser.add_argument("--lr", type=float, default=_LEARN["lr"],
+    parser.add_argument("--batch", type=int, default=LEARN_DEFAULTS["batch"])
+    parser.add_argument("--lr", type=float, default=LEARN_DEFAULTS["lr"],
                         help="Perfusion's learning rate (keys and values)")
-    parser.add_argument("--embedding-lr", type=float, default=_LEARN["embedding_lr"],
+    parser.add_argument("--embedding-lr", type=float, default=LEARN_DEFAULTS["embedding_lr"],
                         help="the new token's embedding learning rate (all methods)")
     parser.add_argument("--finetune-lr", type=float, default=1e-4,
                         help="the full fine-tune's learning rate for the UNet's parameters")
@@ -286,7 +286,7 @@ def main() -> None:
     base_print = base_fingerprint(pipe)
     # no mirrored copies: a crescent opens one way
     recipe = Recipe(steps=args.steps, batch=args.batch, lr=args.lr, embedding_lr=args.embedding_lr,
-                    templates=tuple(_LEARN["templates"]), flip=False)
+                    templates=tuple(LEARN_DEFAULTS["templates"]), flip=False)
     headline = _headline(args.strengths)
     results: dict[str, Any] = {"settings": {
         "model": args.model, "prompts": args.prompts, "leak_prompts": args.leak,

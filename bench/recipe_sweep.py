@@ -39,8 +39,9 @@ def main() -> None:
                         help="STEPSxBATCH")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=6)
-    parser.add_argument("--render-steps", type=int, default=15)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--render-steps", type=int,
+                        default=personalize.RENDER["num_inference_steps"])
+    parser.add_argument("--guidance", type=float, default=personalize.RENDER["guidance_scale"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--work", type=Path, default=Path("/tmp/perfusion-recipe-sweep"))
     parser.add_argument("--json", type=Path, help="write every figure here")
@@ -49,6 +50,7 @@ def main() -> None:
     pipe = load_pipeline("toy:shapes", choose("cpu"))
     pipe.set_progress_bar_config(disable=True)
     cinv, cinv_print = cinv_for(pipe, args.work / "cache", default_captions("toy:shapes"))
+    base_print = base_fingerprint(pipe)  # training leaves the base weights as they were
     recipes = {name: tuple(int(x) for x in name.split("x")) for name in args.recipes}
     rows: dict[str, dict[str, list[float]]] = {
         name: {"seconds": [], "fidelity": [], "alignment": [], "looks": []} for name in recipes}
@@ -61,10 +63,10 @@ def main() -> None:
         for seed in range(args.seeds):
             for name, (steps, batch) in recipes.items():
                 recipe = Recipe(steps=steps, batch=batch, seed=seed, flip=False,
-                                templates=("a {}",))
+                                templates=tuple(personalize.LEARN_DEFAULTS["templates"]))
                 started = time.perf_counter()
                 concept = train(pipe, subject, recipe, cinv, cinv_fingerprint=cinv_print,
-                                base_fingerprint=base_fingerprint(pipe))
+                                base_fingerprint=base_print)
                 row = rows[name]
                 row["seconds"].append(time.perf_counter() - started)
                 fid, ali, looks = score(pipe, concept, cinv, scenes, refs, args)
