@@ -78,8 +78,21 @@ def read(image: ImageLike, forms: tuple[world.Form, ...] = world.FORMS) -> Readi
 def agreement(reading: Reading, scene: world.Scene,
               attributes: Sequence[str] = ("background", "colour", "position", "size", "shape"),
               ) -> dict[str, bool]:
-    """Per attribute, whether the reading says what the scene has."""
-    return {name: getattr(reading, name) == getattr(scene, name) for name in attributes}
+    """Per attribute, whether the reading says what the scene has.
+
+    A striped object's two colours cover equal areas, so which one is the "fill" is only
+    the phase of the stripes on the pixel grid, which nothing in a caption says and a
+    drawing may shift by half a period (docs/toy.md, "Reading"). When scene and reading
+    are both striped, colour and second are therefore matched the way round that agrees
+    on more of the two (the caption's order on a tie)."""
+    read = {name: getattr(reading, name) for name in attributes}
+    if scene.pattern == "striped" and reading.pattern == "striped":
+        ordered = (reading.colour == scene.colour) + (reading.second == scene.second)
+        swapped = (reading.colour == scene.second) + (reading.second == scene.colour)
+        if swapped > ordered:
+            read.update((name, {"colour": reading.second, "second": reading.colour}[name])
+                        for name in ("colour", "second") if name in read)
+    return {name: read[name] == getattr(scene, name) for name in attributes}
 
 
 def _pixels(image: ImageLike) -> Pixels:

@@ -145,6 +145,29 @@ def test_agreement_names_each_attribute() -> None:
         "colour": False, "position": False, "second": True}
 
 
+def test_stripes_half_a_period_off_agree_but_swapped_dots_do_not() -> None:
+    # swapping a striped object's two colours draws the same stripes shifted by half a
+    # period: the analyzer reads the phase (colour and second come back swapped), and the
+    # agreement counts the object right; swapped dots are another object
+    scene = world.Scene(shape="hexagon", colour="purple", size="large", position="center",
+                        background="gray", pattern="striped", second="yellow")
+    shifted = world.with_changes(scene, colour="yellow", second="purple")
+    reading = analyze.read(world.render(shifted))
+    assert (reading.pattern, reading.colour, reading.second) == ("striped", "yellow", "purple")
+    assert analyze.agreement(reading, scene, ("colour", "second", "pattern")) == dict.fromkeys(
+        ("colour", "second", "pattern"), True)
+    # one of the two colours wrong: one attribute agrees, whichever way round it was drawn
+    other = world.with_changes(scene, second="red")
+    assert analyze.agreement(reading, other, ("colour", "second")) == {
+        "colour": True, "second": False}
+    dotted = world.with_changes(scene, pattern="dotted")
+    reading = analyze.read(world.render(world.with_changes(dotted, colour="yellow",
+                                                           second="purple")))
+    assert reading.pattern == "dotted"
+    assert analyze.agreement(reading, dotted, ("colour", "second")) == {
+        "colour": False, "second": False}
+
+
 def test_components_and_holes() -> None:
     mask = np.zeros((64, 64), bool)
     mask[5:10, 5:10] = True  # 25 px
