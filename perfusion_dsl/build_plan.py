@@ -13,6 +13,7 @@ def _concept(ctx: Context, decl: ConceptDecl) -> ConceptStep:
     options = ctx.options[where]
     masks = ctx.masks.get(where)
     mask = tuple(ctx.display(m.path) for m in masks) if masks is not None else options["mask"]
+    captions = ctx.captions.get(where, "none")
     inputs = concept_inputs(ctx, decl)
     return ConceptStep(token=inputs["token"], file=decl.unit.file, line=decl.learn.span.line,
                        model=inputs["model"], supercategories=inputs["supercategories"],
@@ -21,7 +22,8 @@ def _concept(ctx: Context, decl: ConceptDecl) -> ConceptStep:
                        image_sha256=[i.digest for i in ctx.images[where]],
                        mask_sha256=[m.digest for m in masks] if masks is not None else [],
                        options=LearnOptions(**{k: options[k] for k in LearnOptions.model_fields
-                                               if k != "mask"}, mask=mask),
+                                               if k not in ("mask", "captions")},
+                                            mask=mask, captions=captions),
                        key=concept_key(inputs))
 
 

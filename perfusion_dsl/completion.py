@@ -25,10 +25,10 @@ from perfusion_dsl.templates import NAME, TOKEN
 Kind = Literal["keyword", "option", "value", "list", "token", "file", "folder", "word"]
 
 KEYWORDS = ("learn", "generate", "let", "use", "model", "defaults")
-# options whose values are a fixed set (mask also takes a glob of mask files); lock's are the
+# options whose values are a fixed set (mask and captions also take a glob of files); lock's are the
 # plan's own choices, as `options` checks them
 VALUES = {"lock": get_args(LearnOptions.model_fields["lock"].annotation),
-          "mask": ("none", "attention"), "flip": ("true", "false")}
+          "mask": ("none", "attention"), "captions": ("none",), "flip": ("true", "false")}
 _FIRST_WORD = re.compile(r"(?m)^([a-z]+)\b")
 _LET = re.compile(rf"(?m)^[ \t]*let[ \t]+({NAME.pattern})")  # the names templates accept
 _TOKEN = re.compile(rf"\bas[ \t]+({TOKEN.pattern})")

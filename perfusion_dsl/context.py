@@ -76,6 +76,8 @@ class Context:
     options: dict[tuple[Path, int], dict[str, Any]] = field(default_factory=dict)
     images: dict[tuple[Path, int], tuple[ImageInfo, ...]] = field(default_factory=dict)
     masks: dict[tuple[Path, int], tuple[ImageInfo, ...]] = field(default_factory=dict)
+    # each image's caption template (in image order), where `captions:` names files
+    captions: dict[tuple[Path, int], tuple[str, ...]] = field(default_factory=dict)
     renders: list[RenderDecl] = field(default_factory=list)  # every expanded prompt
     # the renders that write a file: named (`out`), without duplicates, in plan order
     outputs: list[RenderDecl] = field(default_factory=list)

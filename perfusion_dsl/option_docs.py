@@ -35,6 +35,10 @@ OPTION_DOCS: tuple[OptionDoc, ...] = (
     OptionDoc("mask", "learn", "`none`, `attention` or a path pattern", "`none`",
               "loss mask: none; from the base model's cross-attention to the supercategory; "
               "or your own mask images, matched to the training images by file stem"),
+    OptionDoc("captions", "learn", "`none` or a path pattern", "`none`",
+              "each picture's own caption: text files matched to the training images by file "
+              "stem, each with exactly one `{}` (the adjectives and the token). They replace "
+              "`templates`"),
     OptionDoc("resolution", "learn", "integer 8 … 4,096, a multiple of 8",
               "model's native (`null`)", "training resolution"),
     OptionDoc("flip", "learn", "`true` or `false`", "`true`", "random horizontal flips"),

@@ -136,6 +136,12 @@ def mask(value: Value, key: str) -> str:
     return path(value, key)
 
 
+def captions(value: Value, key: str) -> str:
+    if isinstance(value, Bare) and value.text == "none":
+        return value.text
+    return path(value, key)
+
+
 def size(value: Value, key: str) -> str:
     m = SIZE.fullmatch(value.text) if isinstance(value, Bare) else None
     if m is None:
@@ -178,12 +184,21 @@ def templates(value: Value, key: str) -> tuple[str, ...]:
     out = []
     for item in items:
         got = text(item, key)
-        if got.count("{}") != 1:
-            raise Invalid(f"each of `{key}` must contain `{{}}` exactly once, found "
-                          f"{got.count('{}')}", at=item,
-                          help='`{}` is replaced by the concept, e.g. "a photo of a {}"')
+        if (problem := template_problem(got)) is not None:
+            raise Invalid(f"each of `{key}` {problem}", at=item, help=TEMPLATE_HELP)
         out.append(got)
     return tuple(out)
+
+
+TEMPLATE_HELP = '`{}` is replaced by the concept, e.g. "a photo of a {}"'
+
+
+def template_problem(caption: str) -> str | None:
+    """What is wrong with a caption template (a `templates` item, a caption file's text):
+    it must hold `{}`, where the concept phrase goes, exactly once."""
+    if caption.count("{}") != 1:
+        return f"must contain `{{}}` exactly once, found {caption.count('{}')}"
+    return None
 
 
 def _bounds(model: type[BaseModel], key: str) -> tuple[Any, Any, bool]:
@@ -246,6 +261,7 @@ SCHEMA: dict[str, OptionSpec] = {
     "embedding_lr": OptionSpec(_float(LearnOptions, "embedding_lr"), _L),
     "lock": OptionSpec(_choice(LearnOptions, "lock"), _L),
     "mask": OptionSpec(mask, _L),
+    "captions": OptionSpec(captions, _L),
     "resolution": OptionSpec(_resolution(), _L),
     "flip": OptionSpec(boolean, _L),
     "templates": OptionSpec(templates, _L),

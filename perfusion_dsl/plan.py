@@ -47,6 +47,9 @@ class LearnOptions(_Frozen):
     embedding_lr: float = Field(default=0.006, gt=0.0, le=10.0)
     lock: Literal["local", "global"] = "local"
     mask: str | tuple[str, ...] = "none"
+    # "none" (the templates), or in a plan each image's caption template, in image order (a
+    # spec writes a pattern of text files; the compiler reads them)
+    captions: str | tuple[str, ...] = "none"
     # None: the model's native resolution
     resolution: int | None = Field(default=None, ge=8, le=4096, multiple_of=8)
     flip: bool = True

@@ -33,7 +33,7 @@ Project = Callable[[Mapping[str, str | bytes]], Path]
 CASES = diagnostic_cases()
 PACKAGE = Path(passes.__file__).resolve().parent.parent
 # Fixtures whose only diagnostics are warnings: `check` succeeds.
-WARNING_ONLY = {"bom", "crlf", "tab-indent", "empty-file", "duplicate-render"}
+WARNING_ONLY = {"bom", "crlf", "tab-indent", "empty-file", "duplicate-render", "flip-captions"}
 # Codes no spec can make `check` emit, and why; each is tested where it can happen.
 NOT_FROM_CHECK = {
     "fmt-unstable": "only `perfusion fmt`, only when the formatter itself has a bug",

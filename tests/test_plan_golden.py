@@ -43,8 +43,8 @@ RENDER_KEYS = ["file", "line", "model", "prompt", "concepts", "seed", "strength"
                "options"]
 # The learn option table of docs/language.md ("Options"); the generate options other than
 # those a render step has as its own fields (seed, strength, out).
-LEARN_OPTIONS = {"steps", "batch", "lr", "embedding_lr", "lock", "mask", "resolution", "flip",
-                 "seed", "templates", "beta", "tau"}
+LEARN_OPTIONS = {"steps", "batch", "lr", "embedding_lr", "lock", "mask", "captions",
+                 "resolution", "flip", "seed", "templates", "beta", "tau"}
 RENDER_OPTIONS = {"steps", "guidance", "size", "negative"}
 
 
@@ -218,6 +218,8 @@ DIFFERENT_KEY: dict[str, Mapping[str, str | bytes]] = {
     "batch": {"a.concept": in_block("batch: 16")},
     "embedding_lr": {"a.concept": in_block("embedding_lr: 0.005")},
     "mask": {"a.concept": in_block("mask: attention")},
+    "captions": {"a.concept": in_block("captions: photos/*.txt"),
+                 "photos/1.txt": "a {} at sea", "photos/2.txt": "a {} in the snow"},
     "resolution": {"a.concept": in_block("resolution: 64")},
     "flip": {"a.concept": in_block("flip: false")},
     "seed": {"a.concept": in_block("seed: 1")},
@@ -264,6 +266,21 @@ def test_R3_every_learn_option_is_in_the_key_matrix() -> None:
 def test_R3_token_changes_the_key(base_key: str, tmp_path: Path) -> None:
     folder = build(tmp_path, {"a.concept": changed(SPEC, "teddy*", "ted*")})
     assert key_of(folder, "ted*") != base_key
+
+
+def test_R3_caption_texts_change_the_key_and_their_paths_do_not(tmp_path: Path) -> None:
+    spec = in_block("captions: words/*.txt")
+    words = {"words/1.txt": "a {} at sea", "words/2.txt": "a {} in the snow"}
+    first = key_of(build(tmp_path / "a", {"a.concept": spec, **words}))
+    moved = key_of(build(tmp_path / "b", {
+        "a.concept": in_block("captions: photos/*.txt"),
+        **{k.replace("words/", "photos/"): v for k, v in words.items()}}))
+    spaced = key_of(build(tmp_path / "c", {"a.concept": spec, **words,
+                                          "words/2.txt": "a {}\n  in the snow\n"}))
+    other = key_of(build(tmp_path / "d", {"a.concept": spec, **words,
+                                         "words/2.txt": "a {} in the sand"}))
+    assert first == moved == spaced  # the texts count, as the plan holds them
+    assert other != first
 
 
 def test_R3_mask_image_bytes_change_the_key(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ PASSES: tuple[tuple[str, Callable[[Context], None]], ...] = (
     ("resolve_models", resolve_models.run),  # one `model` per file, same across `use`
     ("resolve_names", resolve_names.run),  # `let` lists, concepts, visibility
     ("check_options", check_options.run),  # option keys, types, ranges; defaults
-    ("resolve_images", resolve_images.run),  # globs, image decoding, masks
+    ("resolve_images", resolve_images.run),  # globs, image decoding, masks, captions
     ("check_duplicates", check_duplicates.run),  # a token learned twice means one concept
     ("expand_templates", expand_templates.run),  # templates, concepts, expansion limits
     ("check_outputs", check_outputs.run),  # output names, run root, clashes

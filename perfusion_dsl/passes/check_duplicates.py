@@ -10,11 +10,13 @@ from perfusion_dsl.diagnostics import Label, error
 
 def concept_inputs(ctx: Context, decl: ConceptDecl) -> dict[str, Any]:
     """Everything that changes the trained concept, after defaults and globbing: what the
-    cache key hashes. Image and mask files enter by content digest, never by path."""
+    cache key hashes. Image and mask files enter by content digest, never by path; caption
+    files by their text, and only when set (so keys made before `captions` existed hold)."""
     where = (decl.unit.path, decl.index)
     options = {k: list(v) if isinstance(v, tuple) else v
-               for k, v in ctx.options.get(where, {}).items() if k != "mask"}
+               for k, v in ctx.options.get(where, {}).items() if k not in ("mask", "captions")}
     masks = ctx.masks.get(where)
+    captions = ctx.captions.get(where)
     learn = decl.learn
     model = ctx.models[decl.unit.path]
     config = dict(ctx.config.checkpoint_configs).get(model)
@@ -28,6 +30,7 @@ def concept_inputs(ctx: Context, decl: ConceptDecl) -> dict[str, Any]:
         "images": [i.digest for i in ctx.images.get(where, ())],
         "mask": [m.digest for m in masks] if masks is not None
         else ctx.options.get(where, {}).get("mask", "none"),
+        **({"captions": list(captions)} if captions is not None else {}),
         "options": options,
     }
 

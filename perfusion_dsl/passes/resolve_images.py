@@ -1,16 +1,18 @@
-"""Resolves `learn` patterns and mask patterns to decodable images."""
+"""Resolves `learn` patterns and mask patterns to decodable images, and caption patterns to
+each image's caption template."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 from perfusion_dsl.context import Context, Unit
-from perfusion_dsl.diagnostics import error
+from perfusion_dsl.diagnostics import error, warning
 from perfusion_dsl.images import ImageInfo, ImageProblem, check_image
 from perfusion_dsl.nodes import Learn, Span
-from perfusion_dsl.options import shorten
+from perfusion_dsl.options import shorten, template_problem
 from perfusion_dsl.patterns import MatchLimitExceeded, WalkLimitExceeded, glob_files
 
 
@@ -89,9 +91,7 @@ BAD_IMAGES_SHOWN = 5  # the first few unusable files of a pattern are named, the
 
 def _masks(images: _Images, unit: Unit, index: int, learn: Learn, pattern: str) -> None:
     ctx = images.ctx
-    # the learn's own `mask:` value, else (set by `defaults`) the learn's pattern
-    own = [o.value.span for o in learn.block.options if o.key == "mask"] if learn.block else []
-    span = own[0] if own else learn.pattern.span
+    span = _option_span(learn, "mask")
     found = _decode_all(images, unit, _match(ctx, unit, pattern, span, "mask pattern"), span)
     by_stem = {info.path.stem: info for info in found}
     wanted = ctx.images.get((unit.path, index), ())
@@ -103,6 +103,92 @@ def _masks(images: _Images, unit: Unit, index: int, learn: Learn, pattern: str) 
                                             "(`photos/1.png` ↔ `masks/1.png`)"))
     ctx.masks[(unit.path, index)] = tuple(by_stem[i.path.stem] for i in wanted
                                           if i.path.stem in by_stem)
+
+
+MAX_CAPTION_BYTES = 4096  # a caption is a line of text; a larger file is not one
+# words a horizontal flip makes wrong (the flip mirrors the picture, not its caption)
+SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def _option_span(learn: Learn, key: str) -> Span:
+    """The learn's own `key:` value, else (set by `defaults`) the learn's pattern."""
+    own = [o.value.span for o in learn.block.options if o.key == key] if learn.block else []
+    return own[0] if own else learn.pattern.span
+
+
+def _caption_text(path: Path) -> str:
+    """A caption file's text, stripped, lines joined by spaces; ValueError says what is
+    wrong with it."""
+    try:
+        data = path.read_bytes()[:MAX_CAPTION_BYTES + 1]
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror or exc})") from None
+    if len(data) > MAX_CAPTION_BYTES:
+        raise ValueError(f"is over {MAX_CAPTION_BYTES:,} bytes: a caption is a line of text")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
+    text = " ".join(text.split())
+    if (problem := template_problem(text)) is not None:
+        raise ValueError(problem)
+    return text
+
+
+def _caption_for(image: Path, by_stem: dict[str, list[Path]]) -> Path | list[Path] | None:
+    """The caption file of `image`: the one with its stem in its own folder, else the only one
+    with its stem; None when there is none, the candidates when several could be it."""
+    found = by_stem.get(image.stem, [])
+    beside = [c for c in found if c.parent == image.parent]
+    if beside:
+        return beside[0]
+    if len(found) > 1:
+        return found
+    return found[0] if found else None
+
+
+def _captions(ctx: Context, unit: Unit, index: int, learn: Learn, pattern: str) -> None:
+    span = _option_span(learn, "captions")
+    found = _match(ctx, unit, pattern, span, "caption pattern")
+    by_stem: dict[str, list[Path]] = {}
+    for path in found:
+        by_stem.setdefault(path.stem, []).append(path)
+    wanted = ctx.images.get((unit.path, index), ())
+    chosen = [_caption_for(i.path, by_stem) for i in wanted]
+    missing = [i.path.name for i, c in zip(wanted, chosen, strict=True) if c is None]
+    if found and missing:
+        ctx.add(error("caption-missing", f"no caption for {len(missing)} image(s): "
+                      + ", ".join(missing[:5]) + (" …" if len(missing) > 5 else ""),
+                      unit.file, span, help="captions are text files matched to images by "
+                                            "file name stem (`photos/1.png` ↔ `captions/1.txt`)"))
+    texts, bad = [], []
+    for info, where in zip(wanted, chosen, strict=True):
+        if isinstance(where, list):
+            bad.append(f"`{ctx.display(info.path)}` could take any of "
+                       + ", ".join(f"`{ctx.display(c)}`" for c in where[:3])
+                       + ": put its caption beside it, or give the images distinct stems")
+        elif where is not None:
+            try:
+                texts.append(_caption_text(where))
+            except ValueError as exc:
+                bad.append(f"`{ctx.display(where)}` {exc}")
+    if bad:
+        ctx.add(error("bad-caption", bad[0] if len(bad) == 1 else
+                      f"the captions of {len(bad):,} images are not usable", unit.file, span,
+                      help="a caption file holds its picture's whole caption, with `{}` "
+                           "where the concept goes, e.g. \"a {} on the beach\"",
+                      extra=tuple(bad[:BAD_IMAGES_SHOWN]) if len(bad) > 1 else ()))
+        return
+    if missing or not found:
+        return
+    ctx.captions[(unit.path, index)] = tuple(texts)
+    flip = ctx.options.get((unit.path, index), {}).get("flip", True)
+    sided = [t for t in texts if SIDE_WORDS.search(t)]
+    if flip and sided:
+        ctx.add(warning("flip-captions", f"{len(sided)} caption(s) say left or right, but "
+                        "`flip` mirrors the pictures and not their captions, so the mirrored "
+                        "copies are captioned wrongly", unit.file, span,
+                        help="add `flip: false`", extra=(f"e.g. “{shorten(sided[0], 80)}”",)))
 
 
 def run(ctx: Context) -> None:
@@ -119,3 +205,6 @@ def run(ctx: Context) -> None:
         mask = ctx.options.get((unit.path, index), {}).get("mask", "none")
         if mask not in ("none", "attention"):
             _masks(images, unit, index, learn, mask)
+        captions = ctx.options.get((unit.path, index), {}).get("captions", "none")
+        if captions != "none":
+            _captions(ctx, unit, index, learn, captions)

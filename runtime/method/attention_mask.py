@@ -65,8 +65,9 @@ def attention_masks(pipe: Any, latents: Tensor, hidden: Tensor, hit: Tensor,
                     generator: torch.Generator,
                     added: dict[str, Tensor] | None = None) -> Tensor:
     """[N, 1, h, w] masks for the training latents [N, C, h, w]. `hidden` [1, T, D] encodes a
-    caption with the supercategory in place of the token; `hit` [1, T] marks its positions.
-    `added`: SDXL's added conditions for that caption ([1, …] each), None for SD 1.x/2.x."""
+    caption with the supercategory in place of the token ([N, T, D]: each latent's own);
+    `hit` [1, T] (or [N, T]) marks its positions. `added`: SDXL's added conditions for that
+    caption ([1, …] each, or [N, …]), None for SD 1.x/2.x."""
     unet = pipe.unet
     forward = schedule(pipe.scheduler)  # the training noise, whatever the sampler
     steps = forward.config.num_train_timesteps

@@ -60,6 +60,14 @@ class Recipe:
     tau: float = _PLANNED.tau
     mask: str = "none"  # "none", "attention", or "files" (Subject.masks holds them)
     micro_batch: int | None = None  # images per forward pass; None: the whole batch
+    # each image's own caption template, in Subject.images order (the `captions` option);
+    # empty: every image is captioned from `templates`
+    captions: tuple[str, ...] = ()
+
+    @property
+    def caption_templates(self) -> tuple[str, ...]:
+        """The templates the captions are made from: the images' own, else `templates`."""
+        return self.captions or self.templates
 
     @classmethod
     def from_options(cls, options: LearnOptions, micro_batch: int | None = None) -> Recipe:
@@ -68,7 +76,8 @@ class Recipe:
                    flip=options.flip, seed=options.seed, templates=options.templates,
                    beta=options.beta, tau=options.tau,
                    mask=options.mask if isinstance(options.mask, str) else "files",
-                   micro_batch=micro_batch)
+                   micro_batch=micro_batch,
+                   captions=() if isinstance(options.captions, str) else options.captions)
 
 
 @dataclass(frozen=True)
@@ -307,16 +316,19 @@ class _Run:
 
 def _attention_masks(pipe: Any, subject: Subject, recipe: Recipe, latents: Tensor) -> Tensor:
     """Masks from the base model's cross-attention to the (first) supercategory, read in the
-    first caption template with the supercategory in place of the token: every token of the
-    substituted word, and only those (not a repetition of the word elsewhere)."""
-    hidden, (span,) = _super_hidden(pipe, recipe.templates[:1], subject.supercategories[0],
-                                    subject.adjectives)
+    first caption template with the supercategory in place of the token (each image's own
+    caption when the recipe has them): every token of the substituted word, and only those
+    (not a repetition of the word elsewhere)."""
+    own = recipe.captions
+    chosen = [own[k % len(own)] for k in range(latents.shape[0])] if own else \
+        list(recipe.templates[:1])
+    hidden, spans = _super_hidden(pipe, chosen, subject.supercategories[0], subject.adjectives)
     hit = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-    hit[0, span.start:span.stop] = True
+    for row, span in enumerate(spans):
+        hit[row, span.start:span.stop] = True
     generator = torch.Generator().manual_seed(recipe.seed)
-    added = text.added_conditions(pipe, [captions(recipe.templates[0],
-                                                  subject.supercategories[0],
-                                                  subject.adjectives)],
+    added = text.added_conditions(pipe, [captions(t, subject.supercategories[0],
+                                                  subject.adjectives) for t in chosen],
                                   int(latents.shape[-1]) * _vae_scale(pipe))
     return attention_masks(pipe, latents, hidden.detach(), hit, generator, added)
 
@@ -388,7 +400,9 @@ def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor,
         first_id = ids[subject.token] if first_id is None else first_id
         rows.append(extended_embedding(encoder).vectors[str(ids[subject.token])])
     assert first_id is not None
-    i_super = super_encoding(pipe, subject, recipe.templates)
+    if recipe.captions and len(recipe.captions) != len(subject.images):
+        raise TrainingError(f"{len(recipe.captions)} captions for {len(subject.images)} images")
+    i_super = super_encoding(pipe, subject, recipe.caption_templates)
     o_k, o_v = _targets(pipe, i_super, method)
     generator = torch.Generator().manual_seed(recipe.seed)
     return _Run(pipe, subject, recipe, cinv.float(), first_id, rows[0],
@@ -398,15 +412,21 @@ def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor,
 
 def _batch(run: _Run, size: int) -> tuple[Tensor, Tensor | None, list[str], list[str]]:
     """Latents, masks, the captions with the token, and the same captions with the first
-    supercategory in its place (SDXL's pooled text is read from those)."""
+    supercategory in its place (SDXL's pooled text is read from those). Each image is
+    captioned from a random template, or with its own caption when the recipe has them
+    (a mirrored copy, after the originals in `latents`, with its original's)."""
     n = run.latents.shape[0]
     pick = torch.randint(0, n, (size,), generator=run.generator)
-    which = torch.randint(0, len(run.recipe.templates), (size,), generator=run.generator)
+    own, templates = run.recipe.captions, run.recipe.templates
+    if own:
+        chosen = [own[int(k) % len(own)] for k in pick]
+    else:
+        which = torch.randint(0, len(templates), (size,), generator=run.generator)
+        chosen = [templates[int(t)] for t in which]
     subject = run.subject
-    prompts = [rewrite(captions(run.recipe.templates[int(t)], subject.token,
-                                subject.adjectives), [subject.token]) for t in which]
-    supers = [captions(run.recipe.templates[int(t)], subject.supercategories[0],
-                       subject.adjectives) for t in which]
+    prompts = [rewrite(captions(t, subject.token, subject.adjectives), [subject.token])
+               for t in chosen]
+    supers = [captions(t, subject.supercategories[0], subject.adjectives) for t in chosen]
     masks = run.masks[pick] if run.masks is not None else None
     return run.latents[pick], masks, prompts, supers
 

@@ -14,6 +14,7 @@ from ablations import METHODS as ABLATIONS
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from perfusion_dsl.plan import LearnOptions
 from perfusion_runtime.method import artifact, trainer
 from perfusion_runtime.method import noise as forward
 from perfusion_runtime.method.artifact import Concept
@@ -23,6 +24,7 @@ from perfusion_runtime.method.layers import cross_attention_layers
 from perfusion_runtime.method.processor import PerfusionAttnProcessor
 from perfusion_runtime.method.render import apply_concepts
 from perfusion_runtime.method.tiny import tiny_pipeline
+from perfusion_runtime.method.tokens import rewrite
 from perfusion_runtime.method.trainer import (
     NonFiniteLoss,
     Progress,
@@ -487,3 +489,39 @@ def test_attention_mask_marks_only_the_substituted_word(monkeypatch: pytest.Monk
     dog = pipe.tokenizer("dog", add_special_tokens=False).input_ids[0]
     assert masks.shape == (2, 1, 4, 4)
     assert seen[0].nonzero().tolist() == [[0, ids.index(dog)]]
+    # with its own captions, each latent's mask is read in its own caption (the word moves)
+    own = ("a {} in a dog bed", "on the sofa a {}")
+    trainer._attention_masks(pipe, subject, dataclasses.replace(recipe, captions=own), latents)
+    where = [_hidden(pipe, c.replace("{}", "dog"))[1].index(dog) for c in own]
+    assert seen[1].nonzero().tolist() == [[0, where[0]], [1, where[1]]]
+    assert where[0] != where[1]
+
+
+def test_each_image_is_trained_with_its_own_caption(subject: Subject,
+                                                    cinv: tuple[Tensor, str]) -> None:
+    """With `captions` (one per image), every batch row is captioned with its own image's
+    caption (a mirrored copy with its original's), and key locking reads the supercategory
+    in those captions, not in `templates`."""
+    own = ("a {} at the beach", "a {} in the snow", "a {} on the moon")
+    recipe = dataclasses.replace(RECIPE, captions=own, flip=True)
+    pipe = tiny_pipeline(0)
+    run = trainer._prepare(pipe, subject, recipe, cinv[0])
+    count = len(subject.images)
+    assert run.latents.shape[0] == 2 * count  # the originals, then their mirrored copies
+    latents, _, prompts, supers = trainer._batch(run, 24)
+    seen = set()
+    for row, prompt, sup in zip(latents, prompts, supers, strict=True):
+        (k,) = [k for k in range(2 * count) if torch.equal(run.latents[k], row)]
+        caption = own[k % count]
+        assert prompt == rewrite(trainer.captions(caption, subject.token, subject.adjectives),
+                                 [subject.token])
+        assert sup == trainer.captions(caption, subject.supercategories[0], subject.adjectives)
+        seen.add(k)
+    assert len(seen) > count  # originals and mirrored copies were both drawn
+    assert torch.equal(run.i_super, super_encoding(pipe, subject, own))
+    assert not torch.equal(run.i_super, super_encoding(pipe, subject, RECIPE.templates))
+    # the plan's options reach the recipe; a count that is not the images' is refused
+    assert Recipe.from_options(LearnOptions(captions=own)).captions == own
+    assert Recipe.from_options(LearnOptions()).captions == ()
+    with pytest.raises(trainer.TrainingError, match="2 captions for 3 images"):
+        trainer._prepare(pipe, subject, dataclasses.replace(recipe, captions=own[:2]), cinv[0])
