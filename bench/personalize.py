@@ -4,7 +4,7 @@ concepts, beside the base model prompted with words, measured with the world's a
 
     .venv/bin/python bench/personalize.py [--model toy:shapes] [--prompts 8] [--leak 8]
         [--steps 400] [--batch 8] [--lr 0.03] [--embedding-lr 0.006] [--finetune-lr 1e-4]
-        [--strengths 0 0.25 0.5 0.75 1]
+        [--strengths 0 0.25 0.5 0.75 1] [--no-captions]
         [--out docs/benchmarks] [--concepts moon* septa* ...] [--threads 1]
 
 Concepts (SPECS): each is ONE object of the world (an outline at a fixed depth, the middle
@@ -28,8 +28,10 @@ Rows ("methods"), all on the same prompts and seeds:
   `--finetune-lr` (`_finetune.py`: DreamBooth-style, the ceiling for fidelity).
 
 Every training uses the same recipe: the compiler's defaults for toy:shapes (steps, batch,
-templates, seed), without mirrored copies. The prompts put the concept at new positions,
-sizes and backgrounds, in the world's own caption forms. The analyzer scores
+templates, seed), without mirrored copies, and (unless `--no-captions`) each picture with its
+own caption in the world's words (`captions`, as specs/ trains: docs/toy.md#training-captions). The
+prompts put the concept at new positions, sizes and backgrounds, in the world's own caption
+forms. The analyzer scores
 
 - fidelity: `analyze.fidelity(image, training pictures)`;
 - alignment: the share of position, size and background that `analyze.read` (over every
@@ -177,15 +179,28 @@ _GENERATE = defaults_for(GENERATE, "toy:shapes")
 RENDER = {"num_inference_steps": _GENERATE["steps"], "guidance_scale": _GENERATE["guidance"]}
 
 
-def training_images(spec: Spec, folder: Path, count: int = 5) -> tuple[Path, ...]:
+def training_scenes(spec: Spec, count: int = 5) -> list[world.Scene]:
     rng = random.Random(f"train {spec.token}")
+    return [spec.scene(rng) for _ in range(count)]
+
+
+def training_images(spec: Spec, folder: Path, count: int = 5) -> tuple[Path, ...]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for k in range(count):
+    for k, scene in enumerate(training_scenes(spec, count)):
         path = folder / f"{k}.png"
-        world.render(spec.scene(rng)).save(path)
+        world.render(scene).save(path)
         paths.append(path)
     return tuple(paths)
+
+
+def training_captions(spec: Spec, count: int = 5) -> tuple[str, ...]:
+    """Each training picture's own caption, in the world's words with `{}` for the object
+    (size, position, background), as tools/make_example_images.py writes them beside the
+    example pictures for the specs' `captions:`."""
+    words = random.Random(f"captions {spec.token}")
+    return tuple(world.caption(scene, words, subject="{}")
+                 for scene in training_scenes(spec, count))
 
 
 def prompts_for(spec: Spec, n: int) -> list[tuple[world.Scene, str]]:
@@ -270,6 +285,10 @@ def main() -> None:
                         help="the new token's embedding learning rate (all methods)")
     parser.add_argument("--finetune-lr", type=float, default=1e-4,
                         help="the full fine-tune's learning rate for the UNet's parameters")
+    parser.add_argument("--captions", action=argparse.BooleanOptionalAction, default=True,
+                        help="train each picture with its own caption (the `captions` option, "
+                             "as specs/ does); --no-captions: the templates, as before "
+                             "2026-12-04")
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--concepts", nargs="+", default=[s.token for s in SPECS],
                         choices=[s.token for s in SPECS], metavar="TOKEN",
@@ -293,6 +312,7 @@ def main() -> None:
         "steps": args.steps, "batch": args.batch, "lr": args.lr,
         "embedding_lr": args.embedding_lr, "finetune_lr": args.finetune_lr,
         "strengths": args.strengths, "render": RENDER, "templates": list(recipe.templates),
+        "captions": args.captions,
         "threads": args.threads, "headline_strength": headline, "targets": TARGETS,
         "torch": torch.__version__}, "concepts": {}}
     samples: list[tuple[str, list[Image.Image]]] = []
@@ -333,6 +353,9 @@ def _concept(pipe: Any, spec: Spec, args: argparse.Namespace, recipe: Recipe, ci
         f"{row['pictures']:.3f}")
     subject = Subject(token=spec.token, supercategories=(spec.supercategory,),
                       adjectives=(), images=images, base_model=args.model)
+    if args.captions:
+        recipe = dataclasses.replace(recipe, captions=training_captions(spec, len(images)))
+        row["captions"] = list(recipe.captions)
     concepts = {}
     for variant in TRAININGS:
         started = time.perf_counter()

@@ -8,7 +8,10 @@ sizes, positions, backgrounds and rotations, as a user would photograph one thin
 places. All three are held out of the model's training data (docs/toy.md#held-out): the moon's
 outline (a crescent between thin and fat), the badge's and the tile's colour/pattern pairs.
 The badge also gets a loss mask per picture (white where the object is), matched by file
-stem. Deterministic: rerunning rewrites the same bytes.
+stem. Each picture gets its caption beside it (`1.png` ↔ `1.txt`, the specs' `captions:`): the
+world's own caption of the scene with `{}` for the object, so that the words say its size,
+position and background and the concept stands for the object alone (docs/toy.md#training-captions).
+Deterministic: rerunning rewrites the same bytes.
 """
 
 from __future__ import annotations
@@ -51,11 +54,13 @@ def scenes(folder: str, count: int) -> list[world.Scene]:
 
 
 def files() -> dict[str, bytes]:
-    """Relative path -> PNG bytes of every picture and mask."""
+    """Relative path -> bytes of every picture, its caption and its mask."""
     out = {}
     for folder, (_, count) in EXAMPLES.items():
+        words = random.Random(f"captions {folder}")
         for k, scene in enumerate(scenes(folder, count), start=1):
             out[f"{folder}/{k}.png"] = _png(world.render(scene))
+            out[f"{folder}/{k}.txt"] = (world.caption(scene, words, subject="{}") + "\n").encode()
             if folder in MASKED:
                 out[f"{MASKED[folder]}/{k}.png"] = _png(world.object_mask(scene))
     return out
