@@ -33,6 +33,7 @@ from .tokens import (
     add_concepts,
     drop_concept,
     is_extended,
+    placeholder,
     remove_extension,
     rewrite,
 )
@@ -200,22 +201,43 @@ class Applied:
                                      guided, negatives)
             cond, uncond = encoded[0], encoded[1]
             out.update(prompt_embeds=cond, negative_prompt_embeds=uncond)
-            xl = text.is_xl(self.pipe)
-            if not (xl or self.state.needs_super):
-                return out
-            # the prompts with each concept's supercategory in place of its token, once
-            sup = _encode_prompt(self.pipe, [self.supercategory_prompt(p) for p in prompts],
-                                 False, None)
-            if xl:
+            if text.is_xl(self.pipe):
                 # SDXL's pooled text from the supercategory prompt, as in training: the
                 # concept reaches the UNet only through the gated cross-attention, and a
                 # prompt without a concept gets the base model's pooled text
+                sup = _encode_prompt(self.pipe, [self.supercategory_prompt(p) for p in prompts],
+                                     False, None)
                 out.update(pooled_prompt_embeds=sup[2], negative_pooled_prompt_embeds=encoded[3])
             if self.state.needs_super:
-                both = torch.cat([uncond, sup[0]]) if guided else sup[0]
+                keys = self.supercategory_encodings(prompts).to(cond.dtype)
+                both = torch.cat([uncond, keys]) if guided else keys
                 out["cross_attention_kwargs"] = {**(pipe_kwargs.get("cross_attention_kwargs")
                                                     or {}), SUPER_KWARG: both}
         return out
+
+    def supercategory_encodings(self, prompts: Sequence[str]) -> Tensor:
+        """What global key locking reads its keys from [B, 77, D]: the prompts encoded with
+        each concept's (first) supercategory in place of its token, position by position in
+        line with the prompts' own encodings (`text.splice`): a supercategory of several
+        tokens ("teddy bear") is read at its last, and the words after it where they sit in
+        the prompt."""
+        texts = [rewrite(p, self.concepts) for p in prompts]
+        spliced, takes = [], None
+        for tokenizer, _ in text.pairs(self.pipe):
+            words = {int(tokenizer.convert_tokens_to_ids(placeholder(token))):
+                     text.word_ids(tokenizer, concept.supercategories[0])
+                     for token, concept in self.concepts.items()}
+            rows = [text.splice(row.tolist(), words, int(tokenizer.eos_token_id))
+                    for row in text.tokenize(tokenizer, texts)]
+            spliced.append(torch.tensor([ids for ids, _ in rows]))
+            found = [take for _, take in rows]
+            if takes is not None and found != takes:
+                raise RuntimeError("the text encoders' tokenizers split the supercategory "
+                                   "prompts differently")
+            takes = found
+        hidden = text.encode_ids(self.pipe, spliced)
+        index = torch.tensor(takes, device=hidden.device)[..., None]
+        return torch.gather(hidden, 1, index.expand(-1, -1, hidden.shape[-1]))
 
 
 def _encode_prompt(pipe: Any, prompts: list[str], guided: bool,

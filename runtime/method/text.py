@@ -10,7 +10,7 @@ space (docs/runtime.md, "SDXL")."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,6 +56,39 @@ def prompt_lengths(tokenizer: Any, ids: Tensor) -> Tensor:
     positions the edit touches")."""
     end = (ids == int(tokenizer.eos_token_id)).int()  # [B, T]; tokenize always ends with one
     return end.argmax(dim=1) + 1  # the first end-of-text token, counted
+
+
+def word_ids(tokenizer: Any, words: str) -> list[int]:
+    """The ids of `words` alone, without start or end-of-text tokens."""
+    return [int(i) for i in tokenizer(words, add_special_tokens=False).input_ids]
+
+
+def splice(ids: Sequence[int], words: Mapping[int, Sequence[int]], eos: int
+           ) -> tuple[list[int], list[int]]:
+    """A prompt's ids ([start, ..., end of text, padding], from `tokenize`) with each concept
+    placeholder (a key of `words`) replaced by its supercategory's ids, cut back to the same
+    length with the end of text kept; and, for each position of the prompt, the position of
+    the result that stands for it. A placeholder stands for its supercategory's last token
+    (the only one of a causal encoder that has seen the whole phrase, as training's i_super
+    is read), every other token for itself, moved by the tokens spliced in before it. With
+    that map, a key read from the supercategory prompt sits at the position of the value it
+    goes with, however many tokens the supercategory has (docs/runtime.md, "Global key
+    locking")."""
+    length = len(ids)
+    end = list(ids).index(eos, 1)
+    body: list[int] = []
+    stands = []  # where each word of the prompt ends up, counting the start token
+    for token in ids[1:end]:
+        body += words.get(token, [token])
+        stands.append(len(body))
+    body = body[:length - 2]  # room for the start and end-of-text tokens
+    eos_at = 1 + len(body)
+    tail = list(ids[end:])  # the end of text and the padding after it
+    spliced = [ids[0], *body, *tail][:length]
+    # a word cut off by the longer text stands for the end of text (it has seen all there is)
+    take = [0, *(min(t, eos_at) for t in stands),
+            *(min(eos_at + k, length - 1) for k in range(len(tail)))]
+    return spliced, take
 
 
 def hidden_of(pipe: Any, encoder: Any, ids: Tensor) -> Tensor:

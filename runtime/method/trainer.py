@@ -148,10 +148,6 @@ def encode(pipe: Any, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
     return text.encode(pipe, prompts)
 
 
-def _word_ids(tokenizer: Any, words: str) -> list[int]:
-    return [int(i) for i in tokenizer(words, add_special_tokens=False).input_ids]
-
-
 def super_caption(tokenizer: Any, template: str, sup: str, adjectives: Sequence[str]
                   ) -> tuple[Tensor, range]:
     """Token ids [T] of `template` with the supercategory (after the adjectives) in place of
@@ -164,9 +160,9 @@ def super_caption(tokenizer: Any, template: str, sup: str, adjectives: Sequence[
     neighbours); where `{}` sits between spaces or punctuation it equals the tokenizer's
     result (`test_super_caption_equals_the_tokenizer_on_word_boundaries`)."""
     before, _, after = template.partition("{}")
-    head = _word_ids(tokenizer, before) + _word_ids(tokenizer, ", ".join(adjectives))
-    word = _word_ids(tokenizer, sup)
-    tail = _word_ids(tokenizer, after.replace("{}", phrase(sup, adjectives)))
+    head = text.word_ids(tokenizer, before) + text.word_ids(tokenizer, ", ".join(adjectives))
+    word = text.word_ids(tokenizer, sup)
+    tail = text.word_ids(tokenizer, after.replace("{}", phrase(sup, adjectives)))
     room = int(tokenizer.model_max_length) - 2  # BOS and EOS
     if not word or len(head) + len(word) > room:
         raise TrainingError(f"the supercategory {sup!r} does not fit in the text encoder's "
@@ -214,7 +210,7 @@ def initial_embedding(pipe: Any, subject: Subject) -> Tensor:
     starts = []
     for tokenizer, encoder in text.pairs(pipe):
         base = extended_embedding(encoder).base
-        ids = torch.tensor(_word_ids(tokenizer, subject.supercategories[0]),
+        ids = torch.tensor(text.word_ids(tokenizer, subject.supercategories[0]),
                            device=base.weight.device)
         starts.append(base(ids).float().mean(0))
     return torch.cat(starts)

@@ -21,6 +21,7 @@ from perfusion_runtime.method.fingerprint import base_fingerprint
 from perfusion_runtime.method.processor import SUPER_KWARG
 from perfusion_runtime.method.render import Applied, apply_concepts
 from perfusion_runtime.method.tiny import tiny_pipeline
+from perfusion_runtime.method.tokens import placeholder, rewrite
 from perfusion_runtime.method.trainer import Recipe, Subject, train
 
 RECIPE = Recipe(steps=8, batch=2, seed=0, templates=("a photo of a {}", "a close-up of a {}"))
@@ -203,9 +204,7 @@ def test_global_locking_renders_through_the_supercategory_prompt(
         for processor in applied.installed.processors.values():
             spy_key_value(processor, seen, monkeypatch)
         glob = applied(prompts, seed=[0, 1], **RENDER)
-        supers = [applied.pipe.encode_prompt(  # by keyword: SDXL's takes a second prompt
-            prompt=[applied.supercategory_prompt(p)], device="cpu", num_images_per_prompt=1,
-            do_classifier_free_guidance=False)[0] for p in prompts]
+        supers = [in_line(applied, p) for p in prompts]
     assert applied.supercategory_prompt(prompts[1]) == "teddy bear on a beach"
     assert len(built) == len(prompts)  # one pipeline call per image on the CPU (M4)
     for kwargs, expected in zip(built, supers, strict=True):
@@ -218,6 +217,23 @@ def test_global_locking_renders_through_the_supercategory_prompt(
     for a, b in zip(local, glob, strict=True):
         assert np.isfinite(b).all()
         assert not np.array_equal(a, b)
+
+
+def in_line(applied: Applied, prompt: str) -> Tensor:
+    """The supercategory prompt's encodings (the pipeline's own encoding of its text) moved
+    into line with `prompt`'s positions: the concept's position holds the supercategory's
+    last token, every later one the token that many places on."""
+    tokenizer = applied.pipe.tokenizer
+    sup_tokens = len(tokenizer("teddy bear", add_special_tokens=False).input_ids)
+    assert sup_tokens >= 2  # so that the words after it do move
+    ids = tokenizer(rewrite(prompt, ["teddy*"])).input_ids
+    at = ids.index(tokenizer.convert_tokens_to_ids(placeholder("teddy*")))
+    length = tokenizer.model_max_length
+    index = [k if k < at else min(k + sup_tokens - 1, length - 1) for k in range(length)]
+    encoded: Tensor = applied.pipe.encode_prompt(  # by keyword: SDXL's takes a second prompt
+        prompt=[applied.supercategory_prompt(prompt)], device="cpu", num_images_per_prompt=1,
+        do_classifier_free_guidance=False)[0]
+    return encoded[:, index]
 
 
 def spy_embeddings(applied: Applied, built: list[dict[str, Any]],

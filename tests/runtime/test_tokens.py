@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from perfusion_runtime.method import text
 from perfusion_runtime.method.tokens import (
     ExtendedEmbedding,
     add_concepts,
@@ -83,3 +86,43 @@ def test_base_vocabulary_ids_are_refused(parts: tuple[CLIPTokenizer, CLIPTextMod
     emb = ExtendedEmbedding(encoder.get_input_embeddings())
     with pytest.raises(ValueError, match="base vocabulary"):
         emb.set_vector(5, torch.zeros(32))
+
+
+# text.splice: the supercategory prompt in line with the prompt (global key locking).
+START, EOS, PAD = 1, 2, 0
+
+
+def test_splice_reads_a_phrase_at_its_last_token_and_moves_the_words_after_it() -> None:
+    ids = [START, 10, 99, 11, 12, EOS, PAD, PAD, PAD, PAD]  # 99: a concept's placeholder
+    spliced, take = text.splice(ids, {99: [20, 21, 22]}, EOS)
+    assert spliced == [START, 10, 20, 21, 22, 11, 12, EOS, PAD, PAD]
+    assert take == [0, 1, 4, 5, 6, 7, 8, 9, 9, 9]
+
+
+def test_splice_keeps_the_end_of_text_when_the_phrase_overflows() -> None:
+    ids = [START, 10, 99, 11, 12, EOS, PAD]
+    spliced, take = text.splice(ids, {99: [20, 21, 22]}, EOS)
+    assert spliced == [START, 10, 20, 21, 22, 11, EOS]  # 12 and the padding fall off
+    assert take == [0, 1, 4, 5, 6, 6, 6]  # 12, cut off, stands for the end of text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(10, 14), max_size=12), st.integers(12, 24),
+       st.lists(st.integers(20, 30), min_size=1, max_size=4),
+       st.lists(st.integers(20, 30), min_size=1, max_size=4))
+def test_splice_puts_every_kept_token_where_its_position_reads(
+        words: list[int], length: int, first: list[int], second: list[int]) -> None:
+    body = [w + (87 if w == 12 else 0) + (89 if w == 13 else 0) for w in words]  # 99, 102
+    body = body[:length - 2]
+    ids = [START, *body, EOS] + [PAD] * (length - 2 - len(body))
+    phrases = {99: first, 102: second}
+    spliced, take = text.splice(ids, phrases, EOS)
+    assert len(spliced) == len(take) == length
+    assert spliced[0] == START and EOS in spliced
+    assert take == sorted(take)
+    end = spliced.index(EOS)
+    for k, token in enumerate(ids[:ids.index(EOS)]):
+        if take[k] == end and k > 0:
+            continue  # cut off by the longer text: it reads the end of text
+        assert spliced[take[k]] == (phrases[token][-1] if token in phrases else token)
+    assert take[ids.index(EOS)] == end
