@@ -222,14 +222,18 @@ def test_global_locking_renders_through_the_supercategory_prompt(
 def in_line(applied: Applied, prompt: str) -> Tensor:
     """The supercategory prompt's encodings (the pipeline's own encoding of its text) moved
     into line with `prompt`'s positions: the concept's position holds the supercategory's
-    last token, every later one the token that many places on."""
+    last token, every later word and the end of text the token that many places on, and the
+    padding its own position (the end of text where the longer text still has words)."""
     tokenizer = applied.pipe.tokenizer
     sup_tokens = len(tokenizer("teddy bear", add_special_tokens=False).input_ids)
     assert sup_tokens >= 2  # so that the words after it do move
     ids = tokenizer(rewrite(prompt, ["teddy*"])).input_ids
     at = ids.index(tokenizer.convert_tokens_to_ids(placeholder("teddy*")))
+    end = ids.index(tokenizer.eos_token_id)
     length = tokenizer.model_max_length
-    index = [k if k < at else min(k + sup_tokens - 1, length - 1) for k in range(length)]
+    moved = end + sup_tokens - 1  # where the supercategory prompt's end of text is
+    index = [k if k < at else k + sup_tokens - 1 if k <= end else max(k, moved)
+             for k in range(length)]
     encoded: Tensor = applied.pipe.encode_prompt(  # by keyword: SDXL's takes a second prompt
         prompt=[applied.supercategory_prompt(prompt)], device="cpu", num_images_per_prompt=1,
         do_classifier_free_guidance=False)[0]

@@ -96,7 +96,9 @@ def test_splice_reads_a_phrase_at_its_last_token_and_moves_the_words_after_it() 
     ids = [START, 10, 99, 11, 12, EOS, PAD, PAD, PAD, PAD]  # 99: a concept's placeholder
     spliced, take = text.splice(ids, {99: [20, 21, 22]}, EOS)
     assert spliced == [START, 10, 20, 21, 22, 11, 12, EOS, PAD, PAD]
-    assert take == [0, 1, 4, 5, 6, 7, 8, 9, 9, 9]
+    # the words and the end of text move two places on; the padding stays where it is,
+    # reading the end of text where the longer text still holds words
+    assert take == [0, 1, 4, 5, 6, 7, 7, 7, 8, 9]
 
 
 def test_splice_keeps_the_end_of_text_when_the_phrase_overflows() -> None:
@@ -126,3 +128,5 @@ def test_splice_puts_every_kept_token_where_its_position_reads(
             continue  # cut off by the longer text: it reads the end of text
         assert spliced[take[k]] == (phrases[token][-1] if token in phrases else token)
     assert take[ids.index(EOS)] == end
+    for k in range(ids.index(EOS) + 1, length):  # padding: its own position, or the end
+        assert take[k] == max(k, end) and spliced[take[k]] in (EOS, PAD)
