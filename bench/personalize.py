@@ -9,7 +9,9 @@ concepts, beside the base model prompted with words, measured with the world's a
 
 Concepts (SPECS): each is ONE object of the world (an outline at a fixed depth, the middle
 of its range; colours; a pattern), learned from 5 renders of it at random sizes, positions,
-backgrounds and rotations, with a supercategory from the world's vocabulary. All but the
+backgrounds and rotations. Its supercategory is its nearest description in the world's
+words that ends in an outline noun: colours and pattern too ("orange crescent", "purple and
+yellow striped diamond"; docs/benchmarks.md, "Supercategories"). All but the
 control are held out of the model's training data: an outline the model never saw
 (`world.UNSEEN_FORMS`), a colour/pattern combination it never saw
 (`world.UNSEEN_COMBINATIONS`), or both.
@@ -20,7 +22,7 @@ Rows ("methods"), all on the same prompts and seeds:
   vocabulary; each Spec lists candidate phrasings (the object's exact words, neighbouring
   outlines, fewer words) and the best one by mean fidelity (then alignment) is reported, so
   the baseline is as strong as words allow; which phrasing won is recorded;
-- base model, supercategory word: the token replaced by its supercategory;
+- base model, supercategory word: the token replaced by its supercategory (a phrase);
 - Perfusion, local lock / global lock: one training (locked keys), rendered both ways;
 - Perfusion, trained keys: o*_K optimised too (the paper's unlocked ablation);
 - textual inversion: the embedding only;
@@ -129,27 +131,27 @@ class Spec:
 
 
 SPECS = (
-    Spec("moon*", world.Form("crescent", facing="right"), "orange", "crescent",
+    Spec("moon*", world.Form("crescent", facing="right"), "orange", "orange crescent",
          ("orange crescent opening right", "orange thin crescent opening right",
           "orange fat crescent opening right"),
          note="a crescent between thin and fat: the concept of specs/moon.concept"),
-    Spec("septa*", world.Form("star", points=7), "pink", "star",
+    Spec("septa*", world.Form("star", points=7), "pink", "pink star",
          ("pink seven pointed star", "pink six pointed star", "pink eight pointed star",
           "pink star"),
          note="a seven pointed star: the model saw four, five, six and eight points"),
-    Spec("duo*", world.Form("diamond"), "purple", "diamond",
+    Spec("duo*", world.Form("diamond"), "purple", "purple and yellow striped diamond",
          ("purple and yellow striped diamond", "yellow and purple striped diamond",
           "purple diamond"), "striped", "yellow",
          note="purple with yellow stripes: the concept of specs/badge.concept"),
-    Spec("spot*", world.Form("square"), "cyan", "square",
+    Spec("spot*", world.Form("square"), "cyan", "cyan and red dotted square",
          ("cyan and red dotted square", "cyan and red striped square", "cyan square"),
          "dotted", "red", note="cyan with red dots: the concept of specs/tile.concept"),
-    Spec("pod*", world.Form("crescent", facing="up"), "green", "crescent",
+    Spec("pod*", world.Form("crescent", facing="up"), "green", "green and pink dotted crescent",
          ("green and pink dotted crescent opening up",
           "green and pink dotted fat crescent opening up",
           "green and pink dotted thin crescent opening up", "green crescent opening up"),
          "dotted", "pink", note="an unseen outline with unseen colours"),
-    Spec("hoop*", world.Form("ring", build="fat"), "blue", "ring",
+    Spec("hoop*", world.Form("ring", build="fat"), "blue", "blue ring",
          ("blue fat ring", "blue ring"), note="a seen object, the control"),
 )
 TRAININGS = ("perfusion", "trained_keys", "embedding_only")
@@ -373,11 +375,13 @@ def _concept(pipe: Any, spec: Spec, args: argparse.Namespace, recipe: Recipe, ci
     phrasings: dict[str, dict[str, float]] = {}
     shown_by: dict[str, list[Image.Image]] = {}
     with apply_concepts(pipe, [], cinv=cinv) as plain:
-        for words in (*spec.words, spec.supercategory):
+        for words in dict.fromkeys((*spec.words, spec.supercategory)):
             shown_by[words] = _render(plain, [p.replace(spec.token, words) for p in prompts],
                                       seeds, headline, "local")
             phrasings[words] = _score(shown_by[words], scenes, refs)
-    row["methods"][BASELINE] = {"none": phrasings.pop(spec.supercategory)}
+    row["methods"][BASELINE] = {"none": phrasings[spec.supercategory]}
+    if spec.supercategory not in spec.words:  # a phrasing too ("blue ring"): it competes
+        del phrasings[spec.supercategory]
     best = max(spec.words, key=lambda w: (phrasings[w]["fidelity"], phrasings[w]["alignment"]))
     row["phrasings"], row["nearest_words"] = phrasings, best
     row["methods"][NEAREST] = {"none": phrasings[best]}
