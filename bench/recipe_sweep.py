@@ -1,12 +1,12 @@
 """Training recipes side by side on `toy:shapes`: how many steps and images a concept needs.
 
-    .venv/bin/python bench/recipe_sweep.py [--recipes 400x8 400x4 200x8 300x8c] [--seeds 1]
-        [--prompts 6] [--render-steps 15] [--threads 2] [--json PATH]
+    .venv/bin/python bench/recipe_sweep.py [--recipes 400x8 400x4 200x8 300x8c 300x8cm]
+        [--seeds 1] [--prompts 6] [--render-steps 15] [--threads 2] [--json PATH]
 
 Each held-out concept of `personalize.py` (those of `specs/` among them) is trained with each
-recipe (STEPS x BATCH, with a trailing `c` each picture with its own caption, as
-`personalize.training_captions` writes them; the rest the compiler's defaults for
-toy:shapes, no mirrored copies)
+recipe (STEPS x BATCH, then letters: `c` each picture with its own caption, as
+`personalize.training_captions` writes them; `m` loss masks from the base model's attention,
+`mask: attention`; the rest the compiler's defaults for toy:shapes, no mirrored copies)
 and each training seed, then rendered at strength 0.5 for `--prompts` prompts naming it
 (`personalize.prompts_for`). Per recipe: the training seconds, fidelity, alignment and looks
 (colour, pattern and second colour read back right), as `edit_positions.py` scores them.
@@ -53,7 +53,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     cinv, cinv_print = cinv_for(pipe, args.work / "cache", default_captions("toy:shapes"))
     base_print = base_fingerprint(pipe)  # training leaves the base weights as they were
-    recipes = {name: tuple(int(x) for x in name.rstrip("c").split("x")) for name in args.recipes}
+    recipes = {name: tuple(int(x) for x in name.rstrip("cm").split("x")) for name in args.recipes}
     rows: dict[str, dict[str, list[float]]] = {
         name: {"seconds": [], "fidelity": [], "alignment": [], "looks": []} for name in recipes}
     for spec in personalize.SPECS:
@@ -64,11 +64,12 @@ def main() -> None:
                           base_model="toy:shapes")
         for seed in range(args.seeds):
             for name, (steps, batch) in recipes.items():
+                letters = name[len(name.rstrip("cm")):]
                 captions = personalize.training_captions(spec, len(pictures)) \
-                    if name.endswith("c") else ()
+                    if "c" in letters else ()
                 recipe = Recipe(steps=steps, batch=batch, seed=seed, flip=False,
                                 templates=tuple(personalize.LEARN_DEFAULTS["templates"]),
-                                captions=captions)
+                                captions=captions, mask="attention" if "m" in letters else "none")
                 started = time.perf_counter()
                 concept = train(pipe, subject, recipe, cinv, cinv_fingerprint=cinv_print,
                                 base_fingerprint=base_print)

@@ -11,6 +11,12 @@ from typing import Any
 # positions the edit touches"), so every concept trained before is stale.
 KEY_FORMAT = 2
 
+# How `mask: attention` cuts its masks enters the key as "attention:<rule>", so that only the
+# concepts it trained are rebuilt when it changes. 2 (2026-12-04): half-way from each image's
+# least attention to its most; rule 1 (30 % of the peak, keyed "attention") kept whole images
+# on toy:shapes (docs/runtime.md, "Training").
+ATTENTION_MASK_RULE = 2
+
 
 def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,

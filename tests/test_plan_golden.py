@@ -293,6 +293,21 @@ def test_R3_mask_image_bytes_change_the_key(tmp_path: Path) -> None:
     assert first == again != other
 
 
+def test_R3_attention_masks_of_the_earlier_rule_are_stale(tmp_path: Path) -> None:
+    # the key as it was computed before the attention-mask rule entered it ("attention")
+    from perfusion_dsl.keys import KEY_FORMAT, digest
+    plan = plan_of(build(tmp_path, {"a.concept": in_block("mask: attention")}))
+    concept = next(c for c in plan.concepts if c.token == "teddy*")
+    options = {k: list(v) if isinstance(v, tuple) else v
+               for k, v in concept.options.model_dump().items() if k not in ("mask", "captions")}
+    earlier = {"format": KEY_FORMAT, "token": "teddy*", "model": concept.model,
+               "supercategories": list(concept.supercategories),
+               "adjectives": list(concept.adjectives), "images": list(concept.image_sha256),
+               "mask": "attention", "options": options}
+    assert concept.key != digest(earlier)
+    assert concept.key == digest({**earlier, "mask": "attention:2"})
+
+
 def test_R3_touching_an_image_keeps_the_key(base_key: str, tmp_path: Path) -> None:
     folder = build(tmp_path, {})
     later = os.stat(folder / "photos/1.png").st_mtime + 3600

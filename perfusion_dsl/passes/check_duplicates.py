@@ -6,6 +6,7 @@ from typing import Any
 
 from perfusion_dsl.context import ConceptDecl, Context
 from perfusion_dsl.diagnostics import Label, error
+from perfusion_dsl.keys import ATTENTION_MASK_RULE
 
 
 def concept_inputs(ctx: Context, decl: ConceptDecl) -> dict[str, Any]:
@@ -29,10 +30,15 @@ def concept_inputs(ctx: Context, decl: ConceptDecl) -> dict[str, Any]:
         "adjectives": [i.value for i in learn.adjectives.items] if learn.adjectives else [],
         "images": [i.digest for i in ctx.images.get(where, ())],
         "mask": [m.digest for m in masks] if masks is not None
-        else ctx.options.get(where, {}).get("mask", "none"),
+        else _mask_rule(ctx.options.get(where, {}).get("mask", "none")),
         **({"captions": list(captions)} if captions is not None else {}),
         "options": options,
     }
+
+
+def _mask_rule(mask: str) -> str:
+    """`attention` with the rule that cuts its masks (`keys.ATTENTION_MASK_RULE`)."""
+    return f"attention:{ATTENTION_MASK_RULE}" if mask == "attention" else mask
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -21,7 +21,7 @@ from . import checkpoint as checkpoints
 from . import noise as noise_schedule
 from . import text
 from .artifact import Concept, locked_key_targets
-from .attention_mask import attention_masks
+from .attention_mask import attention_maps, binarise
 from .device import Precision
 from .images import load_images, load_masks
 from .key_locking import make_basis
@@ -310,8 +310,8 @@ class _Run:
         return [self.embedding] + ([self.embedding_2] if self.embedding_2 is not None else [])
 
 
-def _attention_masks(pipe: Any, subject: Subject, recipe: Recipe, latents: Tensor) -> Tensor:
-    """Masks from the base model's cross-attention to the (first) supercategory, read in the
+def attention_maps_for(pipe: Any, subject: Subject, recipe: Recipe, latents: Tensor) -> Tensor:
+    """[N, h, w] maps of the base model's cross-attention to the (first) supercategory, read in the
     first caption template with the supercategory in place of the token (each image's own
     caption when the recipe has them): every token of the substituted word, and only those
     (not a repetition of the word elsewhere)."""
@@ -326,7 +326,7 @@ def _attention_masks(pipe: Any, subject: Subject, recipe: Recipe, latents: Tenso
     added = text.added_conditions(pipe, [captions(t, subject.supercategories[0],
                                                   subject.adjectives) for t in chosen],
                                   int(latents.shape[-1]) * _vae_scale(pipe))
-    return attention_masks(pipe, latents, hidden.detach(), hit, generator, added)
+    return attention_maps(pipe, latents, hidden.detach(), hit, generator, added)
 
 
 def _targets(pipe: Any, i_super: Tensor, method: Method
@@ -386,7 +386,7 @@ def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor,
     if subject.masks is not None:
         masks = load_masks(subject.masks, latents.shape[-1], recipe.flip, subject.mask_sha256)
     elif recipe.mask == "attention":
-        masks = _attention_masks(pipe, subject, recipe, latents)
+        masks = binarise(attention_maps_for(pipe, subject, recipe, latents))  # `mask: attention`
     start = initial_embedding(pipe, subject)
     rows: list[nn.Parameter] = []
     first_id = None

@@ -4,27 +4,37 @@ from __future__ import annotations
 
 import torch
 
-from perfusion_runtime.method.attention_mask import THRESHOLD, _binarise, _to_grid, attention_masks
+from perfusion_runtime.method.attention_mask import THRESHOLD, _to_grid, attention_masks, binarise
 from perfusion_runtime.method.layers import cross_attention_layers
 from perfusion_runtime.method.tiny import tiny_pipeline
 from perfusion_runtime.method.tokens import positions
 from perfusion_runtime.method.trainer import captions, encode
 
 
-def test_binarise_is_per_image_not_per_row() -> None:
+def testbinarise_is_per_image_not_per_row() -> None:
     grid = torch.zeros(2, 4, 4)
     grid[0, 0, 0] = 10.0  # image 0: one hot spot
-    grid[0, 3, :] = 2.0  # a whole row at 20 % of image 0's peak: below the threshold
+    grid[0, 3, :] = 2.0  # a whole row at 20 % of the way to image 0's peak: below it
     grid[1] = 1.0  # image 1: flat
-    mask = _binarise(grid)
+    mask = binarise(grid)
     assert mask.shape == (2, 1, 4, 4)
     assert mask[0, 0].sum() == 1 and mask[0, 0, 0, 0] == 1  # row 3 is not its own max
     assert mask[1].sum() == 16
     assert THRESHOLD > 0.2  # the row above really is below the threshold
 
 
-def test_binarise_falls_back_to_whole_image_without_signal() -> None:
-    assert torch.equal(_binarise(torch.zeros(1, 3, 3)), torch.ones(1, 1, 3, 3))
+def testbinarise_reads_attention_above_its_floor() -> None:
+    # attention to a word never falls to 0: a background at 60 % of the peak (as on
+    # toy:shapes) must stay out of the mask, which a share of the peak alone would keep
+    grid = torch.full((1, 4, 4), 0.6)
+    grid[0, 1:3, 1:3] = 1.0  # the object
+    grid[0, 0, 0] = 0.75  # a little above the floor, well below the object
+    mask = binarise(grid)
+    assert mask[0, 0, 1:3, 1:3].all() and mask.sum() == 4
+
+
+def testbinarise_falls_back_to_whole_image_without_signal() -> None:
+    assert torch.equal(binarise(torch.zeros(1, 3, 3)), torch.ones(1, 1, 3, 3))
 
 
 def test_to_grid_averages_layers_at_latent_size() -> None:

@@ -472,7 +472,7 @@ def test_attention_mask_marks_only_the_substituted_word(monkeypatch: pytest.Monk
     position holding the word's ids."""
     pipe = tiny_pipeline(0)
     seen: list[Tensor] = []
-    real = trainer.attention_masks
+    real = trainer.attention_maps
 
     def spy(pipe: Any, latents: Tensor, hidden: Tensor, hit: Tensor, generator: Any,
             added: Any = None) -> Tensor:
@@ -480,18 +480,18 @@ def test_attention_mask_marks_only_the_substituted_word(monkeypatch: pytest.Monk
         result: Tensor = real(pipe, latents, hidden, hit, generator, added)
         return result
 
-    monkeypatch.setattr(trainer, "attention_masks", spy)
+    monkeypatch.setattr(trainer, "attention_maps", spy)
     subject = Subject("rex*", ("dog",), (), ())
     recipe = Recipe(templates=("a photo of a {} in a dog bed",), mask="attention")
     latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
-    masks = trainer._attention_masks(pipe, subject, recipe, latents)
+    maps = trainer.attention_maps_for(pipe, subject, recipe, latents)
     _, ids = _hidden(pipe, "a photo of a dog in a dog bed")
     dog = pipe.tokenizer("dog", add_special_tokens=False).input_ids[0]
-    assert masks.shape == (2, 1, 4, 4)
+    assert maps.shape == (2, 4, 4)
     assert seen[0].nonzero().tolist() == [[0, ids.index(dog)]]
     # with its own captions, each latent's mask is read in its own caption (the word moves)
     own = ("a {} in a dog bed", "on the sofa a {}")
-    trainer._attention_masks(pipe, subject, dataclasses.replace(recipe, captions=own), latents)
+    trainer.attention_maps_for(pipe, subject, dataclasses.replace(recipe, captions=own), latents)
     where = [_hidden(pipe, c.replace("{}", "dog"))[1].index(dog) for c in own]
     assert seen[1].nonzero().tolist() == [[0, where[0]], [1, where[1]]]
     assert where[0] != where[1]
