@@ -29,6 +29,7 @@ from regen_goldens import (
 
 from perfusion_dsl.compiler import compile_paths
 from perfusion_dsl.diagnostics import render_all
+from perfusion_dsl.keys import KEY_FORMAT, digest
 from perfusion_dsl.nodes import Bare
 from perfusion_dsl.options import GENERATE, GENERATE_DEFAULTS, LEARN, SCHEMA, Invalid
 from perfusion_dsl.plan import LearnOptions, Plan, RenderOptions
@@ -295,7 +296,6 @@ def test_R3_mask_image_bytes_change_the_key(tmp_path: Path) -> None:
 
 def test_R3_attention_masks_of_the_earlier_rule_are_stale(tmp_path: Path) -> None:
     # the key as it was computed before the attention-mask rule entered it ("attention")
-    from perfusion_dsl.keys import KEY_FORMAT, digest
     plan = plan_of(build(tmp_path, {"a.concept": in_block("mask: attention")}))
     concept = next(c for c in plan.concepts if c.token == "teddy*")
     options = {k: list(v) if isinstance(v, tuple) else v

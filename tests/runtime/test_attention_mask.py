@@ -11,7 +11,7 @@ from perfusion_runtime.method.tokens import positions
 from perfusion_runtime.method.trainer import captions, encode
 
 
-def testbinarise_is_per_image_not_per_row() -> None:
+def test_binarise_is_per_image_not_per_row() -> None:
     grid = torch.zeros(2, 4, 4)
     grid[0, 0, 0] = 10.0  # image 0: one hot spot
     grid[0, 3, :] = 2.0  # a whole row at 20 % of the way to image 0's peak: below it
@@ -23,7 +23,7 @@ def testbinarise_is_per_image_not_per_row() -> None:
     assert THRESHOLD > 0.2  # the row above really is below the threshold
 
 
-def testbinarise_reads_attention_above_its_floor() -> None:
+def test_binarise_reads_attention_above_its_floor() -> None:
     # attention to a word never falls to 0: a background at 60 % of the peak (as on
     # toy:shapes) must stay out of the mask, which a share of the peak alone would keep
     grid = torch.full((1, 4, 4), 0.6)
@@ -33,7 +33,7 @@ def testbinarise_reads_attention_above_its_floor() -> None:
     assert mask[0, 0, 1:3, 1:3].all() and mask.sum() == 4
 
 
-def testbinarise_falls_back_to_whole_image_without_signal() -> None:
+def test_binarise_falls_back_to_whole_image_without_signal() -> None:
     assert torch.equal(binarise(torch.zeros(1, 3, 3)), torch.ones(1, 1, 3, 3))
 
 
