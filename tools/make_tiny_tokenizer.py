@@ -53,6 +53,7 @@ sunrise light shadow water fire ice rock stone wood metal glass plastic paper cl
 mug cup bottle vase bowl plate glasses hat shoe shoes bag backpack box book clock phone
 computer camera ball guitar teapot pot candle backpack jacket shirt dress sunglasses robot
 red blue green yellow orange purple pink brown black white gray grey gold golden silver dark
+beige cyan medium
 bright colorful colourful pale light shiny wooden metallic
 big small large tiny little huge old new young cute happy sad funny beautiful pretty ugly
 clean dirty wet dry hot cold soft hard round square flat tall short long wide thin thick
