@@ -1,7 +1,9 @@
-"""Trains the built-in `toy:shapes` Stable Diffusion from scratch on the toy world (CPU).
+"""Trains the built-in `toy:shapes` Stable Diffusion from scratch on the toy world.
 
     .venv/bin/python tools/train_toy_model.py                 # toy:shapes (docs/toy.md#model)
     .venv/bin/python tools/train_toy_model.py --quick --out /tmp/toy --state /tmp/toy.state
+    python tools/train_toy_model.py --device cuda --workers 14 --minutes 9 ...  # on a GPU
+                                                 # (docs/toy.md#training-on-a-gpu)
 
 The run can be stopped at any time and the same command resumes it: the VAE phase (every
 --save-every / 4 steps), the latents and, every --save-every steps, the UNet phase
@@ -124,17 +126,26 @@ def make_denoiser(tokenizer: Any, args: argparse.Namespace
         block_out_channels=channels, cross_attention_dim=TEXT_WIDTH, attention_head_dim=8,
         norm_num_groups=16, down_block_types=("CrossAttnDownBlock2D",) * len(channels),
         up_block_types=("CrossAttnUpBlock2D",) * len(channels))
-    return text, unet.to(memory_format=torch.channels_last)
+    return text, unet
 
 
-def dataset(n: int, seed: int) -> tuple[torch.Tensor, list[int]]:
-    """n images [n, 3, 64, 64] in [-1, 1] and their scene seeds (captions are re-drawn)."""
+def _render(seed: int) -> np.ndarray:
+    return np.asarray(training_example(seed)[0])
+
+
+def dataset(n: int, seed: int, pool: Any = None) -> tuple[torch.Tensor, list[int]]:
+    """n images [n, 3, 64, 64] as bytes (`as_pixels` maps them to [-1, 1]) and their scene
+    seeds (captions are re-drawn); rendered by `pool`'s workers when there is one."""
     seeds = [seed * 1_000_003 + i for i in range(n)]
     if seeds[-1] >= HELD_OUT_OFFSET:
         raise SystemExit(f"--seed {seed} with --images {n} reaches the held-out scenes")
-    arrays = np.stack([np.asarray(training_example(s)[0]) for s in seeds])
-    pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return pixels, seeds
+    arrays = np.stack(pool.map(_render, seeds, chunksize=256) if pool else map(_render, seeds))
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous(), seeds
+
+
+def as_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Bytes [n, 3, 64, 64] → floats in [-1, 1], channels-last (faster on CPU)."""
+    return (images.float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
 
 
 def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, args: argparse.Namespace,
@@ -162,7 +173,7 @@ def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, args: argparse.Namespace
         for group in opt.param_groups:
             group["lr"] = vae_lr(step, args)
         idx = torch.randint(0, len(pixels), (batch,), generator=gen)
-        x = pixels[idx].contiguous(memory_format=torch.channels_last)
+        x = as_pixels(pixels[idx.to(pixels.device)])
         posterior = vae.encode(x).latent_dist
         # decoded from the mean: sampling with the initial unit variance drowns the colours,
         # and the UNet is trained on the means anyway; the KL term only keeps them bounded
@@ -213,7 +224,7 @@ def vae_check(vae: AutoencoderKL) -> float:
     from runtime.toy.world import held_out_scene, render
 
     x = torch.from_numpy(np.stack([np.asarray(render(held_out_scene(i))) for i in range(64)]))
-    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = as_pixels(x.permute(0, 3, 1, 2)).to(vae.device)
     recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     return float((recon - x).abs().mean() * 127.5)
 
@@ -229,9 +240,9 @@ def vae_readback(vae: AutoencoderKL, n: int = 120) -> dict[str, float]:
 
     scenes = [held_out_scene(i) for i in range(n)]
     x = torch.from_numpy(np.stack([np.asarray(render(s)) for s in scenes]))
-    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = as_pixels(x.permute(0, 3, 1, 2)).to(vae.device)
     recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    images = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    images = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     names = ("background", "colour", "size", "shape", "outline", "pattern", "second")
     hits = dict.fromkeys(names, 0)
     for image, scene in zip(images, scenes, strict=True):
@@ -243,7 +254,7 @@ def vae_readback(vae: AutoencoderKL, n: int = 120) -> dict[str, float]:
 
 @torch.no_grad()
 def encode_all(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
-    return torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean
+    return torch.cat([vae.encode(as_pixels(pixels[i:i + 256])).latent_dist.mean
                       for i in range(0, len(pixels), 256)])
 
 
@@ -258,8 +269,55 @@ def captions_for(seeds: list[int], epoch_rng: random.Random) -> list[str]:
     return out
 
 
+_FEED_TOKENIZER: Any = None
+
+
+def _feed_tokenizer() -> Any:
+    global _FEED_TOKENIZER
+    if _FEED_TOKENIZER is None:
+        _FEED_TOKENIZER = CLIPTokenizer.from_pretrained(str(TOKENIZER), local_files_only=True)
+    return _FEED_TOKENIZER
+
+
+def step_batch(seed: int, step: int, images: int, batch: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """UNet step `step`'s images (indices into the training set) and their captions' token
+    ids: a function of (seed, step) alone, so that workers can make them ahead of the
+    training loop (drawing and tokenizing 512 captions takes about 70 ms, longer than a
+    GPU step) and a resumed run needs no generator state for them."""
+    rng = random.Random(seed * 1_000_000_007 + step)
+    idx = [rng.randrange(images) for _ in range(batch)]
+    base = seed * 1_000_003
+    ids = _feed_tokenizer()(captions_for([base + i for i in idx], rng), padding="max_length",
+                            max_length=77, truncation=True, return_tensors="pt").input_ids
+    return torch.tensor(idx), ids
+
+
+class Feed:
+    """`step_batch` for consecutive steps, made by `pool`'s workers a few steps ahead (or
+    here, without a pool)."""
+
+    AHEAD = 32
+
+    def __init__(self, pool: Any, seed: int, images: int, batch: int, first: int) -> None:
+        self.pool, self.args, self.next = pool, (seed, images, batch), first
+        self.pending: list[Any] = []
+
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seed, images, batch = self.args
+        if self.pool is None:
+            return step_batch(seed, step, images, batch)
+        while len(self.pending) < self.AHEAD:
+            self.pending.append((self.next, self.pool.apply_async(
+                step_batch, (seed, self.next, images, batch))))
+            self.next += 1
+        made, result = self.pending.pop(0)
+        assert made == step, (made, step)
+        return result.get()
+
+
 def _tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v.detach().clone().contiguous()
+    return {f"{prefix}.{k}": v.detach().cpu().contiguous()
             for k, v in module.state_dict().items()}
 
 
@@ -311,7 +369,7 @@ def save_state(state: Path, step: int, models: dict[str, nn.Module],
         tensors.update(_tensors(name, module))
     for i, p in enumerate(params):
         for slot, value in opt.state[p].items():
-            tensors[f"opt.{i}.{slot}"] = value.detach().clone().contiguous()
+            tensors[f"opt.{i}.{slot}"] = value.detach().cpu().contiguous()
     tensors["gen"] = gen.get_state()
     record = json.dumps({"step": step, "losses": losses, "settings": settings,
                          "sittings": sittings, "rng": [rng.getstate()[0],
@@ -372,11 +430,13 @@ def text_probe(tokenizer: Any, latents: torch.Tensor, seeds: list[int],
     ids = {"right": tokenizer(caps, **tok).input_ids,
            "caption": tokenizer([caps[j] for j in order], **tok).input_ids,
            "position": tokenizer(moved, **tok).input_ids}
-    z = latents[idx]
+    z = latents[idx.to(latents.device)]
     noise = torch.randn(z.shape, generator=gen)
     t = torch.randint(700, 1000, (64,), generator=gen)
-    noisy = scheduler.add_noise(z, noise, t)
-    alpha = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = scheduler.add_noise(z.cpu(), noise, t).to(latents.device)
+    alpha = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1).to(latents.device)
+    ids = {name: tokens.to(latents.device) for name, tokens in ids.items()}
+    t = t.to(latents.device)
 
     @torch.no_grad()
     def measure(text: CLIPTextModel, unet: UNet2DConditionModel) -> dict[str, float]:
@@ -385,7 +445,7 @@ def text_probe(tokenizer: Any, latents: torch.Tensor, seeds: list[int],
         unet.eval()
         error = {}
         for name, tokens in ids.items():
-            out = unet(noisy, t, encoder_hidden_states=text(tokens)[0]).sample
+            out = unet(noisy, t, encoder_hidden_states=text(tokens)[0]).sample.float()
             if scheduler.config.prediction_type == "v_prediction":
                 x0 = alpha.sqrt() * noisy - (1 - alpha).sqrt() * out
             else:
@@ -417,12 +477,18 @@ class LossBalance(nn.Module):
     def forward(self, per_sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         level = t * self.LEVELS // 1000
         table = self.get_buffer("level_loss")
-        with torch.no_grad():
-            for k in sorted(set(level.tolist())):
-                mean = per_sample[level == k].mean()
-                old = table[k]
-                table[k] = mean if old == 0 else old + (1 - self.decay) * (mean - old)
+        with torch.no_grad():  # per level: mean of this batch's losses, where it has any
+            # (tensor operations throughout: a loop over the levels waited on the GPU at
+            # each one)
+            count = torch.zeros_like(table).index_add_(0, level, torch.ones_like(per_sample))
+            total = torch.zeros_like(table).index_add_(0, level, per_sample.detach())
+            mean = total / count.clamp(min=1)
+            moved = torch.where(table == 0, mean, table + (1 - self.decay) * (mean - table))
+            table.copy_(torch.where(count > 0, moved, table))
         return (per_sample / table[level]).mean()
+
+
+DEVICE = torch.device("cpu")  # --device
 
 
 def where() -> dict[str, Any]:
@@ -430,8 +496,8 @@ def where() -> dict[str, Any]:
     import platform
 
     device = "cpu"
-    if torch.cuda.is_available():
-        device = f"cuda: {torch.cuda.get_device_name(0)}"
+    if DEVICE.type == "cuda":
+        device = f"cuda: {torch.cuda.get_device_name(DEVICE)}"
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         names = [line.split(":", 1)[1].strip() for line in
@@ -443,28 +509,38 @@ def where() -> dict[str, Any]:
 
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema ← decay · ema + (1 − decay) · model, in one fused call over all the weights (a
+    loop over the tensors launched two GPU kernels per tensor, over a thousand a step)."""
     with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()],
+                             1 - decay)
 
 
 def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
                latents: torch.Tensor, seeds: list[int], args: argparse.Namespace,
-               gen: torch.Generator) -> tuple[CLIPTextModel, UNet2DConditionModel, float]:
+               gen: torch.Generator, pool: Any = None
+               ) -> tuple[CLIPTextModel, UNet2DConditionModel, float]:
+    """Noise, timesteps and the high-noise share are drawn from `gen` (on the CPU, so that
+    a run draws the same on any device); each step's images and captions from `step_batch`."""
     scheduler = train_scheduler(args.prediction)
+    device = latents.device
     params = list(text.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_text, ema_unet = copy.deepcopy(text).eval(), copy.deepcopy(unet).eval()
     rng = random.Random(args.seed)
     models: dict[str, nn.Module] = {"text": text, "unet": unet, "ema_text": ema_text,
                                     "ema_unet": ema_unet}
-    balance = LossBalance()
+    balance = LossBalance().to(device)
     if args.balance:
         models["balance"] = balance
     settings = settings_of(args, UNET_SETTINGS)
     done, losses, sittings = load_state(args.state, models, opt, params, gen, rng, settings)
     sittings.append({"from_step": done, "to_step": done, "seconds": 0.0, **where()})
     sitting_start = time.time()
+    feed = Feed(pool, args.seed, len(latents), args.batch, done + 1)
+    # bfloat16 matrix products (the weights, the loss and AdamW stay float32)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16
+                else contextlib.nullcontext())
     # In clean-latent terms the ε loss weighs the error by SNR and the v loss by 1 + SNR.
     # min-SNR-γ (Hang et al. 2023) caps that weight at γ so that the nearly clean steps, which
     # only refine texture, do not take the loss from the middle ones, where shapes form:
@@ -473,20 +549,27 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
     snr = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
     base = snr if args.prediction == "epsilon" else 1 + snr
     weight = (base.clamp(max=args.min_snr) / base) if args.min_snr > 0 else torch.ones_like(snr)
+    weight = weight.to(device)
     probe = text_probe(tokenizer, latents, seeds, scheduler)
     text.train()
     unet.train()
     running = 0.0
-    for step in range(done + 1, args.steps + 1):
+    timer = (done + 20, done + 120, 0.0)  # --minutes: the steps whose time sets --steps
+    if args.minutes:
+        args.steps = max(args.steps, timer[1])
+    step = done + 1
+    while step <= args.steps:
+        if args.minutes and step == timer[0]:
+            timer = (timer[0], timer[1], time.time())
+        if args.minutes and step == timer[1]:
+            args.steps, args.decay_steps = steps_for_minutes(
+                args, done, step, (time.time() - timer[2]) / (timer[1] - timer[0]))
         for group in opt.param_groups:  # linear warm-up, cosine to 10 %, then flat at 10 %
             warm = min(1.0, step / 200)
             cos = 0.55 + 0.45 * np.cos(np.pi * min(step, args.decay_steps) / args.decay_steps)
             group["lr"] = args.lr * warm * cos
-        idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
-        ids = tokenizer(captions_for([seeds[i] for i in idx.tolist()], rng),
-                        padding="max_length", max_length=77, truncation=True,
-                        return_tensors="pt").input_ids
-        z = latents[idx]
+        idx, ids = feed.get(step)
+        z = latents[idx.to(device)]
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
         if args.high_noise > 0:
@@ -494,8 +577,10 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
             # where the object goes: position words are bound to places there or nowhere
             high = torch.rand(args.batch, generator=gen) < args.high_noise
             t = torch.where(high, torch.randint(900, 1000, (args.batch,), generator=gen), t)
-        pred = unet(scheduler.add_noise(z, noise, t), t,
-                    encoder_hidden_states=text(ids)[0]).sample
+        noise, t, ids = noise.to(device), t.to(device), ids.to(device)
+        with autocast:
+            pred = unet(scheduler.add_noise(z, noise, t), t,
+                        encoder_hidden_states=text(ids)[0]).sample.float()
         target = noise if args.prediction == "epsilon" else scheduler.get_velocity(z, noise, t)
         per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3)) * weight[t]
         loss = balance(per_sample, t) if args.balance else per_sample.mean()
@@ -524,7 +609,22 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
             args.sittings = sittings
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             args.snapshot(ema_text, ema_unet, step, losses[-1] if losses else float("nan"))
+        step += 1
     return ema_text, ema_unet, losses[-1] if losses else float("nan")
+
+
+def steps_for_minutes(args: argparse.Namespace, done: int, step: int, per_step: float
+                      ) -> tuple[int, int]:
+    """(--steps, --decay-steps) that end this sitting (the process) after about --minutes,
+    from the measured seconds per step (probes and saves add about 5 %; the margin leaves
+    10 %, and 20 s for the last save), with the decay ending at the same share of the run
+    as the defaults' 12,000 of 16,000."""
+    left = args.minutes * 60 - (time.time() - args.started) - 20
+    steps = step + max(0, int(0.9 * left / per_step))
+    decay = max(step, round(steps * 0.75))
+    log(f"--minutes {args.minutes}: {per_step * 1000:.1f} ms a step, so --steps {steps} "
+        f"--decay-steps {decay} (from step {done})")
+    return steps, decay
 
 
 def main() -> None:
@@ -568,8 +668,27 @@ def main() -> None:
     parser.add_argument("--state", type=Path, default=STATE,
                         help="where the run keeps what a rerun resumes from (the VAE, the "
                              "latents, the UNet phase every --save-every steps)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the weights train (cpu, cuda); the scenes, captions and "
+                             "random draws are made on the CPU either way")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes that render the scenes and make each step's captions "
+                             "ahead of the training loop (0: the loop does it; on a GPU the "
+                             "captions alone would take longer than a step)")
+    parser.add_argument("--minutes", type=float, default=0.0,
+                        help="set --steps (and --decay-steps) so that this sitting (the whole "
+                             "command) takes about this long, from the speed of the UNet "
+                             "phase's first steps; training.json records the steps chosen")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                        default=None, help="the UNet's weights channels-last (default: on a "
+                        "CPU, where it is faster, bench/toy_levers.py)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bfloat16 autocast in the UNet phase (default: on a GPU)")
     parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test")
     args = parser.parse_args()
+    on_gpu = torch.device(args.device).type == "cuda"
+    args.channels_last = not on_gpu if args.channels_last is None else args.channels_last
+    args.bf16 = on_gpu if args.bf16 is None else args.bf16
     if args.quick:
         args.images, args.vae_steps, args.steps, args.save_every = 256, 20, 30, 20
         args.vae_decay_from = 10
@@ -577,11 +696,26 @@ def main() -> None:
         args.probe_every, args.decay_steps = 10, 0
     args.decay_steps = args.decay_steps or args.steps
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    pool = None
+    if args.workers:
+        import multiprocessing
+
+        # spawned, not forked: a forked child of a process that holds CUDA cannot use it,
+        # and one forked from a process with torch threads can hang
+        pool = multiprocessing.get_context("spawn").Pool(args.workers)
     gen = torch.Generator().manual_seed(args.seed)
-    started = time.time()
+    started = args.started = time.time()
     tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER), local_files_only=True)
-    vae = make_vae(args)
+    vae = make_vae(args).to(DEVICE)
     text, unet = make_denoiser(tokenizer, args)
+    text, unet = text.to(DEVICE), unet.to(DEVICE)
+    if args.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
     log(f"params: text {sum(p.numel() for p in text.parameters()):,}, vae "
         f"{sum(p.numel() for p in vae.parameters()):,}, unet "
         f"{sum(p.numel() for p in unet.parameters()):,}")
@@ -593,13 +727,13 @@ def main() -> None:
         phase = json.loads((args.state / "vae_phase.json").read_text())
         check_resume(args.state / "vae_phase.json", phase.get("settings"),
                      settings_of(args, VAE_SETTINGS))
-        vae = AutoencoderKL.from_pretrained(args.state / "vae")
-        latents = load_file(str(args.state / "latents.safetensors"))["latents"]
+        vae = AutoencoderKL.from_pretrained(args.state / "vae").to(DEVICE)
+        latents = load_file(str(args.state / "latents.safetensors"))["latents"].to(DEVICE)
         vae_loss, vae_error, scale = phase["vae_loss"], phase["vae_error"], phase["scale"]
         vae_seconds = phase.get("seconds")  # None (null) for a state from before it was kept
         log(f"resumed after the VAE phase from {args.state}")
     else:
-        vae_loss, vae_error, scale, latents = vae_phase(args, vae, gen)
+        vae_loss, vae_error, scale, latents = vae_phase(args, vae, gen, pool)
         vae_seconds = time.time() - started
 
     vae_record = json.loads((args.state / "vae_phase.json").read_text())
@@ -617,17 +751,21 @@ def main() -> None:
     args.snapshot = snapshot
     # the UNet phase draws from its own generator, so it does not depend on the VAE phase's
     unet_gen = torch.Generator().manual_seed(args.seed + 1)
-    text, unet, unet_loss = train_unet(text, unet, tokenizer, latents, seeds, args, unet_gen)
+    text, unet, unet_loss = train_unet(text, unet, tokenizer, latents, seeds, args, unet_gen,
+                                       pool)
     snapshot(text, unet, args.steps, unet_loss)
+    if pool is not None:
+        pool.terminate()
 
 
-def vae_phase(args: argparse.Namespace, vae: AutoencoderKL,
-              gen: torch.Generator) -> tuple[float, float, float, torch.Tensor]:
+def vae_phase(args: argparse.Namespace, vae: AutoencoderKL, gen: torch.Generator,
+              pool: Any = None) -> tuple[float, float, float, torch.Tensor]:
     """Phases 1–3: render, train the VAE, encode; saved in the state folder for reruns."""
     from safetensors.torch import save_file
 
     started = time.time()
-    pixels, _ = dataset(args.images, args.seed)
+    pixels, _ = dataset(args.images, args.seed, pool)
+    pixels = pixels.to(DEVICE)
     log(f"rendered {len(pixels)} training images")
     vae_loss, sittings = train_vae(vae, pixels, args, gen)
     vae_error = vae_check(vae)
@@ -641,8 +779,7 @@ def vae_phase(args: argparse.Namespace, vae: AutoencoderKL,
     latents = (latents * scale).contiguous()
     log(f"latents encoded; scaling factor {scale:.4f}")
     vae.save_pretrained(args.state / "vae", safe_serialization=True)
-    save_file({"latents": latents},
-              str(args.state / "latents.safetensors"))
+    save_file({"latents": latents.cpu()}, str(args.state / "latents.safetensors"))
     (args.state / "vae_phase.json").write_text(json.dumps(
         {"vae_loss": vae_loss, "vae_error": vae_error, "vae_readback": readback, "scale": scale,
          "sittings": sittings,
@@ -658,7 +795,7 @@ def save(args: argparse.Namespace, tokenizer: Any, text: CLIPTextModel, vae: Aut
         # float16 on disk keeps the folder under 40 MB; the runtime loads it in its own
         # precision (float32 on a CPU), so only the weights' last bits differ
         # (nn.Module.to: diffusers' own `to` warns about casting)
-        return nn.Module.to(copy.deepcopy(module), dtype=torch.float16,
+        return nn.Module.to(copy.deepcopy(module), device="cpu", dtype=torch.float16,
                             memory_format=torch.contiguous_format)
 
     pipe = StableDiffusionPipeline(
@@ -670,7 +807,7 @@ def save(args: argparse.Namespace, tokenizer: Any, text: CLIPTextModel, vae: Aut
     pipe.save_pretrained(temp, safe_serialization=True)
     write_corpus(temp / "captions.txt")
     settings = {k: v for k, v in vars(args).items()
-                if k not in ("out", "snapshot", "state", "sittings")}
+                if k not in ("out", "snapshot", "state", "sittings", "workers", "started")}
     (temp / "training.json").write_text(json.dumps(
         {"command": "python tools/train_toy_model.py " + " ".join(sys.argv[1:]),
          "settings": settings, **result, "torch": torch.__version__}, indent=2) + "\n")
