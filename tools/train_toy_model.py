@@ -283,8 +283,8 @@ def step_batch(seed: int, step: int, images: int, batch: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """UNet step `step`'s images (indices into the training set) and their captions' token
     ids: a function of (seed, step) alone, so that workers can make them ahead of the
-    training loop (drawing and tokenizing 512 captions takes about 70 ms, longer than a
-    GPU step) and a resumed run needs no generator state for them."""
+    training loop (one process needs about 50 ms for 256 captions, twice a GPU step) and a
+    resumed run needs no generator state for them."""
     rng = random.Random(seed * 1_000_000_007 + step)
     idx = [rng.randrange(images) for _ in range(batch)]
     base = seed * 1_000_003
