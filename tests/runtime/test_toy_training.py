@@ -1,0 +1,109 @@
+"""The pieces of `tools/train_toy_model.py` that a GPU run relies on: each step's batch is a
+function of the seed and the step (so worker processes can make it ahead, and a resumed run
+draws the same), the loss balance and the EMA as tensor operations, and `--minutes`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "train_toy_model.py"
+
+
+@pytest.fixture(scope="module")
+def toy() -> Any:
+    spec = importlib.util.spec_from_file_location("train_toy_model", TOOL)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_toy_model"] = module  # the spawned workers import it by this name
+    sys.path.insert(0, str(TOOL.parent))
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_batch_is_a_function_of_seed_and_step(toy: Any) -> None:
+    idx, ids = toy.step_batch(0, 5, 1000, 16)
+    again_idx, again_ids = toy.step_batch(0, 5, 1000, 16)
+    assert torch.equal(idx, again_idx) and torch.equal(ids, again_ids)
+    assert idx.shape == (16,) and ids.shape == (16, 77)
+    assert int(idx.min()) >= 0 and int(idx.max()) < 1000
+    other_step, _ = toy.step_batch(0, 6, 1000, 16)
+    other_seed, _ = toy.step_batch(1, 5, 1000, 16)
+    assert not torch.equal(idx, other_step) and not torch.equal(idx, other_seed)
+    # each caption describes its own image's scene (a tenth are empty, for guidance)
+    tokenizer = toy._feed_tokenizer()
+    said = [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+    scenes = [toy.scene_for_seed(int(i)) for i in idx]  # seed 0: scene seeds are the indices
+    assert sum(bool(text) for text in said) >= 12
+    for text, scene in zip(said, scenes, strict=True):
+        assert text == "" or scene.colour in text.split(), (text, scene)
+
+
+def test_feed_from_spawned_workers_equals_the_loop_drawing_itself(toy: Any) -> None:
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        feed = toy.Feed(pool, 3, 500, 8, first=4)
+        made = [feed.get(step) for step in (4, 5, 6)]
+    for step, (idx, ids) in zip((4, 5, 6), made, strict=True):
+        own_idx, own_ids = toy.step_batch(3, step, 500, 8)
+        assert torch.equal(idx, own_idx) and torch.equal(ids, own_ids)
+
+
+def balance_by_loop(table: torch.Tensor, per_sample: torch.Tensor, t: torch.Tensor,
+                    decay: float) -> torch.Tensor:
+    """The loss balance written the plain way: level by level, in Python."""
+    table = table.clone()
+    level = t * 20 // 1000
+    for k in sorted(set(level.tolist())):
+        mean = float(per_sample[level == k].mean())
+        old = float(table[k])
+        table[k] = mean if old == 0 else old + (1 - decay) * (mean - old)
+    return table
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 999), st.floats(0.01, 10.0)), min_size=1,
+                max_size=40),
+       st.lists(st.floats(0.0, 5.0), min_size=20, max_size=20))
+def test_loss_balance_matches_the_level_by_level_loop(
+        toy: Any, samples: list[tuple[int, float]], start: list[float]) -> None:
+    t = torch.tensor([s[0] for s in samples])
+    per_sample = torch.tensor([s[1] for s in samples])
+    balance = toy.LossBalance()
+    # some levels seen before, some never (0 means unseen)
+    initial = torch.tensor([v if i % 3 else 0.0 for i, v in enumerate(start)])
+    balance.level_loss.copy_(initial)
+    loss = balance(per_sample, t)
+    expected = balance_by_loop(initial, per_sample, t, balance.decay)
+    torch.testing.assert_close(balance.level_loss, expected, rtol=1e-5, atol=1e-6)
+    level = t * 20 // 1000
+    torch.testing.assert_close(loss, (per_sample / expected[level]).mean(), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_ema_update_moves_every_weight_by_the_decay(toy: Any) -> None:
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    before = [p.detach().clone() for p in ema.parameters()]
+    toy.ema_update(ema, model, 0.9)
+    for e, b, p in zip(ema.parameters(), before, model.parameters(), strict=True):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * p.detach())
+
+
+def test_minutes_sets_steps_from_the_measured_speed(toy: Any) -> None:
+    args = argparse.Namespace(minutes=10.0, started=time.time() - 120)
+    steps, decay = toy.steps_for_minutes(args, 0, 120, 0.05)
+    # 600 s less the 120 spent and 20 for the last save, at 90 %: 8,280 more steps
+    assert abs(steps - (120 + 0.9 * 460 / 0.05)) <= 2
+    assert decay == round(steps * 0.75)
+    args.started = time.time() - 700  # already over: no more steps than those done
+    assert toy.steps_for_minutes(args, 0, 120, 0.05)[0] == 120
