@@ -174,7 +174,7 @@ SHEET_COLUMNS = ("picture", "VAE", "words", "super", "local", "global", "keys", 
                  "fine-tune")
 # the targets for Perfusion (local lock, headline strength) and the VAE
 TARGETS = {"fidelity": 0.75, "alignment": 0.95, "leakage_of_255": 1.0, "vae_round_trip": 0.85}
-# the compiler's defaults for toy:shapes: training (300 steps of 8, templates ["a {}"]) and
+# the compiler's defaults for toy:shapes: training (150 steps of 16, templates ["a {}"]) and
 # sampling (15 steps of the model's DPM-Solver++, guidance 5)
 LEARN_DEFAULTS = defaults_for(LEARN, "toy:shapes")
 _GENERATE = defaults_for(GENERATE, "toy:shapes")

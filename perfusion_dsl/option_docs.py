@@ -19,13 +19,13 @@ class OptionDoc:
 
 TOY = "`toy:shapes`"
 OPTION_DOCS: tuple[OptionDoc, ...] = (
-    OptionDoc("steps", "learn", "integer 1 … 1,000,000", f"`400`; `300` for {TOY}",
+    OptionDoc("steps", "learn", "integer 1 … 1,000,000", f"`400`; `150` for {TOY}",
               "optimisation steps"),
     OptionDoc("steps", "generate", "integer 1 … 1,000,000",
               f"model's default (`null`; `15` for {TOY})", "sampling steps"),
     OptionDoc("seed", "both", "integer 0 … 2⁶³−1", "`0`",
               "learn: training seed. generate: image k of each prompt uses `seed + k`"),
-    OptionDoc("batch", "learn", "integer 1 … 4,096", f"`16`; `8` for {TOY}",
+    OptionDoc("batch", "learn", "integer 1 … 4,096", f"`16` (for {TOY} too)",
               "effective batch (may be reached by accumulation)"),
     OptionDoc("lr", "learn", "number > 0 and ≤ 10", "`0.03`",
               "learning rate of the value targets"),

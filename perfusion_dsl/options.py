@@ -280,13 +280,13 @@ GENERATE_DEFAULTS: dict[str, Any] = {"seed": 0, "strength": (0.5,), "out": None}
 
 
 # The built-in toy:shapes model (docs/toy.md) speaks only its world's words, so it gets
-# captions in them; five 64 px pictures fill a batch of 8 well, at half the time of 16; 300
-# steps of them learn its concepts about as well as 400 in three quarters of the time; and
-# its sampler, DPM-Solver++, draws at 15 steps (guidance 5) what DDIM drew at 25
-# (docs/toy.md, Speed).
+# captions in them; its UNet's steps cost mostly a fixed overhead, so 150 steps of 16
+# pictures learn its concepts as well as 300 of 8 (paired, within noise) in five sixths of
+# the time or less; and its sampler, DPM-Solver++, draws at 15 steps (guidance 5) what DDIM
+# drew at 25 (docs/toy.md, Speed).
 TOY_TEMPLATES = ("a {}",)
 MODEL_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "toy:shapes": {LEARN: {"templates": TOY_TEMPLATES, "batch": 8, "steps": 300},
+    "toy:shapes": {LEARN: {"templates": TOY_TEMPLATES, "batch": 16, "steps": 150},
                    GENERATE: {"steps": 15, "guidance": 5.0}},
 }
 

@@ -237,9 +237,9 @@ def test_module_entry_point_runs(project: Project) -> None:
 
 def test_toy_shapes_has_its_own_defaults_and_other_models_the_general_ones(
         project: Project, run_cli: Run) -> None:
-    """The compiler fills in toy:shapes' defaults (world-word templates, batches of 8, 15
-    steps at guidance 5), so the plan shows them; a model given by path keeps the general
-    ones; the spec's own values win over both."""
+    """The compiler fills in toy:shapes' defaults (world-word templates, 150 training steps,
+    15 sampling steps at guidance 5), so the plan shows them; a model given by path keeps
+    the general ones; the spec's own values win over both."""
     import json
 
     from perfusion_dsl.options import TOY_TEMPLATES
@@ -256,7 +256,7 @@ def test_toy_shapes_has_its_own_defaults_and_other_models_the_general_ones(
     learn = {c["token"]: c["options"] for c in plan["concepts"]}
     render = {r["concepts"][0]: r["options"] for r in plan["renders"]}
     assert tuple(learn["teddy*"]["templates"]) == TOY_TEMPLATES
-    assert (learn["teddy*"]["batch"], learn["b*"]["batch"]) == (8, 16)
+    assert (learn["teddy*"]["steps"], learn["b*"]["steps"]) == (150, 400)
     assert (render["teddy*"]["steps"], render["teddy*"]["guidance"]) == (15, 5.0)
     assert learn["own*"]["templates"] == ["a big {}"] and render["own*"]["steps"] == 9
     assert tuple(learn["b*"]["templates"]) == DEFAULT_TEMPLATES

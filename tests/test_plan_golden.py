@@ -196,7 +196,7 @@ SAME_KEY: dict[str, Mapping[str, str | bytes]] = {
         "  lock: local\n  lr: 0.0001\n  steps: 400\n")},
     "1e-4 for 0.0001": {"a.concept": changed(SPEC, "0.0001", "1e-4")},
     "1.0E-4 for 0.0001": {"a.concept": changed(SPEC, "0.0001", "1.0E-4")},
-    "a default written out": {"a.concept": in_block("batch: 8")},  # toy:shapes' own default
+    "a default written out": {"a.concept": in_block("batch: 16")},  # toy:shapes' own default
     "options from defaults": {"a.concept": (
         'model "toy:shapes"\ndefaults {\n  lock: local\n  steps: 400\n}\n'
         "learn photos/*.png as teddy* <teddy bear> adjectives: [fluffy, brown] {\n"
@@ -216,7 +216,7 @@ DIFFERENT_KEY: dict[str, Mapping[str, str | bytes]] = {
     "steps": {"a.concept": changed(SPEC, "steps: 400", "steps: 401")},
     "lr": {"a.concept": changed(SPEC, "lr: 0.0001", "lr: 0.0002")},
     "lock": {"a.concept": changed(SPEC, "lock: local", "lock: global")},
-    "batch": {"a.concept": in_block("batch: 16")},
+    "batch": {"a.concept": in_block("batch: 8")},
     "embedding_lr": {"a.concept": in_block("embedding_lr: 0.005")},
     "mask": {"a.concept": in_block("mask: attention")},
     "captions": {"a.concept": in_block("captions: photos/*.txt"),

@@ -315,6 +315,13 @@ class Feed:
         assert made == step, (made, step)
         return result.get()
 
+    def close(self) -> None:
+        """Waits for the batches made ahead: a pool terminated with results still due can
+        fail in its own clean-up ("Cannot have cache with result_hander not alive")."""
+        for _, result in self.pending:
+            result.wait()
+        self.pending.clear()
+
 
 def _tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{k}": v.detach().cpu().contiguous()
@@ -610,6 +617,7 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             args.snapshot(ema_text, ema_unet, step, losses[-1] if losses else float("nan"))
         step += 1
+    feed.close()
     return ema_text, ema_unet, losses[-1] if losses else float("nan")
 
 

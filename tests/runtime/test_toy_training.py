@@ -53,6 +53,7 @@ def test_feed_from_spawned_workers_equals_the_loop_drawing_itself(toy: Any) -> N
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         feed = toy.Feed(pool, 3, 500, 8, first=4)
         made = [feed.get(step) for step in (4, 5, 6)]
+        feed.close()
     for step, (idx, ids) in zip((4, 5, 6), made, strict=True):
         own_idx, own_ids = toy.step_batch(3, step, 500, 8)
         assert torch.equal(idx, own_idx) and torch.equal(ids, own_ids)
