@@ -67,14 +67,6 @@ def binarise(grid: Tensor) -> Tensor:
     return mask[:, None]  # [B, 1, size, size]
 
 
-def attention_masks(pipe: Any, latents: Tensor, hidden: Tensor, hit: Tensor,
-                    generator: torch.Generator,
-                    added: dict[str, Tensor] | None = None) -> Tensor:
-    """[N, 1, h, w] masks for the training latents [N, C, h, w]: `binarise` of
-    `attention_maps`."""
-    return binarise(attention_maps(pipe, latents, hidden, hit, generator, added))
-
-
 @torch.no_grad()
 def attention_maps(pipe: Any, latents: Tensor, hidden: Tensor, hit: Tensor,
                    generator: torch.Generator,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from perfusion_runtime.method.attention_mask import THRESHOLD, _to_grid, attention_masks, binarise
+from perfusion_runtime.method.attention_mask import THRESHOLD, _to_grid, attention_maps, binarise
 from perfusion_runtime.method.layers import cross_attention_layers
 from perfusion_runtime.method.tiny import tiny_pipeline
 from perfusion_runtime.method.tokens import positions
@@ -55,7 +55,7 @@ def test_attention_masks_on_a_real_pipeline_leave_it_as_found() -> None:
     hit = positions(ids, torch.tensor(word))
     assert hit.sum() == len(word)
     latents = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
-    masks = attention_masks(pipe, latents, hidden, hit, torch.Generator().manual_seed(1))
+    masks = binarise(attention_maps(pipe, latents, hidden, hit, torch.Generator().manual_seed(1)))
     assert masks.shape == (3, 1, 4, 4)
     assert set(masks.unique().tolist()) <= {0.0, 1.0}
     assert all(masks[i].sum() > 0 for i in range(3))
