@@ -139,7 +139,8 @@ def dataset(n: int, seed: int, pool: Any = None) -> tuple[torch.Tensor, list[int
     seeds = [seed * 1_000_003 + i for i in range(n)]
     if seeds[-1] >= HELD_OUT_OFFSET:
         raise SystemExit(f"--seed {seed} with --images {n} reaches the held-out scenes")
-    arrays = np.stack(pool.map(_render, seeds, chunksize=256) if pool else map(_render, seeds))
+    arrays = np.stack(pool.map(_render, seeds, chunksize=256) if pool
+                      else [_render(s) for s in seeds])
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous(), seeds
 
 
@@ -161,8 +162,7 @@ def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, args: argparse.Namespace
     params = list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     settings = settings_of(args, VAE_SETTINGS)
-    unused = random.Random(0)  # the VAE phase draws from `gen` alone
-    done, losses, sittings = load_state(args.state, {"vae": vae}, opt, params, gen, unused,
+    done, losses, sittings = load_state(args.state, {"vae": vae}, opt, params, gen,
                                         settings, phase="vae")
     sittings.append({"from_step": done, "to_step": done, "seconds": 0.0, **where()})
     sitting_start = time.time()
@@ -197,7 +197,7 @@ def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, args: argparse.Namespace
             log(f"vae step {step}/{steps} loss {loss_value:.4f}")
         if step % save_every == 0 or step == steps:
             sittings[-1].update(to_step=step, seconds=round(time.time() - sitting_start, 1))
-            save_state(args.state, step, {"vae": vae}, opt, params, gen, unused, losses,
+            save_state(args.state, step, {"vae": vae}, opt, params, gen, losses,
                        settings, sittings, phase="vae")
         if step % 1000 == 0 and step < steps:  # the read-back's progress (docs/toy.md#vae)
             vae.eval()
@@ -360,13 +360,13 @@ def check_resume(path: Path, saved: dict[str, Any] | None, wanted: dict[str, Any
 
 def save_state(state: Path, step: int, models: dict[str, nn.Module],
                opt: torch.optim.Optimizer, params: list[nn.Parameter], gen: torch.Generator,
-               rng: random.Random, losses: list[float], settings: dict[str, Any],
+               losses: list[float], settings: dict[str, Any],
                sittings: list[dict[str, Any]], phase: str = "unet") -> None:
     """Everything a phase ("vae" or "unet") needs to go on exactly: weights, EMA, AdamW,
-    generators; and the sittings so far (where and how long each ran). One file, written
-    atomically, holds all of it (the record in its metadata too), so a crash never pairs
-    the weights of one step with the record of another; the .json beside it is a copy to
-    read."""
+    the generator (the UNet phase's captions need none: `step_batch`); and the sittings so
+    far (where and how long each ran). One file, written atomically, holds all of it (the
+    record in its metadata too), so a crash never pairs the weights of one step with the
+    record of another; the .json beside it is a copy to read."""
     from safetensors.torch import save
 
     from perfusion_runtime.files.atomic import write_atomically
@@ -379,19 +379,17 @@ def save_state(state: Path, step: int, models: dict[str, nn.Module],
             tensors[f"opt.{i}.{slot}"] = value.detach().cpu().contiguous()
     tensors["gen"] = gen.get_state()
     record = json.dumps({"step": step, "losses": losses, "settings": settings,
-                         "sittings": sittings, "rng": [rng.getstate()[0],
-                                                       list(rng.getstate()[1]),
-                                                       rng.getstate()[2]]})
+                         "sittings": sittings})
     write_atomically(state / f"{phase}_state.safetensors",
                      save(tensors, metadata={"record": record}))
     write_atomically(state / f"{phase}_state.json", record.encode("utf-8"))
 
 
 def load_state(state: Path, models: dict[str, nn.Module], opt: torch.optim.Optimizer,
-               params: list[nn.Parameter], gen: torch.Generator,
-               rng: random.Random, settings: dict[str, Any], phase: str = "unet"
-               ) -> tuple[int, list[float], list[dict[str, Any]]]:
-    """(steps done, losses, sittings) from `save_state`, or (0, [], []) when there is none."""
+               params: list[nn.Parameter], gen: torch.Generator, settings: dict[str, Any],
+               phase: str = "unet") -> tuple[int, list[float], list[dict[str, Any]]]:
+    """(steps done, losses, sittings) from `save_state`, or (0, [], []) when there is none
+    (a state from before 2026-12-04 also holds a caption generator's state, unused now)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -412,8 +410,6 @@ def load_state(state: Path, models: dict[str, nn.Module], opt: torch.optim.Optim
         opt.state[p] = {s: (tensors[k] if s == "step" else torch.empty_like(p).copy_(tensors[k]))
                         for s in slots if (k := f"opt.{i}.{s}") in tensors}
     gen.set_state(tensors["gen"])
-    version, internal, gauss = meta["rng"]
-    rng.setstate((version, tuple(internal), gauss))
     log(f"resumed the {phase.upper()} phase at step {meta['step']} from {state}")
     return int(meta["step"]), list(meta["losses"]), list(meta.get("sittings", []))
 
@@ -534,14 +530,13 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
     params = list(text.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_text, ema_unet = copy.deepcopy(text).eval(), copy.deepcopy(unet).eval()
-    rng = random.Random(args.seed)
     models: dict[str, nn.Module] = {"text": text, "unet": unet, "ema_text": ema_text,
                                     "ema_unet": ema_unet}
     balance = LossBalance().to(device)
     if args.balance:
         models["balance"] = balance
     settings = settings_of(args, UNET_SETTINGS)
-    done, losses, sittings = load_state(args.state, models, opt, params, gen, rng, settings)
+    done, losses, sittings = load_state(args.state, models, opt, params, gen, settings)
     sittings.append({"from_step": done, "to_step": done, "seconds": 0.0, **where()})
     sitting_start = time.time()
     feed = Feed(pool, args.seed, len(latents), args.batch, done + 1)
@@ -611,7 +606,7 @@ def train_unet(text: CLIPTextModel, unet: UNet2DConditionModel, tokenizer: Any,
         if (args.save_every and step % args.save_every == 0) or step == args.steps:
             # the last step's state too, so that a longer --steps can go on from it
             sittings[-1].update(to_step=step, seconds=round(time.time() - sitting_start, 1))
-            save_state(args.state, step, models, opt, params, gen, rng, losses, settings,
+            save_state(args.state, step, models, opt, params, gen, losses, settings,
                        sittings)
             args.sittings = sittings
         if args.save_every and step % args.save_every == 0 and step < args.steps:

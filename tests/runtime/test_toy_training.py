@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -49,14 +50,20 @@ def test_step_batch_is_a_function_of_seed_and_step(toy: Any) -> None:
         assert text == "" or scene.colour in text.split(), (text, scene)
 
 
-def test_feed_from_spawned_workers_equals_the_loop_drawing_itself(toy: Any) -> None:
+def test_spawned_workers_make_what_the_loop_would_make_itself(toy: Any) -> None:
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         feed = toy.Feed(pool, 3, 500, 8, first=4)
         made = [feed.get(step) for step in (4, 5, 6)]
         feed.close()
+        pixels, seeds = toy.dataset(5, 0, pool)
     for step, (idx, ids) in zip((4, 5, 6), made, strict=True):
         own_idx, own_ids = toy.step_batch(3, step, 500, 8)
         assert torch.equal(idx, own_idx) and torch.equal(ids, own_ids)
+    here, here_seeds = toy.dataset(5, 0)
+    assert torch.equal(pixels, here) and seeds == here_seeds == list(range(5))
+    assert pixels.dtype == torch.uint8 and pixels.shape == (5, 3, 64, 64)
+    first = torch.from_numpy(np.array(toy.training_example(0)[0])).permute(2, 0, 1)
+    assert torch.equal(here[0], first)
 
 
 def balance_by_loop(table: torch.Tensor, per_sample: torch.Tensor, t: torch.Tensor,
