@@ -9,6 +9,9 @@
   prompt's end-of-text token included, as concept files before format 3 were trained (the
   trainer edits only the prompt's own positions: `edit_positions.py`,
   `leakage.py --method all_positions`).
+- `NoContext`: Perfusion without the supercategory's leading words before the token: the
+  token alone stands for the whole first supercategory, as before 2026-12-04
+  (docs/runtime.md, "The supercategory's leading words").
 
 `METHODS` maps the names the benchmarks record to them.
 """
@@ -50,5 +53,10 @@ class AllPositions(Method):
     positions = "all"
 
 
+class NoContext(Method):
+    name = "no_context"
+    context = False
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (PERFUSION, TrainedKeys(), EmbeddingOnly(),
-                                                  AllPositions())}
+                                                  AllPositions(), NoContext())}

@@ -29,6 +29,10 @@ Rows ("methods"), all on the same prompts and seeds:
 - full fine-tune: the token's embedding and every UNet parameter, AdamW at
   `--finetune-lr` (`_finetune.py`: DreamBooth-style, the ceiling for fidelity).
 
+Every trained method reads its token after the supercategory's leading words, in training
+and in its prompts (`purple and yellow striped duo*`: docs/runtime.md, "The supercategory's
+leading words"), as the runtime does since 2026-12-04.
+
 Every training uses the same recipe: the compiler's defaults for toy:shapes (steps, batch,
 templates, seed), without mirrored copies, and (unless `--no-captions`) each picture with its
 own caption in the world's words (`captions`, as specs/ trains: docs/toy.md#training-captions). The

@@ -1,12 +1,13 @@
 """Training recipes side by side on `toy:shapes`: how many steps and images a concept needs.
 
-    .venv/bin/python bench/recipe_sweep.py [--recipes 400x8 400x4 200x8 300x8c 300x8cm]
+    .venv/bin/python bench/recipe_sweep.py [--recipes 400x8 400x4 200x8 300x8c 300x8cm 150x16cn]
         [--seeds 1] [--prompts 6] [--render-steps 15] [--threads 2] [--json PATH]
 
 Each held-out concept of `personalize.py` (those of `specs/` among them) is trained with each
 recipe (STEPS x BATCH, then letters: `c` each picture with its own caption, as
 `personalize.training_captions` writes them; `m` loss masks from the base model's attention,
-`mask: attention`; the rest the compiler's defaults for toy:shapes, no mirrored copies)
+`mask: attention`; `n` without the supercategory's leading words before the token, the
+ablation `NoContext`; the rest the compiler's defaults for toy:shapes, no mirrored copies)
 and each training seed, then rendered at strength 0.5 for `--prompts` prompts naming it
 (`personalize.prompts_for`). Per recipe: the training seconds, fidelity, alignment and looks
 (colour, pattern and second colour read back right), as `edit_positions.py` scores them.
@@ -25,6 +26,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np
 import personalize
 import torch
+from ablations import METHODS as ABLATIONS
 from edit_positions import score
 from PIL import Image
 
@@ -32,7 +34,9 @@ from perfusion_runtime.build.jobs import default_captions, load_pipeline
 from perfusion_runtime.method.covariance import cinv_for
 from perfusion_runtime.method.device import choose
 from perfusion_runtime.method.fingerprint import base_fingerprint
-from perfusion_runtime.method.trainer import Recipe, Subject, train
+from perfusion_runtime.method.trainer import PERFUSION, Recipe, Subject, train
+
+LETTERS = "cmn"  # a recipe's letters after STEPSxBATCH
 
 
 def main() -> None:
@@ -53,7 +57,8 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     cinv, cinv_print = cinv_for(pipe, args.work / "cache", default_captions("toy:shapes"))
     base_print = base_fingerprint(pipe)  # training leaves the base weights as they were
-    recipes = {name: tuple(int(x) for x in name.rstrip("cm").split("x")) for name in args.recipes}
+    recipes = {name: tuple(int(x) for x in name.rstrip(LETTERS).split("x"))
+               for name in args.recipes}
     rows: dict[str, dict[str, list[float]]] = {
         name: {"seconds": [], "fidelity": [], "alignment": [], "looks": []} for name in recipes}
     for spec in personalize.SPECS:
@@ -64,7 +69,7 @@ def main() -> None:
                           base_model="toy:shapes")
         for seed in range(args.seeds):
             for name, (steps, batch) in recipes.items():
-                letters = name[len(name.rstrip("cm")):]
+                letters = name[len(name.rstrip(LETTERS)):]
                 captions = personalize.training_captions(spec, len(pictures)) \
                     if "c" in letters else ()
                 recipe = Recipe(steps=steps, batch=batch, seed=seed, flip=False,
@@ -72,7 +77,8 @@ def main() -> None:
                                 captions=captions, mask="attention" if "m" in letters else "none")
                 started = time.perf_counter()
                 concept = train(pipe, subject, recipe, cinv, cinv_fingerprint=cinv_print,
-                                base_fingerprint=base_print)
+                                base_fingerprint=base_print,
+                                method=ABLATIONS["no_context"] if "n" in letters else PERFUSION)
                 row = rows[name]
                 row["seconds"].append(time.perf_counter() - started)
                 fid, ali, looks = score(pipe, concept, cinv, scenes, refs, args)

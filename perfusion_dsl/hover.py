@@ -30,7 +30,9 @@ KEYWORD_DOCS = {
                 "after it in this file. `steps` and `seed` reach both kinds.",
     "learn": "`learn PATTERN as TOKEN <SUPER, …> [adjectives: [WORD, …]] [{ OPTIONS }]`: "
              "trains the concept TOKEN from the images PATTERN matches; its cross-attention "
-             "keys are locked to the supercategories.",
+             "keys are locked to the supercategories. The first one's words before its "
+             "last (`purple` of `<purple diamond>`) stand before the token in its "
+             "training captions and in every prompt that names it.",
     "generate": '`generate "TEMPLATE" [x COUNT] [{ OPTIONS }]`: renders COUNT images for '
                 "every prompt the template expands to, once per `strength` value; image k "
                 "uses seed `seed + k`.",

@@ -9,7 +9,10 @@ from typing import Any
 # Bump when the meaning of a key's inputs changes, so old artifacts are rebuilt.
 # 2: the trainer edits only each caption's own text positions (docs/runtime.md, "Which
 # positions the edit touches"), so every concept trained before is stale.
-KEY_FORMAT = 2
+# 3: a supercategory phrase's leading words stand before the token in every caption
+# (docs/runtime.md, "The supercategory's leading words"), so concepts with a phrase as their
+# first supercategory train differently.
+KEY_FORMAT = 3
 
 # How `mask: attention` cuts its masks enters the key as "attention:<rule>", so that only the
 # concepts it trained are rebuilt when it changes. 2 (2026-12-04): half-way from each image's

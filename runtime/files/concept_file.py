@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 from .safetensors_file import FormatProblem, names_of, no_duplicates, parse_header
 
 FORMAT = "perfusion-concept"
-FORMAT_VERSION = "3"
-SUPPORTED_VERSIONS: tuple[str, ...] = ("1", "2", "3")
+FORMAT_VERSION = "4"
+SUPPORTED_VERSIONS: tuple[str, ...] = ("1", "2", "3", "4")
 # where the edit applies: "prompt", the prompt's own positions only (the trainer's);
 # "all", every text position, padding included (formats 1 and 2) (docs/runtime.md)
 POSITIONS = ("prompt", "all")
@@ -31,6 +31,9 @@ _METADATA_KEYS = {
     "2": ("format", "format_version", "token", "supercategory", "lock", "base_model",
           "base_fingerprint", "cinv_fingerprint", "layers"),
     "3": ("format", "format_version", "token", "supercategory", "lock", "positions",
+          "base_model", "base_fingerprint", "cinv_fingerprint", "layers"),
+    # 4: and `context`, the supercategory's leading words that stand before the token
+    "4": ("format", "format_version", "token", "supercategory", "lock", "positions", "context",
           "base_model", "base_fingerprint", "cinv_fingerprint", "layers"),
 }
 # the tensor sets a file may hold: v1 has only the first; v2 either (i_super: keys locked)
@@ -186,11 +189,30 @@ def _check_metadata(metadata: Mapping[str, str]) -> tuple[ConceptInfo, str, dict
         if positions not in POSITIONS:
             raise FormatProblem(f"metadata positions is {positions[:20]!r}, not prompt or all")
         sup = metadata["supercategory"]
+        context = metadata.get("context", "")  # "" in format 3: trained without
+        problem = context_problem(context, (sup,) if sup else ())
+        if problem:
+            raise FormatProblem(f"metadata {problem}")
         info = ConceptInfo(metadata["token"], (sup,) if sup else (), (),
                            metadata["base_model"], metadata["base_fingerprint"],
                            metadata["cinv_fingerprint"],
-                           {"lock": metadata["lock"], "positions": positions}, "")
+                           {"lock": metadata["lock"], "positions": positions,
+                            "context": context}, "")
     return info, version, _json_layers(metadata)
+
+
+def context_problem(context: str, supercategories: tuple[str, ...]) -> str | None:
+    """What is wrong with a concept's context words, or None: they must be the first
+    supercategory's words before its last (a concept renders them before its token, and
+    global locking reads the rest of that supercategory in its place), written as
+    `tokens.leading_words` writes them."""
+    if not context:
+        return None
+    first = supercategories[0].split() if supercategories else []
+    if context.split() != first[:-1] or " ".join(context.split()) != context:
+        return (f"context {context[:80]!r} is not the words before the last of the "
+                f"supercategory {' '.join(first)[:80]!r}")
+    return None
 
 
 def _json_field(metadata: Mapping[str, str], key: str, kind: type) -> Any:

@@ -1,6 +1,6 @@
 """The concept artifact: one safetensors file per concept, saved atomically, read strictly.
 
-File layout (format_version "3"), every tensor float32 (or every one float16, `half=True`),
+File layout (format_version "4"), every tensor float32 (or every one float16, `half=True`),
 every metadata value a string; only what loading needs (docs/runtime.md, "The concept file"):
 
     embedding [D_tok]   the token's input embedding
@@ -9,17 +9,19 @@ every metadata value a string; only what loading needs (docs/runtime.md, "The co
                         pipeline's W_K when loading (12,480 floats fewer for SD 1.5)
       or o_k  [ΣO]      keys trained (the benchmarks' ablation): every layer's o*_K
     o_v       [ΣO]      every layer's o*_V, concatenated in the order of `layers`
-    metadata  format="perfusion-concept", format_version="3", token, supercategory (the
+    metadata  format="perfusion-concept", format_version="4", token, supercategory (the
               first: global locking renders through it), lock, positions ("all": edited at
-              every text position; "prompt": up to its end-of-text token), base_model,
-              base_fingerprint,
+              every text position; "prompt": up to its end-of-text token), context (the
+              supercategory's words before its last, which stand before the token in every
+              prompt; "" for none), base_model, base_fingerprint,
               cinv_fingerprint, layers (JSON object {attn2 module path: O}, in order)
 
 What explains or rebuilds a concept (all supercategories, adjectives, options, the plan's
 key) is in the store's manifest and the build history, not here: the file's size does not
 grow with templates or adjectives. Formats "1" (four float32 tensors, o_k in full, every
 option in the metadata) and "2" (format 3 without `positions`) are still read, as concepts
-edited at every position, as they were trained.
+edited at every position, as they were trained; and "3" (format 4 without `context`), as
+concepts trained without context words.
 """
 
 from __future__ import annotations
@@ -113,6 +115,21 @@ class Concept(ConceptInfo):
         return str(self.options.get("positions", "all"))
 
     @property
+    def context(self) -> str:
+        """The words that stand before its token wherever a prompt is encoded: its first
+        supercategory's leading words, as it was trained (`tokens.leading_words`); "" for
+        concepts trained without them (files before format 4)."""
+        return str(self.options.get("context", ""))
+
+    @property
+    def stands_for(self) -> str:
+        """What its token stands for in the supercategory prompt that global locking reads
+        its keys from: the first supercategory, less the context words that the prompt
+        already holds before the token."""
+        first = self.supercategories[0] if self.supercategories else ""
+        return " ".join(first.split()[len(self.context.split()):])
+
+    @property
     def layers(self) -> dict[str, int]:
         """Layer path -> output width O of its to_k/to_v, in the order of `o_k`."""
         return {name: int(t.numel()) for name, t in self.o_k.items()}
@@ -162,6 +179,11 @@ def _concept_problem(c: Concept) -> str | None:
         return f"key must be lowercase hex, got {c.key!r}"
     if c.positions not in POSITIONS:
         return f"options positions must be one of {', '.join(POSITIONS)}, got {c.positions!r}"
+    if not isinstance(c.options.get("context", ""), str):
+        return "options context must be a string"
+    problem = concept_file.context_problem(c.context, c.supercategories)
+    if problem:
+        return problem
     if not c.o_k:
         return "no layers"
     if "" in c.o_k:
@@ -250,7 +272,8 @@ def _metadata(c: Concept) -> dict[str, str]:
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "token": c.token,
         "supercategory": c.supercategories[0] if c.supercategories else "",
-        "lock": c.lock, "positions": c.positions, "base_model": c.base_model,
+        "lock": c.lock, "positions": c.positions, "context": c.context,
+        "base_model": c.base_model,
         "base_fingerprint": c.base_fingerprint, "cinv_fingerprint": c.cinv_fingerprint,
         "layers": _compact(c.layers),
     }

@@ -36,6 +36,7 @@ from .tokens import (
     placeholder,
     remove_extension,
     rewrite,
+    with_context,
 )
 
 # Images per pipeline call when none is given: one on the CPU, where torch's kernels give
@@ -109,10 +110,17 @@ class Applied:
             {n: torch.stack([c.o_v[n] for c in chosen]).to(device) for n in layers},
             beta=torch.tensor(betas), lock=lock)
 
+    def with_context(self, prompt: str) -> str:
+        """The prompt as the text encoder reads it: each concept token after its context
+        words (`Concept.context`, once), as the concept was trained."""
+        return with_context(prompt, {t: c.context for t, c in self.concepts.items()})
+
     def supercategory_prompt(self, prompt: str) -> str:
-        """The prompt with each concept token replaced by its (first) supercategory."""
-        return TOKEN.sub(lambda m: self.concepts[m.group()].supercategories[0]
-                         if m.group() in self.concepts else m.group(), prompt)
+        """The prompt with each concept token (after its context words) replaced by what it
+        stands for: its first supercategory, whole."""
+        return TOKEN.sub(lambda m: self.concepts[m.group()].stands_for
+                         if m.group() in self.concepts else m.group(),
+                         self.with_context(prompt))
 
     def __call__(self, prompt: str | Sequence[str], *, seed: int | Sequence[int] = 0,
                  strength: float | Mapping[str, float] = DEFAULT_STRENGTH,
@@ -132,6 +140,7 @@ class Applied:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         seeds = _seeds(seed, len(prompts))
         self._warn_unknown(prompts)
+        prompts = [self.with_context(p) for p in prompts]
         named = [tuple(self.tokens_in([p])) for p in prompts]
         sets: dict[tuple[str, ...], ConceptSet | None] = {}
         for names in named:
@@ -216,16 +225,17 @@ class Applied:
         return out
 
     def supercategory_encodings(self, prompts: Sequence[str]) -> Tensor:
-        """What global key locking reads its keys from [B, 77, D]: the prompts encoded with
-        each concept's (first) supercategory in place of its token, position by position in
-        line with the prompts' own encodings (`text.splice`): a supercategory of several
-        tokens ("teddy bear") is read at its last, and the words after it where they sit in
-        the prompt."""
-        texts = [rewrite(p, self.concepts) for p in prompts]
+        """What global key locking reads its keys from [B, 77, D]: the prompts, read with each
+        concept's context words before its token as `__call__` reads them, encoded with what
+        each token stands for (`Concept.stands_for`) in its place, position by position in
+        line with the prompts' own encodings (`text.splice`): what spans several tokens
+        ("teddy bear" of a concept without context words) is read at its last, and the words
+        after it where they sit in the prompt."""
+        texts = [rewrite(self.with_context(p), self.concepts) for p in prompts]
         spliced, takes = [], None
         for tokenizer, _ in text.pairs(self.pipe):
             words = {int(tokenizer.convert_tokens_to_ids(placeholder(token))):
-                     text.word_ids(tokenizer, concept.supercategories[0])
+                     text.word_ids(tokenizer, concept.stands_for)
                      for token, concept in self.concepts.items()}
             rows = [text.splice(row.tolist(), words, int(tokenizer.eos_token_id))
                     for row in text.tokenize(tokenizer, texts)]

@@ -22,6 +22,34 @@ def placeholder(token: str) -> str:
     return f"<pf-{hashlib.sha256(token.encode('utf-8')).hexdigest()[:12]}>"
 
 
+def leading_words(supercategory: str) -> str:
+    """The words of a supercategory phrase before its last ("purple and yellow striped" of
+    "purple and yellow striped diamond"; "" of one word): the context a concept's token is
+    read in, in training and rendering alike, while the token stands for the last word
+    (docs/runtime.md, "The supercategory's leading words")."""
+    return " ".join(supercategory.split()[:-1])
+
+
+def with_context(prompt: str, contexts: Mapping[str, str]) -> str:
+    """`prompt` with each concept token of `contexts` preceded by its context words, unless
+    the prompt already has those words right before it ("a purple badge*" gets "purple and
+    yellow striped" once: "a purple purple and yellow striped badge*" would be a new prompt,
+    but a prompt that already says the words keeps them once). Matching ignores case and
+    runs of white space, as CLIP's tokenizer does."""
+
+    def expand(m: re.Match[str]) -> str:
+        words = contexts.get(m.group(), "").split()
+        if not words:
+            return m.group()
+        before = prompt[:m.start()].split()
+        said = before[len(before) - len(words):] if len(before) >= len(words) else []
+        if [w.lower() for w in said] == [w.lower() for w in words]:
+            return m.group()
+        return " ".join(words) + " " + m.group()
+
+    return TOKEN.sub(expand, prompt)
+
+
 def rewrite(prompt: str, tokens: Iterable[str]) -> str:
     """`prompt` with each known concept token replaced by its placeholder."""
     known = set(tokens)

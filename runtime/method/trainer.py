@@ -30,9 +30,11 @@ from .processor import ConceptState, install
 from .tokens import (
     add_concepts,
     extended_embedding,
+    leading_words,
     positions,
     remove_extension,
     rewrite,
+    with_context,
 )
 
 EMA_DECAY = 0.99  # i* is an exponential moving average (docs/runtime.md)
@@ -204,14 +206,14 @@ def _super_hidden(pipe: Any, templates: Sequence[str], sup: str, adjectives: Seq
 
 
 @torch.no_grad()
-def initial_embedding(pipe: Any, subject: Subject) -> Tensor:
-    """The mean input embedding of the first supercategory's tokens, in each encoder's own
-    table, side by side (SDXL: a row for each encoder)."""
+def initial_embedding(pipe: Any, words: str) -> Tensor:
+    """The mean input embedding of the tokens of `words` (the word the token stands for: the
+    first supercategory, or its last word when the words before it stand before the token),
+    in each encoder's own table, side by side (SDXL: a row for each encoder)."""
     starts = []
     for tokenizer, encoder in text.pairs(pipe):
         base = extended_embedding(encoder).base
-        ids = torch.tensor(text.word_ids(tokenizer, subject.supercategories[0]),
-                           device=base.weight.device)
+        ids = torch.tensor(text.word_ids(tokenizer, words), device=base.weight.device)
         starts.append(base(ids).float().mean(0))
     return torch.cat(starts)
 
@@ -248,6 +250,12 @@ class Method:
     # the rest of the image for the same fidelity (docs/runtime.md, "Which positions the
     # edit touches"). The artifact records it, and rendering follows it.
     positions = "prompt"
+    # whether the first supercategory's leading words ("purple and yellow striped" of
+    # "purple and yellow striped diamond") stand before the token, in training and rendering
+    # alike, so that the token is read where the supercategory's last word is read for
+    # i_super: one position cannot carry a whole phrase (docs/runtime.md, "The
+    # supercategory's leading words"). The benchmarks' ablation `NoContext` turns it off.
+    context = True
 
     def key_target(self, locked: Tensor) -> Tensor:
         """o*_K of one layer, from its locked value W_K i_super: that value, a constant."""
@@ -299,6 +307,7 @@ class _Run:
     method: Method = PERFUSION
     embedding_2: nn.Parameter | None = None  # SDXL: the token's row in the second encoder
     noise: Any = None  # noise_schedule.schedule of the pipeline's scheduler
+    context: str = ""  # the words before the token in every caption (`tokens.leading_words`)
 
     def __post_init__(self) -> None:
         if self.noise is None:
@@ -387,7 +396,11 @@ def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor,
         masks = load_masks(subject.masks, latents.shape[-1], recipe.flip, subject.mask_sha256)
     elif recipe.mask == "attention":
         masks = binarise(attention_maps_for(pipe, subject, recipe, latents))  # `mask: attention`
-    start = initial_embedding(pipe, subject)
+    # the first supercategory's leading words stand before the token in every caption, and
+    # the token for its last word (docs/runtime.md, "The supercategory's leading words")
+    first = subject.supercategories[0]
+    context = leading_words(first) if method.context else ""
+    start = initial_embedding(pipe, first.split()[-1] if context else first)
     rows: list[nn.Parameter] = []
     first_id = None
     for (tokenizer, encoder), part in zip(text.pairs(pipe), torch.split(
@@ -403,7 +416,7 @@ def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor,
     generator = torch.Generator().manual_seed(recipe.seed)
     return _Run(pipe, subject, recipe, cinv.float(), first_id, rows[0],
                 o_k, o_v, latents, masks, generator, i_super=i_super, method=method,
-                embedding_2=rows[1] if len(rows) > 1 else None)
+                embedding_2=rows[1] if len(rows) > 1 else None, context=context)
 
 
 def _batch(run: _Run, size: int) -> tuple[Tensor, Tensor | None, list[str], list[str]]:
@@ -420,8 +433,9 @@ def _batch(run: _Run, size: int) -> tuple[Tensor, Tensor | None, list[str], list
         which = torch.randint(0, len(templates), (size,), generator=run.generator)
         chosen = [templates[int(t)] for t in which]
     subject = run.subject
-    prompts = [rewrite(captions(t, subject.token, subject.adjectives), [subject.token])
-               for t in chosen]
+    contexts = {subject.token: run.context}
+    prompts = [rewrite(with_context(captions(t, subject.token, subject.adjectives), contexts),
+                       [subject.token]) for t in chosen]
     supers = [captions(t, subject.supercategories[0], subject.adjectives) for t in chosen]
     masks = run.masks[pick] if run.masks is not None else None
     return run.latents[pick], masks, prompts, supers
@@ -663,7 +677,8 @@ def _concept(run: _Run, cinv_fingerprint: str, base_fingerprint: str,
         adjectives=subject.adjectives, base_model=subject.base_model,
         base_fingerprint=base_fingerprint, cinv_fingerprint=cinv_fingerprint,
         # where the edit applied in training (_micro_step): so it renders
-        options={**options, "positions": run.method.positions}, key=subject.key,
+        options={**options, "positions": run.method.positions, "context": run.context},
+        key=subject.key,
         # SDXL: both encoders' rows side by side, split again by their widths when loaded
         embedding=torch.cat([e.detach().float().cpu() for e in run.embeddings]),
         i_star=run.i_star.detach().float().cpu().clone(),

@@ -143,7 +143,7 @@ def test_roundtrip_bit_exact(tmp_path: Path) -> None:
     # only what loading needs: the rest is in the store's manifest and the build history
     assert again.supercategories == concept.supercategories[:1]
     assert (again.adjectives, again.options, again.key) == (
-        (), {"lock": "local", "positions": concept.positions}, "")
+        (), {"lock": "local", "positions": concept.positions, "context": ""}, "")
     assert again.num_floats == concept.num_floats == size_for(LAYERS, D_TOKEN, D_TEXT)
     assert encode(again) == path.read_bytes()
     umask = os.umask(0o022)
@@ -162,12 +162,13 @@ def test_file_holds_four_float32_tensors_and_string_metadata(saved: Path) -> Non
     assert sorted(tensors) == ["embedding", "i_star", "o_k", "o_v"]
     assert all(t.dtype == torch.float32 and t.dim() == 1 for t in tensors.values())
     assert metadata["format"] == "perfusion-concept"
-    assert metadata["format_version"] == "3"
+    assert metadata["format_version"] == "4"
     assert json.loads(metadata["layers"]) == LAYERS
     assert metadata["supercategory"] == "teddy bear"
     assert metadata["lock"] == "local"
     assert metadata["positions"] == "all"  # make_concept's: no "positions" option
-    assert sorted(metadata) == sorted(concept_file._METADATA_KEYS["3"])  # no options, no adjectives
+    assert metadata["context"] == ""  # nor "context"
+    assert sorted(metadata) == sorted(concept_file._METADATA_KEYS["4"])  # no options, no adjectives
     assert tensors["o_k"].numel() == sum(LAYERS.values())
 
 
@@ -350,10 +351,10 @@ def test_M1_rejects_wrong_dtype(saved: Path) -> None:
 
 
 def test_M1_rejects_unknown_format_version(saved: Path) -> None:
-    for version in ("4", "0", "1.0", ""):
+    for version in ("5", "0", "1.0", ""):
         error = assert_rejected(rewrite(saved, format_version=version),
                                 f"format version {version!r} is not supported", "reads format "
-                                "version 1, 2, 3")
+                                "version 1, 2, 3, 4")
         assert "1" in error.problem
     assert_rejected(rewrite(saved, format_version=None), "format version None")
 
@@ -367,10 +368,39 @@ def test_positions_round_trip_and_older_formats_edit_every_position(saved: Path,
     save(trained, path)
     assert read_parts(path)[1]["positions"] == "prompt"
     assert load(path).positions == "prompt"
-    older = rewrite(path, format_version="2", positions=None)
+    older = rewrite(path, format_version="2", positions=None, context=None)
     assert load(older).positions == "all"
     with pytest.raises(InvalidConcept, match="positions must be one of prompt, all"):
         make_concept(options={"positions": "words"})
+
+
+def test_context_round_trips_and_format_3_files_load_without(tmp_path: Path) -> None:
+    """A concept trained with its supercategory's leading words before the token keeps them
+    in the file, and renders with them; a file of format 3, which has no such field, was
+    trained without and loads with none."""
+    trained = make_concept(options={"lock": "local", "positions": "prompt", "context": "teddy"})
+    assert (trained.context, trained.stands_for) == ("teddy", "bear")
+    path = tmp_path / "trained.safetensors"
+    save(trained, path)
+    assert read_parts(path)[1]["context"] == "teddy"
+    again = load(path)
+    assert (again.context, again.stands_for) == ("teddy", "bear")
+    older = rewrite(path, format_version="3", context=None)
+    assert (load(older).context, load(older).stands_for) == ("", "teddy bear")
+    assert_rejected(rewrite(path, format_version="3"), "unexpected context")
+
+
+def test_context_must_be_the_supercategorys_leading_words(saved: Path) -> None:
+    """Anything else would render words the concept was not trained with, and global locking
+    would read a supercategory prompt that is not the supercategory."""
+    for wrong in ("bear", "teddy bear", "fluffy", "teddy ", "Teddy"):
+        with pytest.raises(InvalidConcept, match="is not the words before the last"):
+            make_concept(options={"context": wrong})
+        assert_rejected(rewrite(saved, context=wrong), "is not the words before the last")
+    with pytest.raises(InvalidConcept, match="context must be a string"):
+        make_concept(options={"context": ["teddy"]})
+    assert make_concept(supercategories=("purple and yellow striped diamond",), options={
+        "context": "purple and yellow striped"}).stands_for == "diamond"
 
 
 def test_M1_rejects_other_safetensors_files(saved: Path, tmp_path: Path) -> None:
@@ -388,8 +418,10 @@ def test_M1_rejects_bad_metadata(saved: Path) -> None:
     assert_rejected(rewrite(saved, lock="sideways"), "lock is 'sideways'")
     assert_rejected(rewrite(saved, positions="padding"), "positions is 'padding'")
     assert_rejected(rewrite(saved, positions=None), "lacks positions")
+    assert_rejected(rewrite(saved, context=None), "lacks context")
     assert_rejected(rewrite(saved, token=""), "the token is empty")
     old = rewrite(saved, format_version="1", supercategory=None, lock=None, positions=None,
+                  context=None,
                   key="XYZ",
                   supercategories="toy", adjectives="[1]", options="[]")
     assert_rejected(old, "supercategories is not a JSON list")

@@ -191,8 +191,15 @@ def test_M4_image_k_same_alone_in_batch_and_any_order(
     assert not np.array_equal(batch[0], batch[3])  # the seeds and prompts do matter
 
 
+@pytest.mark.parametrize("context", ["teddy", ""], ids=["as-trained", "without-context"])
 def test_global_locking_renders_through_the_supercategory_prompt(
-        pipe: Any, teddy: Concept, cinv: Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+        pipe: Any, teddy: Concept, cinv: Tensor, monkeypatch: pytest.MonkeyPatch,
+        context: str) -> None:
+    """As trained, "teddy" stands before the token and the token for "bear" alone; without
+    context words (files before format 4) the token stands for "teddy bear", two tokens, and
+    the supercategory prompt's encodings are moved into line with the prompt's."""
+    assert teddy.context == "teddy"  # the trainer's: the supercategory's leading words
+    teddy = teddy.with_options(context=context)
     prompts = ["a photo of teddy*", "teddy* on a beach"]
     with apply_concepts(pipe, [teddy], cinv=cinv) as applied:
         local = applied(prompts, seed=[0, 1], **RENDER)
@@ -221,13 +228,16 @@ def test_global_locking_renders_through_the_supercategory_prompt(
 
 def in_line(applied: Applied, prompt: str) -> Tensor:
     """The supercategory prompt's encodings (the pipeline's own encoding of its text) moved
-    into line with `prompt`'s positions: the concept's position holds the supercategory's
-    last token, every later word and the end of text the token that many places on, and the
-    padding its own position (the end of text where the longer text still has words)."""
+    into line with `prompt`'s positions (after its context words): the concept's position
+    holds the last token of what it stands for, every later word and the end of text the
+    token that many places on, and the padding its own position (the end of text where the
+    longer text still has words)."""
     tokenizer = applied.pipe.tokenizer
-    sup_tokens = len(tokenizer("teddy bear", add_special_tokens=False).input_ids)
-    assert sup_tokens >= 2  # so that the words after it do move
-    ids = tokenizer(rewrite(prompt, ["teddy*"])).input_ids
+    stands_for = applied.concepts["teddy*"].stands_for
+    sup_tokens = len(tokenizer(stands_for, add_special_tokens=False).input_ids)
+    # without context words, "teddy bear" is two tokens: the words after it do move
+    assert sup_tokens >= 2 or applied.concepts["teddy*"].context
+    ids = tokenizer(rewrite(applied.with_context(prompt), ["teddy*"])).input_ids
     at = ids.index(tokenizer.convert_tokens_to_ids(placeholder("teddy*")))
     end = ids.index(tokenizer.eos_token_id)
     length = tokenizer.model_max_length
@@ -320,8 +330,10 @@ def test_the_edit_stops_at_each_prompts_end_of_text(
     stopping = teddy
     everywhere = teddy.with_options(positions="all")
     prompt, negative = "teddy* on a beach", "blurry"
-    # the token is one added token in the prompt the encoder reads
-    words = 1 + len(pipe.tokenizer(" on a beach", add_special_tokens=False).input_ids)
+    # the prompt the encoder reads: the context word "teddy", the token (one added token)
+    # and the words after it
+    assert teddy.context == "teddy"
+    words = 1 + len(pipe.tokenizer("teddy on a beach", add_special_tokens=False).input_ids)
     seen: list[Tensor | None] = []
     for concept in (stopping, everywhere):
         with apply_concepts(pipe, [concept], cinv=cinv) as applied:

@@ -15,10 +15,12 @@ from perfusion_runtime.method import text
 from perfusion_runtime.method.tokens import (
     ExtendedEmbedding,
     add_concepts,
+    leading_words,
     placeholder,
     positions,
     remove_extension,
     rewrite,
+    with_context,
 )
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "runtime" / "tokenizer"
@@ -41,6 +43,49 @@ def test_tokens_are_case_sensitive_through_placeholders() -> None:
     assert placeholder("me*") == placeholder("me*")
     assert rewrite("me* and Me* hug teddy* (5* stars)", ["me*", "Me*"]) == \
         f"{placeholder('me*')} and {placeholder('Me*')} hug teddy* (5* stars)"
+
+
+def test_a_supercategorys_leading_words_are_all_but_its_last() -> None:
+    assert leading_words("purple and yellow striped diamond") == "purple and yellow striped"
+    assert leading_words("  teddy   bear ") == "teddy"
+    assert leading_words("person") == ""
+    assert leading_words("sunflower") == ""  # one word, however many tokens
+
+
+def test_context_words_stand_before_each_token_once() -> None:
+    contexts = {"badge*": "purple and yellow striped", "me*": ""}
+    assert with_context("a small badge* on the left", contexts) == \
+        "a small purple and yellow striped badge* on the left"
+    # said already (any case, any spacing): kept once; said in part: the whole context
+    assert with_context("a Purple and  yellow STRIPED badge*", contexts) == \
+        "a Purple and  yellow STRIPED badge*"
+    assert with_context("a striped badge*", contexts) == \
+        "a striped purple and yellow striped badge*"
+    assert with_context("badge* beside badge*, me* and you*", contexts) == \
+        ("purple and yellow striped badge* beside purple and yellow striped badge*, me* "
+         "and you*")  # no context, or not a concept of `contexts`: as it was
+    assert with_context("a small badge*", {}) == "a small badge*"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["a", "badge*", "striped", "yellow", "and", "Purple", ",",
+                                 "me*", "on"]), max_size=12))
+def test_with_context_is_idempotent_and_adds_only_the_context(words: list[str]) -> None:
+    """The renderer applies it to prompts that may already have been through it (the
+    supercategory prompt of an expanded prompt): a second pass must change nothing. And it
+    only ever inserts the context words, before tokens."""
+    contexts = {"badge*": "purple and yellow striped"}
+    prompt = " ".join(words)
+    once = with_context(prompt, contexts)
+    assert with_context(once, contexts) == once
+    assert once.replace("purple and yellow striped ", "").split() == \
+        prompt.replace("purple and yellow striped ", "").split() or \
+        "purple and yellow striped" in prompt.lower()
+    assert once.count("badge*") == prompt.count("badge*")
+    for k, word in enumerate(once.split()):
+        if word == "badge*":
+            assert [w.lower() for w in once.split()[max(0, k - 4):k]] == \
+                ["purple", "and", "yellow", "striped"]
 
 
 def test_added_tokens_get_their_vectors_and_base_rows_stay(

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from perfusion_dsl.plan import LearnOptions
-from perfusion_runtime.method import artifact, trainer
+from perfusion_runtime.method import artifact, text, trainer
 from perfusion_runtime.method import noise as forward
 from perfusion_runtime.method.artifact import Concept
 from perfusion_runtime.method.covariance import cinv_for
@@ -24,7 +24,7 @@ from perfusion_runtime.method.layers import cross_attention_layers
 from perfusion_runtime.method.processor import PerfusionAttnProcessor
 from perfusion_runtime.method.render import apply_concepts
 from perfusion_runtime.method.tiny import tiny_pipeline
-from perfusion_runtime.method.tokens import rewrite
+from perfusion_runtime.method.tokens import extended_embedding, placeholder, rewrite
 from perfusion_runtime.method.trainer import (
     NonFiniteLoss,
     Progress,
@@ -497,6 +497,36 @@ def test_attention_mask_marks_only_the_substituted_word(monkeypatch: pytest.Monk
     assert where[0] != where[1]
 
 
+def test_the_token_stands_for_the_supercategorys_last_word_after_the_others(
+        subject: Subject, cinv: tuple[Tensor, str]) -> None:
+    """With a phrase as first supercategory ("teddy bear"), every caption puts its leading
+    words before the token, the token starts from the last word's embedding, and the
+    concept records the words so that rendering puts them there too; a method without
+    context (the benchmarks' `NoContext`) reads the token alone, started from the mean of
+    the whole phrase's embeddings, as before."""
+
+    class NoContext(trainer.Method):
+        name = "no_context"
+        context = False
+
+    pipe = tiny_pipeline(0)
+    table = extended_embedding(pipe.text_encoder).base.weight
+
+    def mean_embedding(words: str) -> Tensor:
+        return table[text.word_ids(pipe.tokenizer, words)].float().mean(0)
+
+    with_words = trainer._prepare(pipe, subject, RECIPE, cinv[0])
+    assert with_words.context == "teddy"
+    assert torch.equal(with_words.embedding.detach(), mean_embedding("bear"))
+    _, _, prompts, _ = trainer._batch(with_words, 4)
+    assert all(p.endswith(f"teddy {placeholder(subject.token)}") for p in prompts), prompts
+    bare = trainer._prepare(tiny_pipeline(0), subject, RECIPE, cinv[0], NoContext())
+    assert bare.context == ""
+    assert torch.equal(bare.embedding.detach(), mean_embedding("teddy bear"))
+    _, _, prompts, _ = trainer._batch(bare, 4)
+    assert not any("teddy" in p for p in prompts), prompts
+
+
 def test_each_image_is_trained_with_its_own_caption(subject: Subject,
                                                     cinv: tuple[Tensor, str]) -> None:
     """With `captions` (one per image), every batch row is captioned with its own image's
@@ -513,9 +543,12 @@ def test_each_image_is_trained_with_its_own_caption(subject: Subject,
     for row, prompt, sup in zip(latents, prompts, supers, strict=True):
         (k,) = [k for k in range(2 * count) if torch.equal(run.latents[k], row)]
         caption = own[k % count]
-        assert prompt == rewrite(trainer.captions(caption, subject.token, subject.adjectives),
-                                 [subject.token])
+        # the supercategory's leading words ("teddy" of "teddy bear") before the token
+        assert prompt == rewrite(trainer.captions(caption, f"teddy {subject.token}",
+                                                  subject.adjectives), [subject.token])
         assert sup == trainer.captions(caption, subject.supercategories[0], subject.adjectives)
+        # so the token is read where i_super reads the supercategory's last word
+        assert prompt.replace(placeholder(subject.token), "bear") == sup
         seen.add(k)
     assert len(seen) > count  # originals and mirrored copies were both drawn
     assert torch.equal(run.i_super, super_encoding(pipe, subject, own))
