@@ -386,8 +386,36 @@ def _checkpointing(unet: Any, wanted: bool) -> Iterator[None]:
             unet.disable_gradient_checkpointing()
 
 
+def without_context(template: str, context: str, adjectives: Sequence[str]) -> str:
+    """`template` less the context words where it already says them right before its `{}`
+    ("a purple and yellow striped {} on the left" → "a {} on the left"; not when adjectives
+    stand between): `with_context` puts them back before the token once, and i_super's
+    caption, the supercategory in the token's place, then holds them once too, so that the
+    token and the supercategory's last word are read in the same caption."""
+    words = context.split()
+    before, brace, after = template.partition("{}")
+    if not words or not brace or adjectives:
+        return template
+    said = before.split()
+    if len(said) < len(words) or [w.lower() for w in said[-len(words):]] != \
+            [w.lower() for w in words]:
+        return template
+    kept = before.rstrip()
+    for word in reversed(said[-len(words):]):
+        kept = kept[:len(kept) - len(word)].rstrip()
+    return (kept + " " if kept else "") + brace + after
+
+
 def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor,
              method: Method = PERFUSION) -> _Run:
+    # the first supercategory's leading words stand before the token in every caption, and
+    # the token for its last word (docs/runtime.md, "The supercategory's leading words")
+    first = subject.supercategories[0]
+    context = leading_words(first) if method.context else ""
+    recipe = dataclasses.replace(
+        recipe, templates=tuple(without_context(t, context, subject.adjectives)
+                                for t in recipe.templates),
+        captions=tuple(without_context(t, context, subject.adjectives) for t in recipe.captions))
     resolution = recipe.resolution or native_resolution(pipe)
     pixels = load_images(subject.images, resolution, recipe.flip, subject.image_sha256)
     latents = encode_latents(pipe, pixels)
@@ -396,10 +424,6 @@ def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor,
         masks = load_masks(subject.masks, latents.shape[-1], recipe.flip, subject.mask_sha256)
     elif recipe.mask == "attention":
         masks = binarise(attention_maps_for(pipe, subject, recipe, latents))  # `mask: attention`
-    # the first supercategory's leading words stand before the token in every caption, and
-    # the token for its last word (docs/runtime.md, "The supercategory's leading words")
-    first = subject.supercategories[0]
-    context = leading_words(first) if method.context else ""
     start = initial_embedding(pipe, first.split()[-1] if context else first)
     rows: list[nn.Parameter] = []
     first_id = None

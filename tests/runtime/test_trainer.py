@@ -520,11 +520,34 @@ def test_the_token_stands_for_the_supercategorys_last_word_after_the_others(
     assert torch.equal(with_words.embedding.detach(), mean_embedding("bear"))
     _, _, prompts, _ = trainer._batch(with_words, 4)
     assert all(p.endswith(f"teddy {placeholder(subject.token)}") for p in prompts), prompts
+    # a caption that already says the words before `{}` says them once, and so does
+    # i_super's: the token and "bear" are still read in the same caption
+    plain = dataclasses.replace(subject, adjectives=())
+    own = ("a Teddy {} at the beach", "a {} in the snow", "the teddy  {} on the moon")
+    said = trainer._prepare(tiny_pipeline(0), plain, dataclasses.replace(RECIPE, captions=own),
+                            cinv[0])
+    _, _, prompts, supers = trainer._batch(said, 12)
+    for prompt, sup in zip(prompts, supers, strict=True):
+        assert prompt.lower().count("teddy") == 1 and sup.count("teddy") == 1, (prompt, sup)
+        assert prompt.replace(placeholder(subject.token), "bear") == sup
+    assert torch.equal(said.i_super, super_encoding(tiny_pipeline(0), plain, (
+        "a {} at the beach", "a {} in the snow", "the {} on the moon")))
     bare = trainer._prepare(tiny_pipeline(0), subject, RECIPE, cinv[0], NoContext())
     assert bare.context == ""
     assert torch.equal(bare.embedding.detach(), mean_embedding("teddy bear"))
     _, _, prompts, _ = trainer._batch(bare, 4)
     assert not any("teddy" in p for p in prompts), prompts
+
+
+def test_a_template_that_says_the_context_words_says_them_once() -> None:
+    strip = trainer.without_context
+    assert strip("a purple and yellow striped {} on the left", "purple and yellow striped",
+                 ()) == "a {} on the left"
+    assert strip("Purple  and yellow STRIPED {}", "purple and yellow striped", ()) == "{}"
+    assert strip("a striped {}", "purple and yellow striped", ()) == "a striped {}"
+    assert strip("a teddy {}", "teddy", ("brown",)) == "a teddy {}"  # adjectives between
+    assert strip("a teddy {}", "", ()) == "a teddy {}"
+    assert strip("a {} and a teddy {}", "teddy", ()) == "a {} and a teddy {}"  # the first only
 
 
 def test_each_image_is_trained_with_its_own_caption(subject: Subject,
