@@ -209,7 +209,7 @@ def context_problem(context: str, supercategories: tuple[str, ...]) -> str | Non
     if not context:
         return None
     first = supercategories[0].split() if supercategories else []
-    if context.split() != first[:-1] or " ".join(context.split()) != context:
+    if context != " ".join(first[:-1]):
         return (f"context {context[:80]!r} is not the words before the last of the "
                 f"supercategory {' '.join(first)[:80]!r}")
     return None

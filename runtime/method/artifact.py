@@ -51,6 +51,7 @@ from ..files.concept_file import (  # the format's constants and description: on
     ConceptInfo,
 )
 from ..files.safetensors_file import FormatProblem, canonical, names_of, read_file
+from . import tokens
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_FILE_BYTES", "SUPPORTED_VERSIONS", "ArtifactError",
            "Concept", "ConceptInfo", "InvalidConcept", "encode", "load", "locked_key_targets",
@@ -126,8 +127,8 @@ class Concept(ConceptInfo):
         """What its token stands for in the supercategory prompt that global locking reads
         its keys from: the first supercategory, less the context words that the prompt
         already holds before the token."""
-        first = self.supercategories[0] if self.supercategories else ""
-        return " ".join(first.split()[len(self.context.split()):])
+        return tokens.stands_for(self.supercategories[0] if self.supercategories else "",
+                                 self.context)
 
     @property
     def layers(self) -> dict[str, int]:

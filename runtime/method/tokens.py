@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,20 @@ def leading_words(supercategory: str) -> str:
     return " ".join(supercategory.split()[:-1])
 
 
+def stands_for(supercategory: str, context: str) -> str:
+    """What a token read after `context` stands for: the supercategory less those words (its
+    last word; the whole supercategory when there is no context)."""
+    return " ".join(supercategory.split()[len(context.split()):])
+
+
+def ends_with_words(text: str, words: Sequence[str]) -> bool:
+    """Whether `text`'s last words are `words`, ignoring case and runs of white space, as
+    CLIP's tokenizer does."""
+    said = text.split()
+    return len(said) >= len(words) and \
+        [w.lower() for w in said[len(said) - len(words):]] == [w.lower() for w in words]
+
+
 def with_context(prompt: str, contexts: Mapping[str, str]) -> str:
     """`prompt` with each concept token of `contexts` preceded by its context words, unless
     the prompt already has those words right before it ("a purple badge*" gets "purple and
@@ -41,9 +55,7 @@ def with_context(prompt: str, contexts: Mapping[str, str]) -> str:
         words = contexts.get(m.group(), "").split()
         if not words:
             return m.group()
-        before = prompt[:m.start()].split()
-        said = before[len(before) - len(words):] if len(before) >= len(words) else []
-        if [w.lower() for w in said] == [w.lower() for w in words]:
+        if ends_with_words(prompt[:m.start()], words):
             return m.group()
         return " ".join(words) + " " + m.group()
 

@@ -29,11 +29,13 @@ from .layers import cross_attention_layers
 from .processor import ConceptState, install
 from .tokens import (
     add_concepts,
+    ends_with_words,
     extended_embedding,
     leading_words,
     positions,
     remove_extension,
     rewrite,
+    stands_for,
     with_context,
 )
 
@@ -394,14 +396,10 @@ def without_context(template: str, context: str, adjectives: Sequence[str]) -> s
     token and the supercategory's last word are read in the same caption."""
     words = context.split()
     before, brace, after = template.partition("{}")
-    if not words or not brace or adjectives:
-        return template
-    said = before.split()
-    if len(said) < len(words) or [w.lower() for w in said[-len(words):]] != \
-            [w.lower() for w in words]:
+    if not words or not brace or adjectives or not ends_with_words(before, words):
         return template
     kept = before.rstrip()
-    for word in reversed(said[-len(words):]):
+    for word in reversed(before.split()[-len(words):]):
         kept = kept[:len(kept) - len(word)].rstrip()
     return (kept + " " if kept else "") + brace + after
 
@@ -424,7 +422,7 @@ def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor,
         masks = load_masks(subject.masks, latents.shape[-1], recipe.flip, subject.mask_sha256)
     elif recipe.mask == "attention":
         masks = binarise(attention_maps_for(pipe, subject, recipe, latents))  # `mask: attention`
-    start = initial_embedding(pipe, first.split()[-1] if context else first)
+    start = initial_embedding(pipe, stands_for(first, context))
     rows: list[nn.Parameter] = []
     first_id = None
     for (tokenizer, encoder), part in zip(text.pairs(pipe), torch.split(
