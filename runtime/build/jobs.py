@@ -257,6 +257,9 @@ class Rendered:
     guidance: float
     width: int
     height: int
+    # the prompt as the text encoder read it: each concept token after its context words
+    # (docs/runtime.md, "The supercategory's leading words")
+    as_read: str
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -446,5 +449,6 @@ def _render_group(applied: Any, renders: Sequence[RenderStep], indices: list[int
                      strength=first.strength, negative_prompt=first.options.negative,
                      **options)
     steps, guidance, width, height = _effective(applied.pipe, options)
-    return [Rendered(i, image, steps, guidance, width, height)
+    return [Rendered(i, image, steps, guidance, width, height,
+                     applied.with_context(renders[i].prompt))
             for i, image in zip(indices, images, strict=True)]

@@ -342,6 +342,8 @@ def provenance(r: RenderStep, image: Rendered, inputs: dict[str, Any], key: str)
         "spec": _where(r.file, r.line), "tool": tool_version(), "render_key": key,
         # which weights: a model id's commit, a built-in model's record, a folder's files
         **({"base_model_weights": inputs["model_stamp"]} if inputs.get("model_stamp") else {}),
+        # only where a concept's context words were added: the prompt the encoder read
+        **({"prompt_as_read": image.as_read} if image.as_read != r.prompt else {}),
     }
 
 
