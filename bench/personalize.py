@@ -406,7 +406,7 @@ def _concept(pipe: Any, spec: Spec, args: argparse.Namespace, recipe: Recipe, ci
         with apply_concepts(pipe, [concept], cinv=cinv) as applied:
             leaked = _render(_forced(applied) if mode != "embedding" else applied, leak,
                              leak_seeds, headline, mode)
-        sweep["leakage_of_255"] = _leakage(leaked, base_leak)
+        sweep.update(_leakage(leaked, base_leak))
         row["methods"][method] = sweep
         log(f"{spec.token}: {method}: {_brief(sweep)}")
 
@@ -426,7 +426,7 @@ def _concept(pipe: Any, spec: Spec, args: argparse.Namespace, recipe: Recipe, ci
     if base_fingerprint(pipe) != base_print:
         raise RuntimeError("the full fine-tune did not restore the UNet's weights")
     row["methods"][FINETUNE] = {"none": _score(shown, scenes, refs),
-                                "leakage_of_255": _leakage(leaked, base_leak),
+                                **_leakage(leaked, base_leak),
                                 "last_loss": tuned.losses[-1]}
     sample_row.append(shown[0])
     log(f"{spec.token}: {FINETUNE}: {_brief(row['methods'][FINETUNE])}")
@@ -455,10 +455,13 @@ def _score(images: Sequence[Image.Image], scenes: Sequence[tuple[world.Scene, st
             "looks": float(np.mean(looks))}
 
 
-def _leakage(images: Sequence[Image.Image], base: Sequence[Image.Image]) -> float:
-    diffs = [np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean()
+def _leakage(images: Sequence[Image.Image], base: Sequence[Image.Image]) -> dict[str, Any]:
+    """Mean absolute pixel difference (of 255) from the base model's images: the mean, and
+    each prompt's own (one prompt the base model draws on a knife edge can make most of the
+    mean: docs/benchmarks.md, "Reading")."""
+    diffs = [float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean())
              for a, b in zip(images, base, strict=True)]
-    return float(np.mean(diffs))
+    return {"leakage_of_255": float(np.mean(diffs)), "leakage_per_prompt": diffs}
 
 
 def _mean_over(results: dict[str, Any], method: str, key: str,

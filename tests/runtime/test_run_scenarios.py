@@ -116,8 +116,8 @@ def test_run_builds_everything_with_provenance_and_contact_sheets(project: Path)
     assert text["tool"].startswith("perfusion ") and text["render_key"] == record["render_key"]
     # the encoder read the token after its supercategory's leading word, as it was trained
     assert text["prompt_as_read"] == "a photo of teddy teddy* on a beach"
-    cubes = [read_png_text(folder / name) for name, record in manifest["images"].items()
-             if record["spec"] == "project.concept:13"]
+    cubes = [read_png_text(folder / name) for name, entry in manifest["images"].items()
+             if entry["spec"] == "project.concept:13"]
     assert len(cubes) == 2 and all("prompt_as_read" not in cube for cube in cubes)
     assert set(manifest["sheets"]) == {"contact-sheet_project_line8.png",
                                        "contact-sheet_project_line13.png"}
