@@ -1,6 +1,7 @@
 """The pieces of `tools/train_toy_model.py` that a GPU run relies on: each step's batch is a
 function of the seed and the step (so worker processes can make it ahead, and a resumed run
-draws the same), the loss balance and the EMA as tensor operations, and `--minutes`."""
+draws the same), the loss balance and the EMA as tensor operations, and `--minutes`; and
+`tools/gpu_train_toy.sh`, the GPU call itself, end to end on the CPU (slow)."""
 
 from __future__ import annotations
 
@@ -115,3 +116,45 @@ def test_minutes_sets_steps_from_the_measured_speed(toy: Any) -> None:
     assert decay == round(steps * 0.75)
     args.started = time.time() - 700  # already over: no more steps than those done
     assert toy.steps_for_minutes(args, 0, 120, 0.05)[0] == 120
+
+
+@pytest.mark.slow
+def test_the_gpu_call_script_trains_and_its_pieces_unpack_into_a_loadable_model(
+        tmp_path: Path) -> None:
+    """`tools/gpu_train_toy.sh` as the next lent GPU will run it, with SMOKE=1 (`--quick` on
+    the CPU): the model comes out in pieces of at most 15 MB beside its log and record, and
+    `--unpack` puts them back as a folder that stock diffusers loads."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    from diffusers import StableDiffusionPipeline
+
+    script = TOOL.parent / "gpu_train_toy.sh"
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "SMOKE": "1", "PYTHON": sys.executable,
+           "WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    pieces = sorted(out.glob("model.tar.part-*"))
+    assert pieces and all(p.stat().st_size <= 15 * 2**20 for p in pieces)
+    assert "unet step 30/30" in (out / "train.log").read_text()
+    # --unpack works on the checkout the script sits in: a copy with a stand-in model
+    repo = tmp_path / "repo"
+    (repo / "tools").mkdir(parents=True)
+    shutil.copy(script, repo / "tools")
+    (repo / "runtime" / "toy" / "shapes").mkdir(parents=True)
+    (repo / "runtime" / "toy" / "shapes" / "old-weights").write_text("replaced")
+    unpack = subprocess.run(["bash", str(repo / "tools" / "gpu_train_toy.sh"), "--unpack",
+                             str(out)], capture_output=True, text=True, timeout=120)
+    assert unpack.returncode == 0, unpack.stderr
+    model = repo / "runtime" / "toy" / "shapes"
+    assert not (model / "old-weights").exists()
+    assert json.loads((model / "training.json").read_text()) == \
+        json.loads((out / "training.json").read_text())
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), local_files_only=True,
+                                                   safety_checker=None)
+    assert list(pipe.unet.config.block_out_channels) == [32, 32, 32, 32]  # --quick's widths
