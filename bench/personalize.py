@@ -2,7 +2,7 @@
 Perfusion with trained keys, textual inversion and a full UNet fine-tune, on held-out
 concepts, beside the base model prompted with words, measured with the world's analyzer.
 
-    .venv/bin/python bench/personalize.py [--model toy:shapes] [--prompts 8] [--leak 8]
+    .venv/bin/python bench/personalize.py [--model toy:shapes] [--prompts 8] [--leak 32]
         [--steps 400] [--batch 8] [--lr 0.03] [--embedding-lr 0.006] [--finetune-lr 1e-4]
         [--strengths 0 0.25 0.5 0.75 1] [--no-captions]
         [--out docs/benchmarks] [--concepts moon* septa* ...] [--threads 1]
@@ -281,7 +281,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="toy:shapes")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per concept")
-    parser.add_argument("--leak", type=int, default=8, help="prompts without a concept")
+    parser.add_argument("--leak", type=int, default=32,
+                        help="prompts without a concept (8 until 2026-12-04: too few, one "
+                             "prompt could make most of a mean)")
     parser.add_argument("--steps", type=int, default=LEARN_DEFAULTS["steps"],
                         help="training steps (all methods)")
     parser.add_argument("--batch", type=int, default=LEARN_DEFAULTS["batch"])
