@@ -48,7 +48,6 @@ else
               --save-every 2000)
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt" || true
-set -o pipefail
 PYTHONUNBUFFERED=1 "$PYTHON" tools/train_toy_model.py "${settings[@]}" \
     --state "$work/state" --out "$work/model" 2>&1 | tee "$OUT/train.log"
 cp "$work/model/training.json" "$OUT/training.json"
