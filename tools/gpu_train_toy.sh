@@ -39,6 +39,11 @@ fi
 
 work="${WORK:-/tmp/toy-gpu}"
 rm -rf "$work/model"
+# the trainer saves its state with perfusion_runtime's atomic writer; the device machine has
+# the checkout but not the installed package, whose folder is runtime/ (pyproject.toml)
+mkdir -p "$work/link"
+ln -sfn "$PWD/runtime" "$work/link/perfusion_runtime"
+export PYTHONPATH="$work/link${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "${SMOKE:-}" ]; then
     settings=(--quick --device cpu --threads 2)
 else
