@@ -398,10 +398,8 @@ def without_context(template: str, context: str, adjectives: Sequence[str]) -> s
     before, brace, after = template.partition("{}")
     if not words or not brace or adjectives or not ends_with_words(before, words):
         return template
-    kept = before.rstrip()
-    for word in reversed(before.split()[-len(words):]):
-        kept = kept[:len(kept) - len(word)].rstrip()
-    return (kept + " " if kept else "") + brace + after
+    # the words before them, single-spaced (as CLIP's tokenizer reads them anyway)
+    return " ".join([*before.split()[:-len(words)], brace]) + after
 
 
 def _prepare(pipe: Any, subject: Subject, recipe: Recipe, cinv: Tensor,
