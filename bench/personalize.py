@@ -335,6 +335,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/perfusion-bench"))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
+    if not 0 <= args.select <= len(SELECTION_SEEDS):
+        parser.error(f"--select must be between 0 and {len(SELECTION_SEEDS)} (its seeds stay "
+                     "apart from the leak prompts')")
     torch.set_num_threads(args.threads)
     specs = [s for s in SPECS if s.token in args.concepts]
     started_all = time.perf_counter()
