@@ -235,14 +235,10 @@ def selection_prompts(spec: Spec, n: int) -> list[tuple[world.Scene, str]]:
             for scene in (spec.scene(rng) for _ in range(n))]
 
 
-def nearest_words(words: Sequence[str], phrasings: dict[str, dict[str, Any]],
-                  on: str | None) -> str:
-    """The phrasing with the best mean fidelity (then alignment), on the selection prompts
-    (`on="selection"`) or, with `on=None`, on the scored prompts themselves."""
-    def key(w: str) -> tuple[float, float]:
-        scores = phrasings[w][on] if on else phrasings[w]
-        return scores["fidelity"], scores["alignment"]
-    return max(words, key=key)
+def nearest_words(words: Sequence[str], scores: dict[str, dict[str, float]]) -> str:
+    """The phrasing with the best mean fidelity (then alignment) in `scores` (the selection
+    prompts' or the scored prompts')."""
+    return max(words, key=lambda w: (scores[w]["fidelity"], scores[w]["alignment"]))
 
 
 def leak_prompts(n: int) -> list[str]:
@@ -416,7 +412,8 @@ def _concept(pipe: Any, spec: Spec, args: argparse.Namespace, recipe: Recipe, ci
     # scored on the benchmark's prompts like every method: picking the best on the very
     # renders it is scored on would let one lucky image choose it (a bias up, recorded too)
     picking = selection_prompts(spec, args.select)
-    phrasings: dict[str, dict[str, Any]] = {}
+    phrasings: dict[str, dict[str, float]] = {}
+    on_selection: dict[str, dict[str, float]] = {}
     shown_by: dict[str, list[Image.Image]] = {}
     with apply_concepts(pipe, [], cinv=cinv) as plain:
         for words in dict.fromkeys((*spec.words, spec.supercategory)):
@@ -426,15 +423,15 @@ def _concept(pipe: Any, spec: Spec, args: argparse.Namespace, recipe: Recipe, ci
             if words in spec.words and picking:
                 picked = _render(plain, [p.replace(spec.token, words) for _, p in picking],
                                  SELECTION_SEEDS[:len(picking)], headline, "local")
-                phrasings[words]["selection"] = _score(picked, picking, refs)
-    row["methods"][BASELINE] = {"none": _scores_only(phrasings[spec.supercategory])}
+                on_selection[words] = _score(picked, picking, refs)
+    row["methods"][BASELINE] = {"none": phrasings[spec.supercategory]}
     if spec.supercategory not in spec.words:  # a phrasing too ("blue ring"): it competes
         del phrasings[spec.supercategory]
-    best = nearest_words(spec.words, phrasings, "selection" if picking else None)
-    on_scored = nearest_words(spec.words, phrasings, None)
-    row["phrasings"], row["nearest_words"] = phrasings, best
-    row["nearest_words_on_scored_prompts"] = on_scored
-    row["methods"][NEAREST] = {"none": _scores_only(phrasings[best])}
+    best = nearest_words(spec.words, on_selection or phrasings)
+    on_scored = nearest_words(spec.words, phrasings)
+    row["phrasings"], row["phrasings_on_selection"] = phrasings, on_selection
+    row["nearest_words"], row["nearest_words_on_scored_prompts"] = best, on_scored
+    row["methods"][NEAREST] = {"none": phrasings[best]}
     log(f"{spec.token}: nearest words {best!r}: " + _brief(row["methods"][NEAREST])
         + (f" (best on the scored prompts: {on_scored!r})" if on_scored != best else ""))
     sample_row = [refs[0], trip[0], shown_by[best][0], shown_by[spec.supercategory][0]]
@@ -502,11 +499,6 @@ def _score(images: Sequence[Image.Image], scenes: Sequence[tuple[world.Scene, st
             "looks": float(np.mean(looks))}
 
 
-def _scores_only(scores: dict[str, Any]) -> dict[str, float]:
-    """A phrasing's scores on the benchmark's prompts, without its selection scores."""
-    return {k: v for k, v in scores.items() if k != "selection"}
-
-
 def _leakage(images: Sequence[Image.Image], base: Sequence[Image.Image]) -> dict[str, Any]:
     """Mean absolute pixel difference (of 255) from the base model's images: the mean, and
     each prompt's own (one prompt the base model draws on a knife edge can make most of the
@@ -567,8 +559,8 @@ def tables(results: dict[str, Any]) -> str:
         for words, v in row["phrasings"].items():
             cells = [f"{v['fidelity']:.2f} / {v['alignment']:.2f}"]
             if selected:
-                cells.append(f"{v['selection']['fidelity']:.2f} / "
-                             f"{v['selection']['alignment']:.2f}")
+                picked = row["phrasings_on_selection"][words]
+                cells.append(f"{picked['fidelity']:.2f} / {picked['alignment']:.2f}")
             shown = words
             if words == row["nearest_words"]:
                 shown, cells = f"**{words}**", [f"**{c}**" for c in cells]
